@@ -1,0 +1,106 @@
+"""xml-pipeline-llm: one model-agnostic call for language models, over LiteLLM.
+
+    from xml_pipeline_llm import complete
+    response = await complete("grok-4.1", messages, agent_id="researcher")
+
+The ``llm:`` block of organism.yaml names the backends; the router picks the
+backend serving the model, balances load, retries by the rules, holds each
+backend to its limits and accounts every token per agent.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from os import PathLike
+from typing import Any
+
+from .config import RouterConfig, load_config
+from .errors import (BackendError, BadRequestError, ConfigError, ModelNotFoundError, ProviderError,
+                     RateLimitError)
+from .response import LLMResponse
+from .router import LLMRouter
+from .streaming import LLMStream
+from .usage import AgentUsage, UsageEvent
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AgentUsage",
+    "BackendError",
+    "BadRequestError",
+    "ConfigError",
+    "LLMResponse",
+    "LLMRouter",
+    "LLMStream",
+    "ModelNotFoundError",
+    "ProviderError",
+    "RateLimitError",
+    "RouterConfig",
+    "UsageEvent",
+    "complete",
+    "configure_router",
+    "get_router",
+    "load_config",
+    "stream",
+]
+
+_router: LLMRouter | None = None
+_lock = threading.Lock()
+
+
+def configure_router(config: str | PathLike[str] | Mapping[str, Any] | RouterConfig) -> LLMRouter:
+    """Replace the process-wide router.
+
+    ``config`` is a path to an organism file, the parsed dict of a whole
+    organism file, just the ``llm:`` mapping, or a loaded ``RouterConfig``.
+    The old router's store is flushed and closed; the new one starts with
+    empty in-memory usage.
+    """
+    global _router
+    cfg = config if isinstance(config, RouterConfig) else load_config(config)
+    new = LLMRouter(cfg)
+    with _lock:
+        old, _router = _router, new
+    if old is not None:
+        old.close()
+    return new
+
+
+def get_router() -> LLMRouter:
+    """The process-wide router, configured from organism.yaml (or $XML_PIPELINE_LLM_CONFIG) on first use."""
+    router = _router
+    if router is None:
+        with _lock:
+            if _router is None:
+                globals()["_router"] = LLMRouter(load_config())
+            router = _router
+    assert router is not None
+    return router
+
+
+async def complete(model: str, messages: list[dict[str, Any]], *, agent_id: str | None = None,
+                   thread_id: str | None = None, metadata: dict[str, Any] | None = None,
+                   **kwargs: Any) -> LLMResponse:
+    """A chat completion from whichever backend serves ``model``.
+
+    Extra keyword arguments (temperature, max_tokens, tools, tool_choice, ...)
+    go to the provider in OpenAI form.  Raises a ``BackendError`` subclass
+    when the request cannot be served.
+    """
+    return await get_router().complete(model, messages, agent_id=agent_id, thread_id=thread_id,
+                                       metadata=metadata, **kwargs)
+
+
+def stream(model: str, messages: list[dict[str, Any]], *, agent_id: str | None = None,
+           thread_id: str | None = None, metadata: dict[str, Any] | None = None,
+           **kwargs: Any) -> LLMStream:
+    """Like ``complete`` but yields text deltas; ``.response`` holds the LLMResponse at the end.
+
+        async with stream("claude-sonnet-4", messages) as s:
+            async for delta in s:
+                print(delta, end="")
+        print(s.response.usage)
+    """
+    return get_router().stream(model, messages, agent_id=agent_id, thread_id=thread_id,
+                               metadata=metadata, **kwargs)

@@ -1,0 +1,186 @@
+"""Everything that touches LiteLLM lives here, imported on first use.
+
+``import litellm`` takes seconds, so the package imports this module only when
+a router makes its first call.  Before LiteLLM is imported its run-time fetches
+(cost map, Anthropic beta headers) are switched off unless the user chose
+otherwise, so nothing leaves the machine except calls to configured backends
+(contract C1).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from .config import ResolvedBackend
+from .response import LLMResponse
+
+if TYPE_CHECKING:
+    import litellm
+
+OFFLINE_DEFAULTS = {
+    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+    "LITELLM_OFFLINE_MODE": "true",
+    "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS": "True",
+    "LITELLM_TELEMETRY": "False",
+}
+
+# Routers that want the callback's events, by id (weak: a dropped router is forgotten).
+_ROUTERS: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
+_callback: Any = None
+
+
+def load() -> "litellm":  # type: ignore[valid-type]
+    """Import LiteLLM with the offline defaults and our callback registered (once)."""
+    for key, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    import litellm
+
+    global _callback
+    if _callback is None:
+        litellm.suppress_debug_info = True
+        for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
+            # LiteLLM logs every call at INFO; the router logs what matters itself.
+            logging.getLogger(name).setLevel(logging.WARNING)
+        litellm.telemetry = False
+        _callback = _make_callback()
+        litellm.callbacks = [*litellm.callbacks, _callback]
+    return litellm
+
+
+def deployment(b: ResolvedBackend) -> dict[str, Any]:
+    """The LiteLLM Router deployment for a backend: a wildcard serving ``<backend>/<model>``."""
+    params: dict[str, Any] = {
+        "model": f"{b.provider.litellm_prefix}/*",
+        "timeout": b.timeout,
+        "stream_timeout": b.timeout,
+        "max_retries": 0,          # the OpenAI SDK's own retries: off, ours rule
+    }
+    if b.base_url:
+        params["api_base"] = b.base_url
+    if b.api_key is not None:
+        params["api_key"] = b.api_key.get_secret_value()
+    elif b.provider.name == "openai" and b.base_url:
+        params["api_key"] = "not-needed"   # OpenAI-compatible local servers take no key
+    return {"model_name": f"{b.name}/*", "litellm_params": params}
+
+
+def build_router(backends: list[ResolvedBackend], timeout: float) -> Any:
+    """A LiteLLM Router with its own retries, fallbacks and cooldowns switched off."""
+    lt = load()
+    return lt.Router(
+        model_list=[deployment(b) for b in backends],
+        num_retries=0,
+        max_fallbacks=0,
+        disable_cooldowns=True,
+        timeout=timeout,
+    )
+
+
+def register(router_id: str, router: Any) -> None:
+    _ROUTERS[router_id] = router
+
+
+def token_estimate(model: str, messages: list[dict[str, Any]], tools: Any = None) -> int:
+    """LiteLLM's count of the prompt tokens (used to reserve rate-limit tokens)."""
+    lt = load()
+    try:
+        return int(lt.token_counter(model=model, messages=messages, tools=tools))
+    except Exception:   # an odd message shape must not fail the call: count characters
+        return sum(len(str(m.get("content") or "")) for m in messages) // 3 + 3 * len(messages)
+
+
+_PRICED: dict[tuple[str, str], bool] = {}
+
+
+def priced(model: str, provider: str) -> bool:
+    """True when LiteLLM's cost map really has a price for the model.
+
+    LiteLLM answers 0.0 for some unknown models (a generalised fallback); a
+    cost of 0.0 must mean "free", so we ask the map itself.
+    """
+    key = (model, provider)
+    found = _PRICED.get(key)
+    if found is None:
+        cost_map = load().model_cost
+        entries = [cost_map.get(model), cost_map.get(f"{provider}/{model}")]
+        found = _PRICED[key] = any(
+            e and (e.get("input_cost_per_token") or e.get("output_cost_per_token")) for e in entries)
+    return found
+
+
+def cost(model: str, provider: str, prompt_tokens: int, completion_tokens: int) -> float | None:
+    """Price from LiteLLM's cost map, or None when the model has none."""
+    lt = load()
+    if not priced(model, provider):
+        return None
+    try:
+        p, c = lt.cost_per_token(model=model, custom_llm_provider=provider,
+                                 prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+    except Exception:
+        return None
+    return p + c
+
+
+def usage_of(resp: Any) -> dict[str, int]:
+    usage = getattr(resp, "usage", None)
+    p = int(getattr(usage, "prompt_tokens", 0) or 0)
+    c = int(getattr(usage, "completion_tokens", 0) or 0)
+    t = int(getattr(usage, "total_tokens", 0) or (p + c))
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": t}
+
+
+def to_response(resp: Any, backend: str, latency_ms: float, cost_usd: float | None) -> LLMResponse:
+    """LiteLLM's ModelResponse as our LLMResponse."""
+    choice = resp.choices[0]
+    message = choice.message
+    calls = [tc.model_dump() if hasattr(tc, "model_dump") else dict(tc)
+             for tc in (getattr(message, "tool_calls", None) or [])]
+    return LLMResponse(
+        content=message.content or "",
+        model=resp.model or "",
+        usage=usage_of(resp),
+        finish_reason=choice.finish_reason or "",
+        raw=resp,
+        backend=backend,
+        cost_usd=cost_usd,
+        latency_ms=latency_ms,
+        tool_calls=calls,
+    )
+
+
+def response_cost(resp: Any, model: str, provider: str) -> float | None:
+    """The cost LiteLLM computed for this response, None when the model has no price."""
+    hidden = getattr(resp, "_hidden_params", None) or {}
+    value = hidden.get("response_cost")
+    if value is None or not priced(model, provider):
+        return None
+    return float(value)
+
+
+def call_id(resp: Any) -> str:
+    hidden = getattr(resp, "_hidden_params", None) or {}
+    return str(hidden.get("litellm_call_id") or getattr(resp, "id", "") or "")
+
+
+def _make_callback() -> Any:
+    """The CustomLogger that records successful calls for the router that made them.
+
+    The router records each answer itself as soon as LiteLLM returns it
+    (read-your-writes); this callback, which LiteLLM may run later, then finds
+    the call id already counted and adds nothing.  It is the safety net for
+    any path where the router could not see the final response.
+    """
+    from litellm.integrations.custom_logger import CustomLogger
+
+    class UsageCallback(CustomLogger):  # type: ignore[misc]
+        async def async_log_success_event(self, kwargs: Any, response_obj: Any,
+                                          start_time: Any, end_time: Any) -> None:
+            meta = (kwargs.get("litellm_params") or {}).get("metadata") or {}
+            router = _ROUTERS.get(meta.get("xpl_router", ""))
+            if router is not None:
+                router._record_from_callback(meta, kwargs, response_obj, start_time, end_time)
+
+    return UsageCallback()

@@ -1,0 +1,338 @@
+"""The ``llm:`` block of organism.yaml, validated at load time.
+
+Every mistake becomes one line of a ``ConfigError`` that names the place, what
+was expected, what was found and the fix, so that a wrong config fails when the
+organism starts, not at its first request hours later (contract C2).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from .errors import ConfigError
+from .providers import BUILTIN, LITELLM_PROVIDERS, Provider, lookup
+
+log = logging.getLogger("xml_pipeline_llm")
+
+STRATEGIES = ("failover", "round-robin", "least-loaded")
+CONFIG_ENV = "XML_PIPELINE_LLM_CONFIG"
+REDIS_ENV = "XML_PIPELINE_LLM_REDIS_URL"
+
+
+class BackendConfig(BaseModel):
+    """One ``llm.backends[i]`` entry, as written (key resolution happens in ``LLMConfig``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    provider: str
+    name: str | None = None
+    api_key_env: str | None = None
+    api_key: SecretStr | None = None
+    base_url: str | None = None
+    priority: int = 1
+    rate_limit_tpm: int | None = Field(default=None, gt=0)
+    max_concurrent: int = Field(default=20, gt=0)
+    supported_models: list[str] | None = None
+    timeout: float | None = Field(default=None, gt=0)
+
+
+class LLMConfig(BaseModel):
+    """The whole ``llm:`` block."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    strategy: str = "failover"
+    retries: int = Field(default=3, ge=0)
+    retry_base_delay: float = Field(default=1.0, gt=0)
+    retry_max_delay: float = Field(default=60.0, gt=0)
+    timeout: float = Field(default=120.0, gt=0)
+    default_max_tokens: int = Field(default=1024, gt=0)
+    usage_store: str | None = None
+    shared_state: str | None = None
+    redis_prefix: str = "xpl"
+    backends: list[BackendConfig] = Field(min_length=1)
+
+
+# What each field expects, in words, for error messages.
+EXPECTED = {
+    "provider": "a provider name such as xai, anthropic, openai, ollama, groq",
+    "name": "a backend name (letters, digits, '.', '_' or '-')",
+    "api_key_env": "the name of an environment variable, such as XAI_API_KEY",
+    "api_key": "a string (better: api_key_env naming an environment variable)",
+    "base_url": "a URL such as http://localhost:11434",
+    "priority": "an integer (lower is preferred)",
+    "rate_limit_tpm": "a positive integer (tokens per minute)",
+    "max_concurrent": "a positive integer",
+    "supported_models": "a list of model names or patterns, such as [llama3, mistral*]",
+    "timeout": "a positive number of seconds",
+    "strategy": "one of failover, round-robin, least-loaded",
+    "retries": "a whole number >= 0",
+    "retry_base_delay": "a positive number of seconds",
+    "retry_max_delay": "a positive number of seconds",
+    "default_max_tokens": "a positive integer",
+    "usage_store": "memory or sqlite:///path/usage.db",
+    "shared_state": "redis://host:port/db",
+    "redis_prefix": "a string",
+    "backends": "a non-empty list of backends",
+}
+
+
+class ResolvedBackend:
+    """A backend ready for the router: validated settings plus its resolved key.
+
+    The key is held as a ``SecretStr`` so that no repr, log line or traceback
+    can show it.
+    """
+
+    __slots__ = ("name", "provider", "index", "priority", "base_url", "api_key", "key_source",
+                 "rate_limit_tpm", "max_concurrent", "models", "timeout")
+
+    def __init__(self, cfg: BackendConfig, index: int, provider: Provider,
+                 api_key: SecretStr | None, key_source: str, timeout: float) -> None:
+        self.name: str = cfg.name or cfg.provider
+        self.provider = provider
+        self.index = index
+        self.priority = cfg.priority
+        self.base_url = provider.normalise_base_url(cfg.base_url) if cfg.base_url else None
+        self.api_key = api_key
+        self.key_source = key_source
+        self.rate_limit_tpm = cfg.rate_limit_tpm
+        self.max_concurrent = cfg.max_concurrent
+        self.models: tuple[str, ...] = tuple(cfg.supported_models or ())
+        self.timeout = cfg.timeout or timeout
+
+    @property
+    def catch_all(self) -> bool:
+        """Serves any model: an ollama-like backend with no model list."""
+        return self.provider.catch_all and not self.models
+
+    @property
+    def model_rule(self) -> tuple[str, ...]:
+        return self.models or self.provider.model_rule
+
+    def describe_models(self) -> str:
+        return "any model" if self.catch_all else ", ".join(self.model_rule)
+
+    def __repr__(self) -> str:
+        return (f"ResolvedBackend(name={self.name!r}, provider={self.provider.name!r}, "
+                f"key={self.key_source!r})")
+
+
+class RouterConfig:
+    """The validated ``llm:`` block with its backends resolved, as the router uses it."""
+
+    def __init__(self, raw: LLMConfig, backends: list[ResolvedBackend], source: str) -> None:
+        self.raw = raw
+        self.backends = backends
+        self.source = source
+        self.strategy = raw.strategy
+        self.retries = raw.retries
+        self.retry_base_delay = raw.retry_base_delay
+        self.retry_max_delay = raw.retry_max_delay
+        self.timeout = raw.timeout
+        self.default_max_tokens = raw.default_max_tokens
+        self.usage_store = raw.usage_store
+        self.shared_state = raw.shared_state or os.environ.get(REDIS_ENV) or None
+        self.redis_prefix = raw.redis_prefix
+
+    def __repr__(self) -> str:
+        return f"RouterConfig(strategy={self.strategy!r}, backends={self.backends!r})"
+
+
+# ---------------------------------------------------------------- loading
+
+def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | None = None) -> RouterConfig:
+    """Load and validate the ``llm:`` block.
+
+    ``source`` is a path to an organism file, the parsed dict of a whole
+    organism file, just the ``llm:`` mapping, or None for ``$XML_PIPELINE_LLM_CONFIG``
+    or ``./organism.yaml``.  ``.env`` (in the working directory and beside the
+    file) is loaded first; real environment variables win.
+    """
+    if isinstance(source, Mapping):
+        _load_dotenv(None)
+        return _validate(_llm_block(source, "the given mapping"), "<dict>")
+    path = _find_file(source)
+    _load_dotenv(path.parent)
+    return _validate(_llm_block(_read_yaml(path), str(path)), str(path))
+
+
+def _find_file(source: str | os.PathLike[str] | None) -> Path:
+    if source is None:
+        env = os.environ.get(CONFIG_ENV)
+        source = env or "organism.yaml"
+        if not env and not Path(source).exists():
+            raise ConfigError(
+                f"no organism.yaml in {Path.cwd()}: create one with an llm: block "
+                f"(see organism.example.yaml), or set {CONFIG_ENV} to its path")
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file; give the path of an organism.yaml with an llm: block")
+    return path
+
+
+def _load_dotenv(directory: Path | None) -> None:
+    from dotenv import load_dotenv
+
+    load_dotenv(Path.cwd() / ".env", override=False)
+    if directory is not None and directory.resolve() != Path.cwd().resolve():
+        load_dotenv(directory / ".env", override=False)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: malformed YAML: {problem}; "
+                          f"check the indentation and quoting there") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+
+
+def _llm_block(doc: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"{where}: expected a mapping with an llm: block, got {_show(doc)}")
+    if "llm" in doc:
+        block = doc["llm"]
+        if not isinstance(block, Mapping):
+            raise ConfigError(f"llm: expected a mapping with backends:, got {_show(block)}")
+        return block
+    if "backends" in doc:
+        return doc
+    raise ConfigError(f"{where}: no llm: block; add one with at least one backend "
+                      f"(see organism.example.yaml)")
+
+
+# ------------------------------------------------------------- validation
+
+def _validate(block: Mapping[str, Any], source: str) -> RouterConfig:
+    block = dict(block)
+    if isinstance(block.get("strategy"), str):
+        block["strategy"] = block["strategy"].strip().lower().replace("_", "-")
+    try:
+        raw = LLMConfig.model_validate(block)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_describe(e, block) for e in exc.errors())) from None
+    problems: list[str] = []
+    backends = _resolve_backends(raw, problems)
+    problems += _check_block(raw)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return RouterConfig(raw, backends, source)
+
+
+def _check_block(raw: LLMConfig) -> list[str]:
+    problems = []
+    if raw.strategy not in STRATEGIES:
+        problems.append(f'llm.strategy: unknown strategy "{raw.strategy}"; '
+                        f"expected one of {', '.join(STRATEGIES)}")
+    if raw.retry_max_delay < raw.retry_base_delay:
+        problems.append(f"llm.retry_max_delay: {raw.retry_max_delay} is below retry_base_delay "
+                        f"{raw.retry_base_delay}; raise retry_max_delay or lower retry_base_delay")
+    if raw.usage_store and not (raw.usage_store == "memory" or raw.usage_store.startswith("sqlite:///")):
+        problems.append(f'llm.usage_store: expected memory or sqlite:///path/usage.db, got "{raw.usage_store}"')
+    if raw.shared_state and not raw.shared_state.startswith(("redis://", "rediss://", "unix://")):
+        problems.append(f'llm.shared_state: expected redis://host:port/db, got "{raw.shared_state}"')
+    return problems
+
+
+def _resolve_backends(raw: LLMConfig, problems: list[str]) -> list[ResolvedBackend]:
+    out: list[ResolvedBackend] = []
+    seen: dict[str, int] = {}
+    for i, cfg in enumerate(raw.backends):
+        where = f"llm.backends[{i}]"
+        provider = lookup(cfg.provider)
+        if provider is None:
+            problems.append(_unknown_provider(where, cfg.provider))
+            continue
+        name = cfg.name or cfg.provider
+        if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            problems.append(f'{where}.name: expected letters, digits, ".", "_" or "-", got "{name}"')
+        if name in seen:
+            problems.append(f'{where}.name: duplicate backend name "{name}" (also llm.backends[{seen[name]}]); '
+                            f"give each backend of the same provider its own name:")
+        seen[name] = i
+        if not provider.model_rule and not provider.catch_all and not cfg.supported_models:
+            problems.append(f"{where}.supported_models: required for provider {cfg.provider}, which has "
+                            f"no built-in model rule; list the models it serves, e.g. [llama-3.3-70b]")
+        if cfg.supported_models is not None and not cfg.supported_models:
+            problems.append(f"{where}.supported_models: empty list; list at least one model or remove the key")
+        key, key_source = _resolve_key(where, cfg, provider, problems)
+        out.append(ResolvedBackend(cfg, i, provider, key, key_source, raw.timeout))
+    return out
+
+
+def _resolve_key(where: str, cfg: BackendConfig, provider: Provider,
+                 problems: list[str]) -> tuple[SecretStr | None, str]:
+    """Find the backend's key without ever putting its value in a message."""
+    if cfg.api_key is not None:
+        log.warning("%s.api_key: a key written in the config file; prefer api_key_env "
+                    "naming an environment variable (or .env entry)", where)
+        return cfg.api_key, "api_key (inline)"
+    var = cfg.api_key_env or provider.key_env
+    if var is None:
+        return None, "none needed" if provider.keyless else "LiteLLM default"
+    value = os.environ.get(var)
+    if value:
+        return SecretStr(value), f"{var} (set)"
+    if cfg.api_key_env is None and (cfg.base_url or provider.keyless):
+        return None, "none"   # an OpenAI-compatible local server needs no key
+    if provider.keyless:
+        return None, f"{var} (not set)"
+    problems.append(f"{where}.api_key_env: environment variable {var} is not set; "
+                    f"export it or add {var}=... to .env")
+    return None, f"{var} (not set)"
+
+
+def _unknown_provider(where: str, name: str) -> str:
+    hint = difflib.get_close_matches(name, [*BUILTIN, *LITELLM_PROVIDERS], n=1)
+    did = f'; did you mean "{hint[0]}"?' if hint else ""
+    return (f'{where}.provider: unknown provider "{name}"{did} '
+            f"Use xai, anthropic, openai, ollama or any LiteLLM provider name (groq, mistral, gemini, ...)")
+
+
+def _describe(err: Mapping[str, Any], block: Mapping[str, Any]) -> str:
+    """One pydantic error as ``llm.backends[1].rate_limit_tpm: expected ..., got ...``."""
+    loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list[")))]
+    path = "llm" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+    field = next((p for p in reversed(loc) if isinstance(p, str)), "")
+    if err["type"] == "extra_forbidden":
+        return _unknown_key(path, field, loc)
+    if err["type"] == "missing":
+        return f"{path}: required key missing; expected {EXPECTED.get(field, 'a value')}"
+    if field == "backends" and err["type"] in ("too_short", "list_type"):
+        return f"llm.backends: expected a non-empty list of backends, got {_show(err.get('input'))}"
+    if field in ("secret_str", "api_key"):   # never echo what might be a key
+        return f"{path}: expected {EXPECTED['api_key']}, got a {type(err.get('input')).__name__}"
+    return f"{path}: expected {EXPECTED.get(field, err['msg'])}, got {_show(err.get('input'))}"
+
+
+def _unknown_key(path: str, key: str, loc: list[Any]) -> str:
+    model = BackendConfig if "backends" in loc else LLMConfig
+    valid = list(model.model_fields)
+    hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    did = f'did you mean "{hint[0]}"? ' if hint else ""
+    return f"{path}: unknown key; {did}valid keys are {', '.join(valid)}"
+
+
+def _show(value: Any) -> str:
+    """A found value for an error message (YAML-ish, never a secret: keys are not echoed)."""
+    if isinstance(value, SecretStr):
+        return "a secret"
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

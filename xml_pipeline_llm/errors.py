@@ -1,0 +1,76 @@
+"""The exceptions a caller of xml_pipeline_llm can see.
+
+Callers catch ``BackendError`` for "the call could not be served"; the
+subclasses say why, so that an agent can, for instance, shorten its prompt
+on ``BadRequestError`` but back off on ``RateLimitError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ConfigError(ValueError):
+    """The ``llm:`` block (or the file holding it) is wrong.
+
+    The message names the place (``llm.backends[1].rate_limit_tpm``), what was
+    expected, what was found and how to fix it.  Several problems are listed
+    one per line.
+    """
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One provider call made for a request: which backend, and what went wrong."""
+
+    backend: str
+    kind: str  # "rate_limit", "server_error", "timeout", "auth", "not_found", ...
+    status: int | None
+    detail: str = ""
+
+    def __str__(self) -> str:
+        status = f" {self.status}" if self.status is not None else ""
+        return f"{self.backend}: {self.kind}{status}"
+
+
+class BackendError(Exception):
+    """A request could not be served by any backend.
+
+    ``attempts`` lists every try (backend, error kind, status); ``__cause__``
+    is the last provider error, as LiteLLM raised it.
+    """
+
+    def __init__(self, message: str, attempts: list[Attempt] | None = None) -> None:
+        super().__init__(message)
+        self.attempts: list[Attempt] = list(attempts or [])
+
+
+class ModelNotFoundError(BackendError):
+    """No configured backend serves the requested model (no call was made)."""
+
+
+class BadRequestError(BackendError):
+    """The provider rejected the request itself (HTTP 400/422); retrying cannot help."""
+
+    def __init__(self, message: str, attempts: list[Attempt] | None = None,
+                 status_code: int = 400) -> None:
+        super().__init__(message, attempts)
+        self.status_code = status_code
+
+
+class RateLimitError(BackendError):
+    """The last try was answered with HTTP 429; ``retry_after`` is the provider's hint in seconds."""
+
+    def __init__(self, message: str, attempts: list[Attempt] | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, attempts)
+        self.retry_after = retry_after
+
+
+class ProviderError(BackendError):
+    """The last try failed on the provider's side (5xx, timeout, broken response)."""
+
+    def __init__(self, message: str, attempts: list[Attempt] | None = None,
+                 status_code: int | None = None) -> None:
+        super().__init__(message, attempts)
+        self.status_code = status_code

@@ -1,0 +1,171 @@
+"""Durable usage stores: where every usage event is kept beyond the process.
+
+``usage_store: sqlite:///path/usage.db`` appends each event to a SQLite ledger
+in WAL mode.  A single writer thread does the inserts, so the event loop never
+blocks on the disk, and it commits in groups: ``complete()`` returns only once
+its own event is committed, so a call that returned is in the ledger even if
+the process is killed right after (contract C8).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import queue
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .usage import UsageEvent
+
+_COLUMNS = ("timestamp", "agent_id", "thread_id", "model", "backend", "provider", "prompt_tokens",
+            "completion_tokens", "total_tokens", "cost_usd", "latency_ms", "outcome", "call_id")
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS usage_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    timestamp REAL NOT NULL, agent_id TEXT, thread_id TEXT, model TEXT, backend TEXT,
+    provider TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, total_tokens INTEGER,
+    cost_usd REAL, latency_ms REAL, outcome TEXT, call_id TEXT
+);
+CREATE INDEX IF NOT EXISTS usage_events_ts ON usage_events(timestamp);
+"""
+_INSERT = f"INSERT INTO usage_events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+_STOP = object()
+
+
+def sqlite_path(url: str) -> Path:
+    if not url.startswith("sqlite:///"):
+        raise ConfigError(f'usage store: expected sqlite:///path/usage.db, got "{url}"')
+    return Path(url[len("sqlite:///"):])
+
+
+def open_store(url: str | None) -> SqliteStore | None:
+    """The durable store named by ``usage_store`` (None: memory only)."""
+    if not url or url == "memory":
+        return None
+    return SqliteStore(sqlite_path(url))
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")   # a commit survives a killed process
+    conn.executescript(_SCHEMA)
+    return conn
+
+
+class SqliteStore:
+    """Append-only SQLite ledger written by one background thread with group commits."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _connect(path).close()
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"llm.usage_store: cannot open {path}: {exc}") from None
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def _ensure_writer(self) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._write_loop, name="xpl-usage-sqlite",
+                                                    daemon=True)
+                    self._thread.start()
+                    atexit.register(self._flush_at_exit)
+
+    async def append(self, event: UsageEvent) -> None:
+        """Append and wait until the row is committed."""
+        self._ensure_writer()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._queue.put((event, fut, loop))
+        await fut
+
+    def append_nowait(self, event: UsageEvent) -> None:
+        """Append without waiting (callbacks, finalisers); committed within milliseconds."""
+        self._ensure_writer()
+        self._queue.put((event, None, None))
+
+    def _write_loop(self) -> None:
+        conn = _connect(self.path)
+        while True:
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(item is _STOP for item in batch)
+            items = [item for item in batch if item is not _STOP]
+            error: BaseException | None = None
+            try:
+                conn.executemany(_INSERT, [_row(e) for e, _, _ in items])
+                conn.commit()
+            except sqlite3.Error as exc:
+                error = exc
+            for _, fut, loop in items:
+                if fut is not None:
+                    try:
+                        loop.call_soon_threadsafe(_settle, fut, error)
+                    except RuntimeError:   # the waiter's loop is gone; the row is written anyway
+                        pass
+            if stop:
+                conn.close()
+                return
+
+    def flush(self) -> None:
+        """Write what is queued and stop the writer (it restarts on the next append)."""
+        thread, self._thread = self._thread, None
+        if thread is not None and thread.is_alive():
+            self._queue.put(_STOP)
+            thread.join(timeout=10)
+
+    _flush_at_exit = flush
+
+    async def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
+            self._thread = None
+
+    def events(self, since: float | None = None) -> Iterator[UsageEvent]:
+        """Every event in the ledger (oldest first), optionally since a UNIX time."""
+        return read_events(self.path, since)
+
+
+def read_events(path: Path, since: float | None = None) -> Iterator[UsageEvent]:
+    if not path.exists():
+        raise ConfigError(f"{path}: no usage ledger there; check the --store path")
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM usage_events"
+        args: tuple[Any, ...] = ()
+        if since is not None:
+            sql += " WHERE timestamp >= ?"
+            args = (since,)
+        for row in conn.execute(sql + " ORDER BY id", args):
+            yield UsageEvent(**dict(zip(_COLUMNS, row)))
+    except sqlite3.Error as exc:
+        raise ConfigError(f"{path}: not a usage ledger ({exc})") from None
+    finally:
+        conn.close()
+
+
+def _row(event: UsageEvent) -> tuple[Any, ...]:
+    return tuple(getattr(event, c) for c in _COLUMNS)
+
+
+def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)

@@ -1,0 +1,196 @@
+"""Token and cost accounting: one event per provider call, totals per agent/model/backend/thread.
+
+The router records each call exactly once (de-duplicated by LiteLLM's call id,
+so the LiteLLM callback and the router's own read-your-writes record cannot
+both count it).  ``UsageLedger`` keeps exact totals in memory and, when asked,
+appends every event to a durable store (``SqliteStore``) before the caller
+gets its answer (contract C7, C8).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+NO_AGENT = "(none)"
+GROUPS = {"agent": "agent_id", "model": "model", "backend": "backend", "thread": "thread_id"}
+EXPORTS = (*GROUPS, "event")
+
+
+@dataclass
+class AgentUsage:
+    """Totals for one key (an agent, a model, a backend or a thread)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    request_count: int = 0
+    error_count: int = 0
+    cost_usd: float = 0.0   # sum over priced calls; unpriced calls add nothing
+
+    def add(self, event: UsageEvent) -> None:
+        self.prompt_tokens += event.prompt_tokens
+        self.completion_tokens += event.completion_tokens
+        self.total_tokens += event.total_tokens
+        if event.outcome == "ok":
+            self.request_count += 1
+        elif event.outcome.startswith("error"):
+            self.error_count += 1
+        if event.cost_usd:
+            self.cost_usd += event.cost_usd
+
+
+@dataclass(frozen=True)
+class UsageEvent:
+    """One provider call.  ``outcome`` is ``ok``, ``retried:<kind>`` or ``error:<kind>``."""
+
+    timestamp: float
+    agent_id: str
+    thread_id: str
+    model: str
+    backend: str
+    provider: str
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost_usd: float | None
+    latency_ms: float
+    outcome: str
+    call_id: str = field(default="", compare=False)
+
+
+EVENT_COLUMNS = [f.name for f in fields(UsageEvent) if f.name != "call_id"]
+TOTAL_COLUMNS = [f.name for f in fields(AgentUsage)]
+
+
+class UsageStore(Protocol):
+    """Where events go besides the in-memory totals (SQLite ledger, Redis)."""
+
+    async def append(self, event: UsageEvent) -> None: ...
+    def append_nowait(self, event: UsageEvent) -> None: ...
+    def events(self, since: float | None = None) -> Iterator[UsageEvent]: ...
+    async def close(self) -> None: ...
+
+
+class UsageLedger:
+    """Exact totals per agent, model, backend and thread, plus recent events.
+
+    Totals cost memory per key, not per call.  The in-memory event log keeps
+    the newest ``max_events`` events (for ``by="event"`` exports); the SQLite
+    store keeps them all.
+    """
+
+    def __init__(self, store: UsageStore | None = None, max_events: int = 100_000) -> None:
+        self.store = store
+        self._totals: dict[str, dict[str, AgentUsage]] = {g: {} for g in GROUPS}
+        self._events: deque[UsageEvent] = deque(maxlen=max_events)
+        self._seen: OrderedDict[str, None] = OrderedDict()
+
+    def _count(self, event: UsageEvent) -> bool:
+        """Add ``event`` to the totals unless its call id was counted already."""
+        if event.call_id:
+            if event.call_id in self._seen:
+                return False
+            self._seen[event.call_id] = None
+            if len(self._seen) > 65_536:
+                self._seen.popitem(last=False)
+        self._events.append(event)
+        for group, column in GROUPS.items():
+            key = getattr(event, column) or NO_AGENT
+            totals = self._totals[group].get(key)
+            if totals is None:
+                totals = self._totals[group][key] = AgentUsage()
+            totals.add(event)
+        return True
+
+    async def record(self, event: UsageEvent) -> None:
+        """Count ``event`` and, with a durable store, wait until it is written."""
+        if self._count(event) and self.store is not None:
+            await self.store.append(event)
+
+    def record_nowait(self, event: UsageEvent) -> None:
+        """Count ``event`` now; a durable store writes it in the background (callbacks, finalisers)."""
+        if self._count(event) and self.store is not None:
+            self.store.append_nowait(event)
+
+    def totals(self, by: str = "agent") -> dict[str, AgentUsage]:
+        return {k: AgentUsage(**asdict(v)) for k, v in self._totals[by].items()}
+
+    def get(self, by: str, key: str | None) -> AgentUsage:
+        found = self._totals[by].get(key or NO_AGENT)
+        return AgentUsage(**asdict(found)) if found else AgentUsage()
+
+    def reset(self, agent_id: str | None = None) -> None:
+        """Forget one agent's totals, or everything (the durable ledger is kept)."""
+        if agent_id is None:
+            for group in self._totals.values():
+                group.clear()
+            self._events.clear()
+        else:
+            self._totals["agent"].pop(agent_id, None)
+
+    def events(self) -> Iterable[UsageEvent]:
+        return list(self._events)
+
+
+# ------------------------------------------------------------------ CSV
+
+def _number(value: Any) -> Any:
+    """Costs without float noise: 0.000225, not 0.00022500000000000002."""
+    if isinstance(value, float):
+        text = f"{value:.10f}".rstrip("0").rstrip(".")
+        return text or "0"
+    return "" if value is None else value
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def event_row(event: UsageEvent) -> list[Any]:
+    row = [getattr(event, c) for c in EVENT_COLUMNS]
+    row[0] = iso(event.timestamp)
+    row[EVENT_COLUMNS.index("latency_ms")] = round(event.latency_ms, 3)
+    return [_number(v) for v in row]
+
+
+def group_events(events: Iterable[UsageEvent], by: str) -> dict[str, AgentUsage]:
+    """Totals per key from a list of events (what the CLI does with a ledger)."""
+    out: dict[str, AgentUsage] = {}
+    column = GROUPS[by]
+    for event in events:
+        key = getattr(event, column) or NO_AGENT
+        out.setdefault(key, AgentUsage()).add(event)
+    return out
+
+
+def write_csv(path: str | os.PathLike[str], by: str, *, totals: dict[str, AgentUsage] | None = None,
+              events: Iterable[UsageEvent] = ()) -> int:
+    """Write a usage CSV (grouped totals, or one row per event); returns the number of rows."""
+    if by not in EXPORTS:
+        raise ValueError(f"by must be one of {', '.join(EXPORTS)}, got {by!r}")
+    rows = 0
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        out = csv.writer(fh)
+        if by == "event":
+            out.writerow(EVENT_COLUMNS)
+            for event in events:
+                out.writerow(event_row(event))
+                rows += 1
+        else:
+            out.writerow([GROUPS[by], *TOTAL_COLUMNS])
+            for key in sorted(totals or {}):
+                t = (totals or {})[key]
+                out.writerow([key, *(_number(getattr(t, c)) for c in TOTAL_COLUMNS)])
+                rows += 1
+    return rows
+
+
+def now() -> float:
+    return time.time()
