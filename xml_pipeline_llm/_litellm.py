@@ -42,8 +42,9 @@ def load() -> "litellm":  # type: ignore[valid-type]
     if _callback is None:
         litellm.suppress_debug_info = True
         for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
-            # LiteLLM logs every call at INFO; the router logs what matters itself.
-            logging.getLogger(name).setLevel(logging.WARNING)
+            # LiteLLM logs every call at INFO and loop changes at WARNING; the
+            # router logs what matters itself.  A user can lower this again.
+            logging.getLogger(name).setLevel(logging.ERROR)
         litellm.telemetry = False
         _callback = _make_callback()
         litellm.callbacks = [*litellm.callbacks, _callback]

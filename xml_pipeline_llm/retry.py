@@ -31,7 +31,9 @@ class Verdict:
     @property
     def label(self) -> str:
         """How the ledger and the logs name this failure: ``429`` or ``timeout``."""
-        return str(self.status) if self.status and self.status != 200 else self.kind
+        if self.kind in ("timeout", "connection", "bad_response") or not self.status:
+            return self.kind
+        return str(self.status)
 
 
 _PROVIDER_MODULES = ("litellm", "openai", "httpx", "httpcore", "aiohttp", "anthropic", "json")
