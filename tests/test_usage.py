@@ -234,3 +234,19 @@ def test_sqlite_ledger_survives_sigkill_right_after_a_call(sim, tmp_path):
     events = list(read_events(db))
     assert [e.agent_id for e in events] == ["victim"] * 3
     assert all(e.outcome == "ok" and e.total_tokens > 0 for e in events)
+
+
+@pytest.mark.parametrize("provider,model", STREAM_PROVIDERS)
+@pytest.mark.parametrize("fault", [Fault.malformed(), Fault.status(500), Fault.drop()],
+                         ids=["malformed", "500", "drop"])
+async def test_broken_stream_before_content_is_a_failed_try(sim, provider, model, fault):
+    name = f"sb-{provider}-{fault.kind}{fault.code or ''}"
+    r = make_router([backend(sim, provider, name)], retries=2)
+    sim.script(name, [fault])
+    s = r.stream(model, MESSAGES, agent_id="retrier")
+    text = "".join([d async for d in s])
+    assert text.startswith("Hello from") and sim.stats(name).requests == 2
+    outcomes = [e.outcome for e in r._ledger.events()]
+    assert outcomes[0].startswith("retried:") and outcomes[-1] == "ok"
+    assert r.get_agent_usage("retrier").request_count == 1
+    assert r.gate(name).in_flight == 0

@@ -13,15 +13,33 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from os import PathLike
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import RouterConfig, load_config
 from .errors import (BackendError, BadRequestError, ConfigError, ModelNotFoundError, ProviderError,
                      RateLimitError)
 from .response import LLMResponse
-from .router import LLMRouter
-from .streaming import LLMStream
 from .usage import AgentUsage, UsageEvent
+
+if TYPE_CHECKING:
+    from .config import RouterConfig
+    from .router import LLMRouter
+    from .streaming import LLMStream
+
+# Imported on first use: pydantic, YAML and tenacity cost more than the rest of
+# the package together, and LiteLLM (seconds) is only imported by a first call.
+_LAZY = {"load_config": "config", "RouterConfig": "config", "LLMRouter": "router",
+         "LLMStream": "streaming"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'xml_pipeline_llm' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 __version__ = "0.1.0"
 
@@ -58,6 +76,9 @@ def configure_router(config: str | PathLike[str] | Mapping[str, Any] | RouterCon
     empty in-memory usage.
     """
     global _router
+    from .config import RouterConfig, load_config
+    from .router import LLMRouter
+
     cfg = config if isinstance(config, RouterConfig) else load_config(config)
     new = LLMRouter(cfg)
     with _lock:
@@ -71,6 +92,9 @@ def get_router() -> LLMRouter:
     """The process-wide router, configured from organism.yaml (or $XML_PIPELINE_LLM_CONFIG) on first use."""
     router = _router
     if router is None:
+        from .config import load_config
+        from .router import LLMRouter
+
         with _lock:
             if _router is None:
                 globals()["_router"] = LLMRouter(load_config())

@@ -43,6 +43,8 @@ def classify(exc: BaseException) -> Verdict | None:
     """Decide what a failed provider call means; None for errors that are not the provider's."""
     status = getattr(exc, "status_code", None)
     names = {c.__name__ for c in type(exc).__mro__}
+    if "EmptyStreamError" in names:
+        return Verdict(Action.RETRY, "bad_response", None)
     if isinstance(exc, TimeoutError) or "Timeout" in names or "APITimeoutError" in names:
         return Verdict(Action.RETRY, "timeout", 408)
     if not isinstance(status, int):

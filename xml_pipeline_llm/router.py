@@ -30,7 +30,7 @@ from .state import MemoryState
 from .strategies import STRATEGIES
 from .usage import AgentUsage, UsageEvent, UsageLedger, write_csv
 from .stores import open_store
-from .streaming import LLMStream
+from .streaming import LLMStream, first_chunks
 
 log = logging.getLogger("xml_pipeline_llm")
 
@@ -129,8 +129,12 @@ class LLMRouter:
         """An async iterator of text deltas; ``.response`` holds the LLMResponse once it ends."""
         return LLMStream(self, model, messages, agent_id, thread_id, metadata, kwargs)
 
-    async def _open_stream(self, req: Request) -> tuple[ResolvedBackend, Any, float, float]:
-        """Open a stream with the same tries as complete(); the gate stays held by the stream."""
+    async def _open_stream(self, req: Request) -> tuple[ResolvedBackend, Any, list[Any], bool, float, float]:
+        """Open a stream with the same tries as complete(), up to its first content.
+
+        A stream that breaks or ends empty before any content reached the
+        caller is a failed try like any other.  The gate stays held by the stream.
+        """
         opened = None
         try:
             async for attempt in self._retrying():
@@ -201,6 +205,7 @@ class LLMRouter:
         start = time.perf_counter()
         held = False
         used = 0
+        raw = None
         try:
             kwargs = req.kwargs
             if stream:
@@ -209,10 +214,13 @@ class LLMRouter:
             raw = await llm.acompletion(model=f"{backend.name}/{req.model}", messages=req.messages,
                                         metadata=self._call_meta(req, backend), **kwargs)
             if stream:
+                first, ended = await first_chunks(raw)
                 held = True
-                return backend, raw, taken, start
+                return backend, raw, first, ended, taken, start
             used = _litellm.usage_of(raw)["total_tokens"]
         except Exception as exc:
+            if stream and raw is not None:
+                await _close_quietly(raw)
             await self._failed(req, backend, exc, (time.perf_counter() - start) * 1000)
         finally:
             if not held:
@@ -334,6 +342,15 @@ class LLMRouter:
 def _serves(backend: ResolvedBackend, model: str) -> bool:
     from .providers import matches
     return matches(model, backend.model_rule)
+
+
+async def _close_quietly(wrapper: Any) -> None:
+    close = getattr(wrapper, "aclose", None)
+    if close is not None:
+        try:
+            await close()
+        except Exception:
+            pass
 
 
 def _short(exc: BaseException) -> str:

@@ -35,6 +35,8 @@ class LLMStream:
         self._taken = 0.0
         self._start = 0.0
         self._chunks: list[Any] = []
+        self._pending: list[Any] = []     # read ahead while opening, not yet given out
+        self._ended = False
         self._text: list[str] = []
         self._done = False
         self.response: LLMResponse | None = None
@@ -50,7 +52,8 @@ class LLMStream:
 
     async def _open(self) -> None:
         self._req = await self._router._request(*self._args)
-        self._backend, self._wrapper, self._taken, self._start = await self._router._open_stream(self._req)
+        (self._backend, self._wrapper, self._pending, self._ended, self._taken,
+         self._start) = await self._router._open_stream(self._req)
 
     async def __anext__(self) -> str:
         if self._done:
@@ -59,7 +62,7 @@ class LLMStream:
             await self._open()
         while True:
             try:
-                chunk = await self._wrapper.__anext__()
+                chunk = await self._next_chunk()
             except StopAsyncIteration:
                 await self._finish("ok")
                 raise
@@ -73,6 +76,13 @@ class LLMStream:
             if delta:
                 self._text.append(delta)
                 return delta
+
+    async def _next_chunk(self) -> Any:
+        if self._pending:
+            return self._pending.pop(0)
+        if self._ended:
+            raise StopAsyncIteration
+        return await self._wrapper.__anext__()
 
     async def aclose(self) -> None:
         """Stop reading: closes the provider stream and records what was used so far."""
@@ -136,6 +146,37 @@ class LLMStream:
         return LLMResponse(content="".join(self._text), model=model, usage=usage,
                            finish_reason=finish or "", raw=self._chunks, backend=backend.name,
                            cost_usd=cost, latency_ms=latency, tool_calls=_tool_calls(self._chunks))
+
+
+class EmptyStreamError(Exception):
+    """The stream ended before any content: LiteLLM's answer to a malformed stream body."""
+
+    kind = "bad_response"
+
+
+async def first_chunks(wrapper: Any) -> tuple[list[Any], bool]:
+    """Read a new stream up to its first content; returns the chunks and whether it ended.
+
+    LiteLLM turns some malformed stream bodies into one empty chunk and a
+    normal end; an empty stream is therefore treated as a failed try.
+    """
+    chunks: list[Any] = []
+    while True:
+        try:
+            chunk = await wrapper.__anext__()
+        except StopAsyncIteration:
+            if not any(_delta_text(c) or _has_tool_call(c) for c in chunks):
+                raise EmptyStreamError("the stream ended without any content") from None
+            return chunks, True
+        chunks.append(chunk)
+        if _delta_text(chunk) or _has_tool_call(chunk):
+            return chunks, False
+
+
+def _has_tool_call(chunk: Any) -> bool:
+    choices = getattr(chunk, "choices", None)
+    delta = getattr(choices[0], "delta", None) if choices else None
+    return bool(getattr(delta, "tool_calls", None))
 
 
 def _delta_text(chunk: Any) -> str:
