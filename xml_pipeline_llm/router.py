@@ -169,7 +169,12 @@ class LLMRouter:
             ready = [b for b in pool if b.name not in cooling]
             fresh = [b for b in ready if b.name not in req.failed]
             if fresh or ready:
-                return self._strategy.pick(fresh or ready, req.candidates, req.turn, self._load)
+                chosen = self._strategy.pick(fresh or ready, req.candidates, req.turn, self._load)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("%s: try %d -> %s (%s; ready %s; cooling %s)", req.model,
+                              len(req.attempts) + 1, chosen.name, self.config.strategy,
+                              [b.name for b in fresh or ready], sorted(cooling))
+                return chosen
             wait = min(cooling.values())
             log.debug("%s: every backend cools down; waiting %.2fs", req.model, wait)
             await asyncio.sleep(wait)
@@ -239,14 +244,14 @@ class LLMRouter:
         if verdict is None:
             await self._ledger.record(self._event(req, backend, None, None, latency_ms, "error:internal"))
             raise exc
-        req.attempts.append(Attempt(backend.name, verdict.kind, verdict.status, _short(exc)))
+        req.attempts.append(Attempt(backend.name, verdict.kind, verdict.status, self._redact(_short(exc))))
         req.verdicts.append(verdict)
         req.last_exc = exc
         if verdict.action is Action.FATAL:
             await self._ledger.record(self._event(req, backend, None, None, latency_ms,
                                                   f"error:{verdict.label}"))
             raise BadRequestError(f"{req.model}: {backend.name} rejected the request "
-                                  f"({verdict.status}): {_short(exc)}", req.attempts,
+                                  f"({verdict.status}): {self._redact(_short(exc))}", req.attempts,
                                   verdict.status or 400) from exc
         wait = None
         if verdict.action is Action.NEXT_BACKEND:
@@ -265,6 +270,14 @@ class LLMRouter:
                  f", cooling down {wait:.2f}s" if wait is not None else ", dropped for this request",
                  "giving up" if final else "trying again")
         raise _TryFailed()
+
+    def _redact(self, text: str) -> str:
+        """Provider error text with any configured key masked (some providers echo a bad key)."""
+        for b in self.backends:
+            key = b.api_key.get_secret_value() if b.api_key is not None else ""
+            if len(key) >= 8 and key in text:
+                text = text.replace(key, f"{key[:3]}...{key[-4:]}")
+        return text
 
     def _final_error(self, req: Request) -> BackendError:
         tries = "; ".join(str(a) for a in req.attempts) or "none"
