@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from .config import ResolvedBackend
@@ -71,13 +73,37 @@ def deployment(b: ResolvedBackend) -> dict[str, Any]:
 def build_router(backends: list[ResolvedBackend], timeout: float) -> Any:
     """A LiteLLM Router with its own retries, fallbacks and cooldowns switched off."""
     lt = load()
-    return lt.Router(
-        model_list=[deployment(b) for b in backends],
-        num_retries=0,
-        max_fallbacks=0,
-        disable_cooldowns=True,
-        timeout=timeout,
-    )
+    with _ollama_lookups_to(next((b.base_url for b in backends if b.provider.name == "ollama"), None)):
+        return lt.Router(
+            model_list=[deployment(b) for b in backends],
+            num_retries=0,
+            max_fallbacks=0,
+            disable_cooldowns=True,
+            timeout=timeout,
+        )
+
+
+@contextmanager
+def _ollama_lookups_to(base_url: str | None) -> Iterator[None]:
+    """Point LiteLLM's model-info lookup for Ollama deployments at a configured server.
+
+    Registering an ``ollama_chat/`` deployment makes LiteLLM POST ``/api/show``
+    to ``$OLLAMA_API_BASE`` or ``localhost:11434``, whatever the deployment's
+    ``api_base``; aiming it at a configured Ollama backend keeps traffic to the
+    configured backends only (contract C1).
+    """
+    if base_url is None:
+        yield
+        return
+    old = os.environ.get("OLLAMA_API_BASE")
+    os.environ["OLLAMA_API_BASE"] = base_url
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("OLLAMA_API_BASE", None)
+        else:
+            os.environ["OLLAMA_API_BASE"] = old
 
 
 def register(router_id: str, router: Any) -> None:
@@ -141,7 +167,7 @@ def to_response(resp: Any, backend: str, latency_ms: float, cost_usd: float | No
              for tc in (getattr(message, "tool_calls", None) or [])]
     return LLMResponse(
         content=message.content or "",
-        model=resp.model or "",
+        model=strip_route(resp.model or ""),
         usage=usage_of(resp),
         finish_reason=choice.finish_reason or "",
         raw=resp,
@@ -150,6 +176,17 @@ def to_response(resp: Any, backend: str, latency_ms: float, cost_usd: float | No
         latency_ms=latency_ms,
         tool_calls=calls,
     )
+
+
+_ROUTES = ("ollama_chat/", "ollama/")
+
+
+def strip_route(model: str) -> str:
+    """The model name as the provider knows it: LiteLLM reports Ollama's as ``ollama_chat/llama3``."""
+    for route in _ROUTES:
+        if model.startswith(route):
+            return model[len(route):]
+    return model
 
 
 def response_cost(resp: Any, model: str, provider: str) -> float | None:

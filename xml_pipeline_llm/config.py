@@ -11,6 +11,7 @@ import difflib
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from .providers import BUILTIN, LITELLM_PROVIDERS, Provider, lookup
 log = logging.getLogger("xml_pipeline_llm")
 
 STRATEGIES = ("failover", "round-robin", "least-loaded")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 CONFIG_ENV = "XML_PIPELINE_LLM_CONFIG"
 REDIS_ENV = "XML_PIPELINE_LLM_REDIS_URL"
 
@@ -70,7 +72,7 @@ EXPECTED = {
     "api_key": "a string (better: api_key_env naming an environment variable)",
     "base_url": "a URL such as http://localhost:11434",
     "priority": "an integer (lower is preferred)",
-    "rate_limit_tpm": "a positive integer (tokens per minute)",
+    "rate_limit_tpm": "a positive integer",
     "max_concurrent": "a positive integer",
     "supported_models": "a list of model names or patterns, such as [llama3, mistral*]",
     "timeout": "a positive number of seconds",
@@ -224,7 +226,8 @@ def _validate(block: Mapping[str, Any], source: str) -> RouterConfig:
     try:
         raw = LLMConfig.model_validate(block)
     except ValidationError as exc:
-        raise ConfigError("\n".join(_describe(e, block) for e in exc.errors())) from None
+        problems = [_describe(e, block) for e in exc.errors()]
+        raise ConfigError("\n".join(problems + _unvalidated_problems(block))) from None
     problems: list[str] = []
     backends = _resolve_backends(raw, problems)
     problems += _check_block(raw)
@@ -233,11 +236,28 @@ def _validate(block: Mapping[str, Any], source: str) -> RouterConfig:
     return RouterConfig(raw, backends, source)
 
 
+def _unvalidated_problems(block: Mapping[str, Any]) -> list[str]:
+    """Mistakes found without a validated model, so they are reported beside type errors."""
+    problems = []
+    strategy = block.get("strategy")
+    if isinstance(strategy, str) and strategy not in STRATEGIES:
+        problems.append(_unknown_strategy(strategy))
+    backends = block.get("backends")
+    for i, entry in enumerate(backends if isinstance(backends, list) else []):
+        provider = entry.get("provider") if isinstance(entry, Mapping) else None
+        if isinstance(provider, str) and lookup(provider) is None:
+            problems.append(_unknown_provider(f"llm.backends[{i}]", provider))
+    return problems
+
+
+def _unknown_strategy(strategy: str) -> str:
+    return f'llm.strategy: unknown strategy "{strategy}"; expected one of {", ".join(STRATEGIES)}'
+
+
 def _check_block(raw: LLMConfig) -> list[str]:
     problems = []
     if raw.strategy not in STRATEGIES:
-        problems.append(f'llm.strategy: unknown strategy "{raw.strategy}"; '
-                        f"expected one of {', '.join(STRATEGIES)}")
+        problems.append(_unknown_strategy(raw.strategy))
     if raw.retry_max_delay < raw.retry_base_delay:
         problems.append(f"llm.retry_max_delay: {raw.retry_max_delay} is below retry_base_delay "
                         f"{raw.retry_base_delay}; raise retry_max_delay or lower retry_base_delay")
@@ -262,7 +282,7 @@ def _resolve_backends(raw: LLMConfig, problems: list[str]) -> list[ResolvedBacke
             problems.append(f'{where}.name: expected letters, digits, ".", "_" or "-", got "{name}"')
         if name in seen:
             problems.append(f'{where}.name: duplicate backend name "{name}" (also llm.backends[{seen[name]}]); '
-                            f"give each backend of the same provider its own name:")
+                            f"give each backend of the same provider its own name")
         seen[name] = i
         if not provider.model_rule and not provider.catch_all and not cfg.supported_models:
             problems.append(f"{where}.supported_models: required for provider {cfg.provider}, which has "
@@ -281,6 +301,12 @@ def _resolve_key(where: str, cfg: BackendConfig, provider: Provider,
         log.warning("%s.api_key: a key written in the config file; prefer api_key_env "
                     "naming an environment variable (or .env entry)", where)
         return cfg.api_key, "api_key (inline)"
+    if cfg.api_key_env is not None and not _ENV_NAME.fullmatch(cfg.api_key_env):
+        # Most often the key itself pasted here: never echo it.
+        problems.append(f"{where}.api_key_env: expected the name of an environment variable, such as "
+                        f"XAI_API_KEY, got a value that is not one; if it is the key itself, put it in "
+                        f".env as a variable and name that variable here")
+        return None, "api_key_env (invalid)"
     var = cfg.api_key_env or provider.key_env
     if var is None:
         return None, "none needed" if provider.keyless else "LiteLLM default"
@@ -327,10 +353,20 @@ def _unknown_key(path: str, key: str, loc: list[Any]) -> str:
     return f"{path}: unknown key; {did}valid keys are {', '.join(valid)}"
 
 
+def _redact(value: Any) -> Any:
+    """``value`` with every ``api_key`` entry of a mapping (at any depth) hidden."""
+    if isinstance(value, Mapping):
+        return {k: ("***" if k == "api_key" else _redact(v)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redact(v) for v in value]
+    return value
+
+
 def _show(value: Any) -> str:
     """A found value for an error message (YAML-ish, never a secret: keys are not echoed)."""
     if isinstance(value, SecretStr):
         return "a secret"
+    value = _redact(value)
     try:
         text = json.dumps(value)
     except (TypeError, ValueError):

@@ -22,6 +22,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from . import _litellm
 from .config import ResolvedBackend, RouterConfig
+from .providers import lookup
 from .errors import (Attempt, BackendError, BadRequestError, ModelNotFoundError, ProviderError,
                      RateLimitError)
 from .response import LLMResponse
@@ -66,10 +67,13 @@ class LLMRouter:
         self.config = config
         self.backends = config.backends
         self._strategy = STRATEGIES[config.strategy]()
-        self._state = state if state is not None else MemoryState()
+        from .state import make_state
+
+        self._state = state if state is not None else make_state(config)
         self._gates = {b.name: self._state.gate(b.name, b.max_concurrent, b.rate_limit_tpm)
                        for b in self.backends}
-        self._ledger = UsageLedger(open_store(config.usage_store))
+        self._ledger = UsageLedger(open_store(config.usage_store, config.redis_prefix),
+                                   shared=getattr(self._state, "usage", None))
         self._routes: dict[str, tuple[str, list[ResolvedBackend]]] = {}
         self._llm: Any = None
         self.id = uuid.uuid4().hex
@@ -90,10 +94,9 @@ class LLMRouter:
     def _route(self, model: str) -> tuple[str, list[ResolvedBackend]]:
         pool, bare = self.backends, model
         prefix, sep, rest = model.partition("/")
-        if sep and rest:
-            pinned = [b for b in self.backends if prefix in (b.provider.name, b.name)]
-            if pinned:
-                pool, bare = pinned, rest
+        if sep and rest and (lookup(prefix) is not None or any(b.name == prefix for b in self.backends)):
+            # a provider (or backend) prefix restricts the candidates, even to none
+            pool, bare = [b for b in self.backends if prefix in (b.provider.name, b.name)], rest
         ruled = [b for b in pool if not b.catch_all and _serves(b, bare)]
         chosen = ruled or [b for b in pool if b.catch_all]
         if not chosen:
@@ -164,7 +167,7 @@ class LLMRouter:
         while True:
             pool = [b for b in req.candidates if b.name not in req.dropped]
             if not pool:
-                raise self._final_error(req)
+                raise self._final_error(req) from req.last_exc
             cooling = await self._state.cooldowns(b.name for b in pool)
             ready = [b for b in pool if b.name not in cooling]
             fresh = [b for b in ready if b.name not in req.failed]

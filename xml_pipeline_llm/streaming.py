@@ -142,7 +142,8 @@ class LLMStream:
                              usage["prompt_tokens"], usage["completion_tokens"])
         finish = next((c.choices[0].finish_reason for c in reversed(self._chunks)
                        if getattr(c, "choices", None) and c.choices[0].finish_reason), "")
-        model = next((c.model for c in self._chunks if getattr(c, "model", None)), req.model)
+        model = _litellm.strip_route(next((c.model for c in self._chunks if getattr(c, "model", None)),
+                                          req.model))
         return LLMResponse(content="".join(self._text), model=model, usage=usage,
                            finish_reason=finish or "", raw=self._chunks, backend=backend.name,
                            cost_usd=cost, latency_ms=latency, tool_calls=_tool_calls(self._chunks))

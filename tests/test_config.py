@@ -1,0 +1,447 @@
+"""The ``llm:`` block (contract C2): every mistake is a precise ConfigError at load time,
+the loading forms and ``.env``, and no secret in any message, repr or log line.
+
+The secret tests at the end go through LiteLLM's real HTTP path to the simulator.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import xml_pipeline_llm
+from xml_pipeline_llm import BackendError, ConfigError, LLMRouter, get_router, load_config
+from xml_pipeline_llm.config import CONFIG_ENV
+
+from conftest import FAKE_KEYS, MESSAGES, backend, make_router
+
+XAI = {"provider": "xai", "api_key_env": "TEST_XAI_KEY"}
+SECRET = "sk-live-9f8e7d6c5b4a-TOPSECRET"
+
+
+def problems(block: dict[str, Any]) -> list[str]:
+    """The lines of the ConfigError that loading ``{"llm": block}`` raises."""
+    with pytest.raises(ConfigError) as info:
+        load_config({"llm": block})
+    return str(info.value).splitlines()
+
+
+def one_problem(block: dict[str, Any]) -> str:
+    lines = problems(block)
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch):
+    """Unset variables now and after the test, even when .env loading sets them meanwhile."""
+    def clean(*names: str) -> None:
+        for name in names:
+            monkeypatch.setenv(name, "placeholder")   # records the original state for teardown
+            monkeypatch.delenv(name)
+    return clean
+
+
+# ------------------------------------------------------------ every mistake of C2
+
+def test_unknown_backend_key_names_the_path_and_suggests_the_right_key():
+    line = one_problem({"backends": [XAI, {**XAI, "name": "b", "rate_limt_tpm": 1000}]})
+    assert line.startswith("llm.backends[1].rate_limt_tpm: unknown key")
+    assert 'did you mean "rate_limit_tpm"?' in line
+
+
+def test_unknown_top_level_key_suggests_the_right_key():
+    line = one_problem({"stratgy": "failover", "backends": [XAI]})
+    assert line.startswith("llm.stratgy: unknown key")
+    assert 'did you mean "strategy"?' in line
+
+
+def test_wrong_type_message_has_the_exact_documented_form():
+    line = one_problem({"backends": [XAI, {**XAI, "name": "b", "rate_limit_tpm": "fast"}]})
+    assert line == 'llm.backends[1].rate_limit_tpm: expected a positive integer, got "fast"'
+
+
+@pytest.mark.parametrize("key, value, path", [
+    ("rate_limit_tpm", 0, "llm.backends[0].rate_limit_tpm"),
+    ("rate_limit_tpm", -5, "llm.backends[0].rate_limit_tpm"),
+    ("rate_limit_tpm", 1.5, "llm.backends[0].rate_limit_tpm"),
+    ("rate_limit_tpm", True, "llm.backends[0].rate_limit_tpm"),
+    ("max_concurrent", 0, "llm.backends[0].max_concurrent"),
+    ("max_concurrent", -1, "llm.backends[0].max_concurrent"),
+    ("timeout", 0, "llm.backends[0].timeout"),
+    ("priority", "1", "llm.backends[0].priority"),
+    ("supported_models", "llama3", "llm.backends[0].supported_models"),
+])
+def test_bad_backend_values_name_path_expectation_and_found_value(key, value, path):
+    line = one_problem({"backends": [{**XAI, key: value}]})
+    assert line.startswith(f"{path}: expected ")
+    assert line.endswith(f"got {value!r}".replace("'", '"').replace("True", "true"))
+
+
+@pytest.mark.parametrize("key, value", [
+    ("retries", -1), ("retry_base_delay", 0), ("retry_max_delay", -1.0), ("timeout", 0),
+    ("timeout", "slow"),
+])
+def test_bad_block_values_name_the_path(key, value):
+    line = one_problem({key: value, "backends": [XAI]})
+    assert line.startswith(f"llm.{key}: expected ")
+    assert "got " in line
+
+
+def test_unknown_strategy_lists_the_valid_ones():
+    line = one_problem({"strategy": "fastest", "backends": [XAI]})
+    assert line.startswith("llm.strategy:") and '"fastest"' in line
+    for valid in ("failover", "round-robin", "least-loaded"):
+        assert valid in line
+
+
+@pytest.mark.parametrize("written, meant", [
+    ("round_robin", "round-robin"), ("least_loaded", "least-loaded"), ("round-robin", "round-robin"),
+    ("failover", "failover"),
+])
+def test_strategy_spellings_are_accepted(written, meant):
+    assert load_config({"llm": {"strategy": written, "backends": [XAI]}}).strategy == meant
+
+
+@pytest.mark.parametrize("written, meant", [("antropic", "anthropic"), ("olama", "ollama"), ("xia", "xai")])
+def test_unknown_provider_suggests_a_known_one(written, meant):
+    line = one_problem({"backends": [{"provider": written, "api_key_env": "TEST_XAI_KEY"}]})
+    assert line.startswith(f'llm.backends[0].provider: unknown provider "{written}"')
+    assert f'did you mean "{meant}"?' in line
+
+
+def test_duplicate_backend_names_name_both_places():
+    line = one_problem({"backends": [XAI, {**XAI, "priority": 2}]})
+    assert line.startswith("llm.backends[1].name:")
+    assert '"xai"' in line and "llm.backends[0]" in line and "duplicate" in line
+
+
+def test_explicit_duplicate_names_are_caught_across_providers():
+    line = one_problem({"backends": [{**XAI, "name": "main"},
+                                     {"provider": "ollama", "name": "main"}]})
+    assert line.startswith("llm.backends[1].name:") and '"main"' in line
+
+
+@pytest.mark.parametrize("block", [{"backends": []}, {"strategy": "failover"}, {"backends": None}])
+def test_empty_or_missing_backend_list(block):
+    line = one_problem(block)
+    assert line.startswith("llm.backends:") and "non-empty list of backends" in line
+
+
+def test_retry_max_delay_below_base_delay():
+    line = one_problem({"retry_base_delay": 5, "retry_max_delay": 1, "backends": [XAI]})
+    assert line.startswith("llm.retry_max_delay:")
+    assert "retry_base_delay" in line and "raise retry_max_delay" in line
+
+
+def test_unset_api_key_env_names_the_variable_and_the_fix(clean_env):
+    clean_env("XPL_TEST_UNSET_KEY")
+    line = one_problem({"backends": [XAI, {"provider": "xai", "name": "b",
+                                           "api_key_env": "XPL_TEST_UNSET_KEY"}]})
+    assert line.startswith("llm.backends[1].api_key_env:")
+    assert "XPL_TEST_UNSET_KEY is not set" in line and ".env" in line
+
+
+def test_default_key_variable_of_a_provider_must_be_set(clean_env):
+    clean_env("ANTHROPIC_API_KEY")
+    line = one_problem({"backends": [{"provider": "anthropic"}]})
+    assert line.startswith("llm.backends[0].api_key_env:") and "ANTHROPIC_API_KEY" in line
+
+
+def test_keyless_local_providers_need_no_key(clean_env):
+    clean_env("XPL_TEST_UNSET_KEY", "OPENAI_API_KEY")
+    cfg = load_config({"llm": {"backends": [
+        {"provider": "ollama", "api_key_env": "XPL_TEST_UNSET_KEY"},
+        {"provider": "ollama", "name": "plain-ollama"},
+        # An OpenAI-compatible local server: provider openai + base_url, no key.
+        {"provider": "openai", "base_url": "http://localhost:8000/v1", "supported_models": ["my-local-model"]},
+    ]}})
+    assert [b.name for b in cfg.backends] == ["ollama", "plain-ollama", "openai"]
+
+
+def test_provider_without_model_rule_requires_supported_models():
+    line = one_problem({"backends": [{"provider": "groq", "api_key_env": "TEST_XAI_KEY"}]})
+    assert line.startswith("llm.backends[0].supported_models: required for provider groq")
+    cfg = load_config({"llm": {"backends": [{"provider": "groq", "api_key_env": "TEST_XAI_KEY",
+                                             "supported_models": ["llama-3.3-70b"]}]}})
+    assert cfg.backends[0].provider.litellm_prefix == "groq"
+
+
+def test_several_mistakes_are_reported_together():
+    lines = problems({"strategy": "fastest", "backends": [
+        {**XAI, "rate_limit_tpm": "fast"},
+        {"provider": "nope"},
+        {**XAI, "name": "b", "max_concurrent": 0, "rate_limt_tpm": 5},
+    ]})
+    joined = "\n".join(lines)
+    assert len(lines) == 5, lines
+    for where in ("llm.strategy:", "llm.backends[0].rate_limit_tpm:", "llm.backends[1].provider:",
+                  "llm.backends[2].max_concurrent:", "llm.backends[2].rate_limt_tpm:"):
+        assert where in joined
+
+
+def test_several_semantic_mistakes_are_reported_together(clean_env):
+    clean_env("XPL_TEST_UNSET_KEY")
+    lines = problems({"strategy": "x", "retry_base_delay": 5, "retry_max_delay": 1, "backends": [
+        XAI, XAI, {"provider": "groq", "api_key_env": "XPL_TEST_UNSET_KEY"}]})
+    joined = "\n".join(lines)
+    for where in ("llm.strategy:", "llm.retry_max_delay:", "llm.backends[1].name:",
+                  "llm.backends[2].supported_models:", "llm.backends[2].api_key_env:"):
+        assert where in joined
+
+
+def test_malformed_yaml_gives_file_and_line(tmp_path: Path):
+    path = tmp_path / "organism.yaml"
+    path.write_text("llm:\n  strategy: failover\n  backends:\n    - provider: xai\n     name: bad\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert str(path) in msg and "line 5" in msg and "malformed YAML" in msg
+
+
+def test_missing_file(tmp_path: Path):
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "nope.yaml")
+    assert "nope.yaml" in str(info.value) and "no such file" in str(info.value)
+
+
+def test_file_without_llm_block(tmp_path: Path):
+    path = tmp_path / "organism.yaml"
+    path.write_text("name: demo\nagents:\n  - greeter\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "no llm: block" in str(info.value) and "backend" in str(info.value)
+
+
+def test_llm_block_that_is_not_a_mapping():
+    with pytest.raises(ConfigError) as info:
+        load_config({"llm": ["xai"]})
+    assert str(info.value).startswith("llm: expected a mapping")
+
+
+# ------------------------------------------------------------ loading forms, .env, files
+
+ORGANISM_YAML = """\
+name: test-organism
+agents: [greeter]
+llm:
+  strategy: round_robin
+  backends:
+    - provider: xai
+      name: {name}
+      api_key_env: {var}
+"""
+
+
+def test_three_loading_forms_give_the_same_config(tmp_path: Path):
+    path = tmp_path / "organism.yaml"
+    path.write_text(ORGANISM_YAML.format(name="forms", var="TEST_XAI_KEY"))
+    block = {"strategy": "round_robin", "backends": [{"provider": "xai", "name": "forms",
+                                                      "api_key_env": "TEST_XAI_KEY"}]}
+    for source in (path, str(path), {"name": "o", "agents": ["greeter"], "llm": block}, block):
+        cfg = load_config(source)
+        assert cfg.strategy == "round-robin"
+        assert [b.name for b in cfg.backends] == ["forms"]
+        assert cfg.backends[0].api_key.get_secret_value() == FAKE_KEYS["TEST_XAI_KEY"]
+
+
+def test_dotenv_in_working_directory_is_loaded(tmp_path: Path, monkeypatch, clean_env):
+    clean_env("XPL_DOTENV_CWD_KEY")
+    monkeypatch.chdir(tmp_path)
+    block = {"backends": [{"provider": "xai", "api_key_env": "XPL_DOTENV_CWD_KEY"}]}
+    with pytest.raises(ConfigError):
+        load_config({"llm": block})
+    (tmp_path / ".env").write_text("XPL_DOTENV_CWD_KEY=from-dotenv-cwd\n")
+    cfg = load_config({"llm": block})
+    assert cfg.backends[0].api_key.get_secret_value() == "from-dotenv-cwd"
+
+
+def test_dotenv_next_to_config_file_is_loaded(tmp_path: Path, monkeypatch, clean_env):
+    clean_env("XPL_DOTENV_FILE_KEY")
+    conf, elsewhere = tmp_path / "conf", tmp_path / "elsewhere"
+    conf.mkdir(), elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    (conf / "organism.yaml").write_text(ORGANISM_YAML.format(name="beside", var="XPL_DOTENV_FILE_KEY"))
+    (conf / ".env").write_text("XPL_DOTENV_FILE_KEY=from-dotenv-beside\n")
+    cfg = load_config(conf / "organism.yaml")
+    assert cfg.backends[0].api_key.get_secret_value() == "from-dotenv-beside"
+
+
+def test_real_environment_wins_over_dotenv(tmp_path: Path, monkeypatch, clean_env):
+    clean_env("XPL_DOTENV_REAL_KEY")
+    monkeypatch.setenv("XPL_DOTENV_REAL_KEY", "from-real-env")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("XPL_DOTENV_REAL_KEY=from-dotenv\n")
+    (tmp_path / "organism.yaml").write_text(ORGANISM_YAML.format(name="real", var="XPL_DOTENV_REAL_KEY"))
+    for source in ("organism.yaml", {"llm": {"backends": [{"provider": "xai",
+                                                            "api_key_env": "XPL_DOTENV_REAL_KEY"}]}}):
+        assert load_config(source).backends[0].api_key.get_secret_value() == "from-real-env"
+
+
+def test_config_env_variable_names_the_file(tmp_path: Path, monkeypatch):
+    (tmp_path / "cfgdir").mkdir()
+    path = tmp_path / "cfgdir" / "my-organism.yaml"
+    path.write_text(ORGANISM_YAML.format(name="via-env", var="TEST_XAI_KEY"))
+    monkeypatch.chdir(tmp_path)   # no organism.yaml here
+    monkeypatch.setenv(CONFIG_ENV, str(path))
+    assert [b.name for b in load_config().backends] == ["via-env"]
+    monkeypatch.setattr(xml_pipeline_llm, "_router", None)
+    assert [b.name for b in get_router().backends] == ["via-env"]
+
+
+def test_get_router_reads_organism_yaml_in_working_directory(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "organism.yaml").write_text(ORGANISM_YAML.format(name="from-cwd", var="TEST_XAI_KEY"))
+    monkeypatch.setattr(xml_pipeline_llm, "_router", None)
+    router = get_router()
+    assert [b.name for b in router.backends] == ["from-cwd"]
+    assert get_router() is router
+
+
+def test_get_router_without_any_config_says_what_to_create(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(xml_pipeline_llm, "_router", None)
+    with pytest.raises(ConfigError) as info:
+        get_router()
+    msg = str(info.value)
+    assert "organism.yaml" in msg and "llm:" in msg and CONFIG_ENV in msg
+    assert xml_pipeline_llm._router is None
+
+
+@pytest.mark.parametrize("url", ["https://api.anthropic.com/v1", "https://api.anthropic.com/v1/",
+                                 "https://api.anthropic.com"])
+def test_anthropic_base_url_is_normalised_without_v1(url):
+    cfg = load_config({"llm": {"backends": [{"provider": "anthropic", "api_key_env": "TEST_ANTHROPIC_KEY",
+                                             "base_url": url}]}})
+    assert cfg.backends[0].base_url == "https://api.anthropic.com"
+
+
+def test_openai_compatible_base_url_keeps_v1():
+    cfg = load_config({"llm": {"backends": [{"provider": "openai", "base_url": "http://localhost:8000/v1/",
+                                             "supported_models": ["m"]}]}})
+    assert cfg.backends[0].base_url == "http://localhost:8000/v1"
+
+
+# ------------------------------------------------------------ secrets
+
+SECRET_BLOCKS = [
+    {"backends": [{"provider": "xai", "api_key": SECRET, "rate_limit_tpm": "fast"}]},
+    {"backends": [{"provider": "xai", "api_key": SECRET, "bogus": SECRET}]},
+    {"backends": {"provider": "xai", "api_key": SECRET}},
+    {"backends": [{"provider": "xai", "api_key": [SECRET]}]},
+    {"backends": [{"provider": "xai", "api_key_env": SECRET}]},
+    {"backends": [{"provider": "nope", "api_key": SECRET}]},
+    {"strategy": "x", "backends": [{"provider": "xai", "api_key": SECRET}, {"provider": "xai", "api_key": SECRET}]},
+    {"backends": [{"provider": "xai", "api_kee": SECRET}]},
+]
+
+
+@pytest.mark.parametrize("block", SECRET_BLOCKS)
+def test_no_secret_in_config_errors(block, caplog):
+    with caplog.at_level(logging.DEBUG):
+        msg = "\n".join(problems(block))
+    assert msg
+    assert SECRET not in msg and SECRET[:12] not in msg
+    assert SECRET not in caplog.text
+
+
+def test_no_env_secret_in_config_errors():
+    lines = problems({"backends": [{"provider": "xai", "api_key_env": "TEST_XAI_KEY", "rate_limit_tpm": 0},
+                                   {"provider": "xai", "api_key_env": "TEST_XAI_KEY"}]})
+    assert FAKE_KEYS["TEST_XAI_KEY"] not in "\n".join(lines)
+
+
+def test_inline_api_key_warns_naming_api_key_env_but_not_the_key(caplog):
+    with caplog.at_level(logging.WARNING, logger="xml_pipeline_llm"):
+        cfg = load_config({"llm": {"backends": [{"provider": "xai", "api_key": SECRET}]}})
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings, "an inline api_key must log a warning"
+    text = " ".join(r.getMessage() for r in warnings)
+    assert "api_key_env" in text and "llm.backends[0].api_key" in text
+    assert SECRET not in text
+    assert cfg.backends[0].api_key.get_secret_value() == SECRET
+
+
+def test_no_secret_in_any_repr(sim):
+    keys = [*FAKE_KEYS.values(), SECRET]
+    router = make_router([backend(sim, "xai", "rp-xai"), backend(sim, "anthropic", "rp-ant"),
+                          backend(sim, "openai", "rp-oai"),
+                          {"provider": "xai", "name": "rp-inline", "api_key": SECRET}])
+    cfg = router.config
+    shown = [repr(cfg), str(cfg), repr(cfg.raw), str(cfg.raw), repr(router), str(router),
+             *(repr(b) for b in cfg.backends), *(repr(b) for b in cfg.raw.backends),
+             *(str(b) for b in cfg.backends)]
+    for text in shown:
+        for key in keys:
+            assert key not in text, text
+
+
+def _debug_everywhere(caplog) -> None:
+    """DEBUG on the root logger and on LiteLLM's own loggers (restored after the test)."""
+    caplog.set_level(logging.DEBUG)
+    for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "httpx", "httpcore"):
+        caplog.set_level(logging.DEBUG, logger=name)
+
+
+def _assert_no_key_in_records(caplog, keys):
+    assert caplog.records, "expected some log records at DEBUG"
+    for record in caplog.records:
+        text = record.getMessage() + repr(record.args) + (record.exc_text or "")
+        if record.exc_info:
+            text += logging.Formatter().formatException(record.exc_info)
+        for key in keys:
+            assert key not in text, f"{record.name}: {text[:300]}"
+    for key in keys:
+        assert key not in caplog.text
+
+
+async def test_no_secret_in_logs_of_a_successful_call(sim, caplog):
+    router = make_router([backend(sim, "xai", "lg-ok-xai"), backend(sim, "anthropic", "lg-ok-ant"),
+                          backend(sim, "openai", "lg-ok-oai")])
+    _debug_everywhere(caplog)
+    for model in ("grok-4.1", "claude-sonnet-4", "gpt-4o"):
+        resp = await router.complete(model, MESSAGES, agent_id="secret-test")
+        assert resp.content
+    _assert_no_key_in_records(caplog, FAKE_KEYS.values())
+
+
+async def test_no_secret_in_logs_or_error_of_a_failed_401_call(sim, caplog):
+    names = ["lg-401-xai", "lg-401-ant"]
+    router = make_router([backend(sim, "xai", names[0]), backend(sim, "anthropic", names[1])])
+    for name in names:
+        sim.require_key(name, "some-other-key")
+    _debug_everywhere(caplog)
+    try:
+        for model in ("grok-4.1", "claude-sonnet-4"):
+            with pytest.raises(BackendError) as info:
+                await router.complete(model, MESSAGES)
+            err = info.value
+            assert "401" in str(err)
+            shown = str(err) + repr(err) + repr(err.attempts) + " ".join(a.detail for a in err.attempts)
+            for key in FAKE_KEYS.values():
+                assert key not in shown
+        _assert_no_key_in_records(caplog, FAKE_KEYS.values())
+    finally:
+        for name in names:
+            sim.require_key(name, None)
+
+
+async def test_inline_api_key_is_sent_but_never_logged(sim, caplog):
+    name = "lg-inline"
+    sim.require_key(name, SECRET)
+    try:
+        _debug_everywhere(caplog)
+        router = LLMRouter(load_config({"llm": {"backends": [
+            {"provider": "xai", "name": name, "api_key": SECRET, "base_url": sim.base_url(name, "xai")}]}}))
+        resp = await router.complete("grok-4.1", MESSAGES)
+        assert resp.backend == name
+        assert sim.stats(name).last_request.headers["authorization"] == f"Bearer {SECRET}"
+        assert any("api_key_env" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+        _assert_no_key_in_records(caplog, [SECRET])
+    finally:
+        sim.require_key(name, None)
