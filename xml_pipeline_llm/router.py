@@ -27,7 +27,6 @@ from .errors import (Attempt, BackendError, BadRequestError, ModelNotFoundError,
                      RateLimitError)
 from .response import LLMResponse
 from .retry import Action, Verdict, classify, cooldown
-from .state import MemoryState
 from .strategies import STRATEGIES
 from .usage import AgentUsage, UsageEvent, UsageLedger, write_csv
 from .stores import open_store

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import Any
 
 from .limits import Gate
 
@@ -53,3 +54,17 @@ class MemoryState:
 
     async def close(self) -> None:
         """Nothing to release in memory; the Redis state closes its connection here."""
+
+
+def make_state(config: Any) -> Any:
+    """The state for a router: ``RedisState`` with ``shared_state`` set (C8), else ``MemoryState``.
+
+    Building a ``RedisState`` checks that Redis answers, raising ``ConfigError``
+    (naming the URL without its password) when it does not.
+    """
+    url = getattr(config, "shared_state", None)
+    if not url:
+        return MemoryState()
+    from .redis_state import RedisState
+
+    return RedisState(url, getattr(config, "redis_prefix", "xpl") or "xpl")

@@ -42,10 +42,19 @@ def sqlite_path(url: str) -> Path:
     return Path(url[len("sqlite:///"):])
 
 
-def open_store(url: str | None) -> SqliteStore | None:
-    """The durable store named by ``usage_store`` (None: memory only)."""
+def open_store(url: str | None, prefix: str = "xpl") -> Any:
+    """The store named by ``url`` (None: memory only).
+
+    ``sqlite:///path/usage.db`` is the durable SQLite ledger; ``redis://host:port/db``
+    is the fleet's usage in Redis under ``prefix`` (``RedisUsageStore``: totals and
+    recent events, as ``shared_state`` writes them; the CLI reads it this way).
+    """
     if not url or url == "memory":
         return None
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from .redis_usage import RedisUsageStore
+
+        return RedisUsageStore(url, prefix)
     return SqliteStore(sqlite_path(url))
 
 

@@ -86,8 +86,17 @@ class UsageLedger:
     store keeps them all.
     """
 
-    def __init__(self, store: UsageStore | None = None, max_events: int = 100_000) -> None:
+    def __init__(self, store: UsageStore | None = None, max_events: int = 100_000,
+                 shared: Any = None) -> None:
+        # ``shared``: fleet-wide totals (``RedisUsageStore``) that reads come from
+        # while it answers; the totals kept here are this process's fallback.
+        if shared is None and getattr(store, "shared_totals", False):
+            shared = store
+        if (shared is not None and store is not None and store is not shared
+                and getattr(store, "ident", None) == getattr(shared, "ident", ())):
+            store = shared          # the same Redis totals: write them once
         self.store = store
+        self.shared = shared
         self._totals: dict[str, dict[str, AgentUsage]] = {g: {} for g in GROUPS}
         self._events: deque[UsageEvent] = deque(maxlen=max_events)
         self._seen: OrderedDict[str, None] = OrderedDict()
@@ -111,23 +120,42 @@ class UsageLedger:
 
     async def record(self, event: UsageEvent) -> None:
         """Count ``event`` and, with a durable store, wait until it is written."""
-        if self._count(event) and self.store is not None:
-            await self.store.append(event)
+        if self._count(event):
+            if self.store is not None:
+                await self.store.append(event)
+            if self.shared is not None and self.shared is not self.store:
+                await self.shared.append(event)
 
     def record_nowait(self, event: UsageEvent) -> None:
         """Count ``event`` now; a durable store writes it in the background (callbacks, finalisers)."""
-        if self._count(event) and self.store is not None:
-            self.store.append_nowait(event)
+        if self._count(event):
+            if self.store is not None:
+                self.store.append_nowait(event)
+            if self.shared is not None and self.shared is not self.store:
+                self.shared.append_nowait(event)
 
     def totals(self, by: str = "agent") -> dict[str, AgentUsage]:
+        if self.shared is not None:
+            found = self.shared.totals(by)
+            if found is not None:
+                return found
         return {k: AgentUsage(**asdict(v)) for k, v in self._totals[by].items()}
 
     def get(self, by: str, key: str | None) -> AgentUsage:
+        if self.shared is not None:
+            shared = self.shared.get(by, key)
+            if shared is not None:
+                return shared
         found = self._totals[by].get(key or NO_AGENT)
         return AgentUsage(**asdict(found)) if found else AgentUsage()
 
     def reset(self, agent_id: str | None = None) -> None:
-        """Forget one agent's totals, or everything (the durable ledger is kept)."""
+        """Forget one agent's totals, or everything (the durable ledger is kept).
+
+        With shared totals (Redis) the fleet-wide totals are reset too.
+        """
+        if self.shared is not None:
+            self.shared.reset(agent_id)
         if agent_id is None:
             for group in self._totals.values():
                 group.clear()

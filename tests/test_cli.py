@@ -1,0 +1,406 @@
+"""The command line (C9), run as a user runs it: a subprocess per command.
+
+Every command that makes a call imports LiteLLM (seconds), so those tests are
+few and each checks several things.  The provider simulator the ``-c FILE``
+tests talk to runs in this process (the session fixture ``sim``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from xml_pipeline_llm.simulator import Fault
+
+from conftest import FAKE_KEYS
+
+CLI = [sys.executable, "-m", "xml_pipeline_llm.cli"]
+ANSI = "\x1b["
+
+
+def _env(extra: dict[str, str] | None) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items()
+         if k not in ("XML_PIPELINE_LLM_CONFIG", "FORCE_COLOR", "TTY_COMPATIBLE")}
+    e.update({"COLUMNS": "80", "PYTHONUNBUFFERED": "1"}, **(extra or {}))
+    return e
+
+
+def run(cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 90,
+        stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], cwd=cwd, env=_env(env), capture_output=True, text=True,
+                          timeout=timeout, input=stdin)
+
+
+def run_many(cwd: Path, *commands: tuple[str, ...], env: dict[str, str] | None = None,
+             timeout: float = 90, stdin: dict[int, Path] | None = None) -> list[subprocess.CompletedProcess[str]]:
+    """Several commands at once: each one that calls a provider spends seconds importing LiteLLM.
+
+    ``stdin`` maps a command's index to a file it reads as standard input.
+    """
+    procs = []
+    for i, args in enumerate(commands):
+        source = open((stdin or {})[i], "rb") if i in (stdin or {}) else subprocess.DEVNULL
+        procs.append(subprocess.Popen([*CLI, *args], cwd=cwd, env=_env(env), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, stdin=source, text=True))
+        if source is not subprocess.DEVNULL:
+            source.close()
+    done = []
+    for args, proc in zip(commands, procs):
+        out, err = proc.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess([*CLI, *args], proc.returncode, out, err))
+    return done
+
+
+def assert_user_error(p: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert p.returncode == 1, (p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr + p.stdout
+    assert p.stderr.startswith("error: "), p.stderr
+    for fragment in fragments:
+        assert fragment in p.stderr, p.stderr
+
+
+def assert_plain(text: str, path: Path | None = None) -> None:
+    """Piped output: no colour codes, and nothing wider than 80 columns (but a line naming ``path``)."""
+    assert ANSI not in text
+    lines = [line for line in text.splitlines() if path is None or str(path) not in line]
+    assert max((len(line) for line in lines), default=0) <= 80, text
+
+
+def write_config(path: Path, backends: list[dict], **llm) -> Path:
+    path.write_text(yaml.safe_dump({"llm": {**llm, "backends": backends}}), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------- help, version
+
+@pytest.mark.parametrize("command", ["", "check", "complete", "usage", "simulate", "demo"])
+def test_help_answers_fast_with_an_example(tmp_path, command):
+    start = time.perf_counter()
+    p = run(tmp_path, *([command] if command else []), "--help")
+    took = time.perf_counter() - start
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("usage: xml-pipeline-llm")
+    assert "xml-pipeline-llm demo" in p.stdout if not command else f"xml-pipeline-llm {command}" in p.stdout
+    if command:
+        assert "examples:" in p.stdout
+    assert took < 5, took   # litellm alone takes seconds: it is not imported for --help
+
+
+def test_help_imports_neither_litellm_nor_the_simulator(tmp_path):
+    code = ("import sys; from xml_pipeline_llm import cli; cli.build_parser(); "
+            "bad = [m for m in ('litellm', 'xml_pipeline_llm.simulator', 'rich', 'aiohttp') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_version_and_usage_mistakes(tmp_path):
+    from xml_pipeline_llm import __version__
+
+    p = run(tmp_path, "--version")
+    assert p.returncode == 0 and p.stdout.strip() == f"xml-pipeline-llm {__version__}"
+    assert_user_error(run(tmp_path, "check", "--bogus"), "unrecognized arguments: --bogus",
+                      "xml-pipeline-llm check --help")
+    assert_user_error(run(tmp_path, "demo", "--requests", "0"), "--requests", "positive integer")
+    assert_user_error(run(tmp_path, "simulate", "--fault-rate", "2"), "--fault-rate")
+    assert_user_error(run(tmp_path, "frobnicate"), "invalid choice")
+    assert_user_error(run(tmp_path, "complete", "hello"), "-m/--model")
+
+
+# ---------------------------------------------------------------- check
+
+def test_check_prints_the_routing_table_without_secrets(tmp_path):
+    secret = FAKE_KEYS["TEST_XAI_KEY"]
+    cfg = write_config(tmp_path / "organism.yaml", [
+        {"provider": "xai", "name": "xai-main", "api_key_env": "TEST_XAI_KEY", "rate_limit_tpm": 100000,
+         "max_concurrent": 8},
+        {"provider": "anthropic", "api_key_env": "TEST_ANTHROPIC_KEY", "base_url": "https://api.anthropic.com/v1",
+         "priority": 2},
+        {"provider": "ollama", "base_url": "http://localhost:11434", "supported_models": ["llama3", "mistral*"]},
+    ], strategy="round_robin")
+    p = run(tmp_path, "check")          # ./organism.yaml by default
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    for text in ("xai-main", "grok-*", "100,000", "TEST_XAI_KEY (set)", "anthropic", "claude-*",
+                 "ollama", "llama3, mistral*", "none needed", "round-robin", "config OK"):
+        assert text in out, (text, out)
+    assert secret not in out + p.stderr
+    assert FAKE_KEYS["TEST_ANTHROPIC_KEY"] not in out + p.stderr
+    assert_plain(out)
+    # -c and $XML_PIPELINE_LLM_CONFIG name the same file
+    other = tmp_path / "sub"
+    other.mkdir()
+    assert run(other, "check", "-c", str(cfg)).stdout == run(
+        other, "check", env={"XML_PIPELINE_LLM_CONFIG": str(cfg)}).stdout
+
+
+@pytest.mark.parametrize("text, fragments", [
+    ("llm:\n  backends:\n    - provider: xai\n      rate_limt_tpm: 5\n      api_key_env: TEST_XAI_KEY\n",
+     ["llm.backends[0].rate_limt_tpm", 'did you mean "rate_limit_tpm"']),
+    ("llm:\n  strategy: fastest\n  backends:\n    - provider: ollama\n",
+     ['unknown strategy "fastest"', "failover, round-robin, least-loaded"]),
+    ("llm:\n  backends:\n    - provider: xai\n      api_key_env: XPL_TEST_NEVER_SET\n",
+     ["XPL_TEST_NEVER_SET is not set"]),
+    ("llm:\n  backends: [\n", ["malformed YAML", "line 3"]),
+    ("llm:\n  backends:\n    - provider: ollama\n      max_concurrent: fast\n",
+     ['llm.backends[0].max_concurrent: expected a positive integer, got "fast"']),
+])
+def test_check_broken_config_is_one_error_line_per_problem(tmp_path, text, fragments):
+    (tmp_path / "bad.yaml").write_text(text, encoding="utf-8")
+    p = run(tmp_path, "check", "-c", "bad.yaml")
+    assert_user_error(p, *fragments)
+    assert p.stdout == ""
+    assert all(line.startswith("error: ") for line in p.stderr.splitlines())
+
+
+def test_check_missing_config_and_debug_traceback(tmp_path):
+    assert_user_error(run(tmp_path, "check"), "no organism.yaml in", "XML_PIPELINE_LLM_CONFIG")
+    assert_user_error(run(tmp_path, "check", "-c", "nope.yaml"), "nope.yaml: no such file")
+    p = run(tmp_path, "check", "-c", "nope.yaml", "--debug")
+    assert p.returncode == 1 and "Traceback" in p.stderr and "ConfigError" in p.stderr
+
+
+# ---------------------------------------------------------------- complete
+
+def test_complete_simulate_needs_no_keys(tmp_path):
+    env = {k: "" for k in ("XAI_API_KEY", "ANTHROPIC_API_KEY", "OPENAI_API_KEY")}
+    p = run(tmp_path, "complete", "--simulate", "-m", "grok-4.1", "Say", "hello", "to", "the", "tests", env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "Hello from xai: Say hello to the tests\n"
+    assert "xai" in p.stderr and "tokens" in p.stderr     # the summary goes to stderr
+    assert_plain(p.stdout + p.stderr)
+    assert not list(tmp_path.iterdir())                    # no ledger, no files
+
+
+def test_complete_with_config_then_usage_from_the_ledger(tmp_path, sim):
+    ledger = tmp_path / "usage.db"
+    cfg = write_config(tmp_path / "org.yaml", [
+        {"provider": "xai", "name": "cli-xai", "api_key_env": "TEST_XAI_KEY",
+         "base_url": sim.base_url("cli-xai", "xai")},
+        {"provider": "anthropic", "name": "cli-anthropic", "api_key_env": "TEST_ANTHROPIC_KEY",
+         "base_url": sim.base_url("cli-anthropic", "anthropic")},
+    ], usage_store=f"sqlite:///{ledger}", retry_base_delay=0.02, retry_max_delay=0.1)
+    sim.reset("cli-xai")
+    sim.require_key("cli-xai", FAKE_KEYS["TEST_XAI_KEY"])   # the key from api_key_env reaches the wire
+
+    (tmp_path / "prompt.txt").write_text("count to ten\n")
+    p, streamed = run_many(
+        tmp_path,
+        ("complete", "-c", str(cfg), "-m", "grok-4.1", "--agent", "alice", "--thread", "t-1",
+         "--max-tokens", "3", "--json", "-"),
+        ("complete", "-c", str(cfg), "-m", "claude-sonnet-4-5", "--agent", "bob", "--stream",
+         "--system", "Be terse.", "write", "a", "line"),
+        stdin={0: tmp_path / "prompt.txt"})
+    assert p.returncode == 0, p.stderr
+    data = json.loads(p.stdout)
+    assert data["content"] == "Hello from cli-xai:" and data["finish_reason"] == "length"
+    assert data["backend"] == "cli-xai" and data["model"]
+    assert data["usage"] == {"prompt_tokens": 6, "completion_tokens": 3, "total_tokens": 9}
+    assert set(data) == {"content", "model", "usage", "finish_reason", "backend", "cost_usd", "latency_ms",
+                         "tool_calls"}
+    assert data["tool_calls"] == [] and data["latency_ms"] > 0
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == "Hello from cli-anthropic: write a line\n"
+    assert sim.stats("cli-anthropic").last_request.json["system"]     # --system reached the wire
+    assert sim.stats("cli-xai").requests == 1 and sim.stats("cli-anthropic").requests >= 1
+    secrets = list(FAKE_KEYS.values())
+
+    # usage: the ledger named by the config, as a table with a totals row
+    p = run(tmp_path, "usage", "-c", str(cfg))
+    assert p.returncode == 0, p.stderr
+    rows = {line.split()[0]: line.split() for line in p.stdout.splitlines() if line.strip()}
+    assert rows["alice"][1:5] == ["6", "3", "9", "1"]
+    assert rows["bob"][4] == "1"
+    assert rows["total"][4] == "2" and rows["total"][5] == "0"
+    assert_plain(p.stdout, tmp_path)
+
+    # --store URL or path, --by, --since, --csv
+    p = run(tmp_path, "usage", "--store", f"sqlite:///{ledger}", "--by", "backend", "--since", "1h")
+    assert p.returncode == 0 and "cli-xai" in p.stdout and "cli-anthropic" in p.stdout
+    p = run(tmp_path, "usage", "--store", str(ledger), "--since", "2999-01-01")
+    assert p.returncode == 0 and "no calls recorded" in p.stdout
+    p = run(tmp_path, "usage", "--store", str(ledger), "--by", "event", "--csv", "events.csv")
+    assert p.returncode == 0, p.stderr
+    with open(tmp_path / "events.csv", newline="") as fh:
+        events = list(csv.DictReader(fh))
+    events.sort(key=lambda e: e["agent_id"])
+    assert [e["agent_id"] for e in events] == ["alice", "bob"]
+    assert events[0]["thread_id"] == "t-1" and events[0]["outcome"] == "ok"
+    assert events[0]["timestamp"].endswith("Z")
+    p = run(tmp_path, "usage", "--store", str(ledger), "--by", "model", "--csv", "-")
+    assert p.returncode == 0
+    by_model = {r["model"]: r for r in csv.DictReader(p.stdout.splitlines())}
+    assert by_model["grok-4.1"]["total_tokens"] == "9" and by_model["claude-sonnet-4-5"]["request_count"] == "1"
+    for out in (p.stdout, p.stderr, (tmp_path / "events.csv").read_text()):
+        assert not any(s in out for s in secrets)
+
+
+def test_complete_user_mistakes_are_one_line(tmp_path, sim):
+    cfg = write_config(tmp_path / "org.yaml", [
+        {"provider": "xai", "name": "cli-down", "api_key_env": "TEST_XAI_KEY",
+         "base_url": sim.base_url("cli-down", "xai")},
+    ], retries=2, retry_base_delay=0.01, retry_max_delay=0.05)
+    sim.reset("cli-down")
+    sim.script("cli-down", [Fault.status(500)] * 3)
+    down, unknown, missing, no_config = run_many(
+        tmp_path,
+        ("complete", "-c", str(cfg), "-m", "grok-4.1", "hi"),         # provider down: every try a 500
+        ("complete", "-c", str(cfg), "-m", "claude-x", "hi"),         # unknown model: no call made
+        ("complete", "--simulate", "-c", "missing.yaml", "-m", "grok-4.1", "hi"),
+        ("complete", "-m", "grok-4.1", "hi"))                         # no organism.yaml here
+    assert_user_error(down, "all 3 tries failed", "cli-down: server_error 500")
+    assert len(down.stderr.splitlines()) == 1
+    assert sim.stats("cli-down").requests == 3
+    assert_user_error(unknown, 'no backend serves model "claude-x"', "cli-down (xai): grok-*")
+    assert_user_error(missing, "missing.yaml: no such file")
+    assert_user_error(no_config, "no organism.yaml in")
+    no_key = run(tmp_path, "complete", "-c", str(cfg), "-m", "grok-4.1", "hi", env={"TEST_XAI_KEY": ""})
+    assert_user_error(no_key, "TEST_XAI_KEY is not set")
+
+
+def test_usage_mistakes(tmp_path):
+    assert_user_error(run(tmp_path, "usage"), "no usage ledger", "--store")
+    assert_user_error(run(tmp_path, "usage", "--store", "sqlite:///missing.db"), "missing.db",
+                      "no usage ledger there")
+    assert_user_error(run(tmp_path, "usage", "--store", "postgres://x/usage"), "expected sqlite:///")
+    assert_user_error(run(tmp_path, "usage", "--store", f"redis://127.0.0.1:{_free_port()}/0"), "Redis")
+    (tmp_path / "u.db").write_bytes(b"")
+    assert_user_error(run(tmp_path, "usage", "--store", "u.db", "--since", "yesterday"), "--since")
+    assert_user_error(run(tmp_path, "usage", "--by", "color"), "invalid choice")
+
+
+# ---------------------------------------------------------------- demo
+
+def test_demo_runs_offline_and_writes_the_csv(tmp_path):
+    env = {k: "" for k in ("XAI_API_KEY", "ANTHROPIC_API_KEY", "OPENAI_API_KEY")}
+    start = time.perf_counter()
+    p = run(tmp_path, "demo", "--requests", "12", "--concurrency", "6", env=env, timeout=60)
+    took = time.perf_counter() - start
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert took < 30, took
+    out = p.stdout
+    for text in ("failover:", "round-robin:", "least-loaded:", "Strategies", "Backends", "Agents",
+                 "xai-main", "anthropic-main", "openai-main", "Peak in flight", "researcher", "writer",
+                 "critic", "planner", "total"):
+        assert text in out, (text, out)
+    assert "Traceback" not in p.stderr
+    assert_plain(out, tmp_path)
+    path = tmp_path / "xml-pipeline-llm-demo-usage.csv"
+    assert str(path) in out
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["agent_id"] for r in rows} == {"researcher", "writer", "critic", "planner"}
+    assert sum(int(r["request_count"]) + int(r["error_count"]) for r in rows) == 36
+    assert all(int(r["total_tokens"]) > 0 for r in rows)
+
+
+# ---------------------------------------------------------------- simulate
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_simulate_answers_and_stops_on_sigint(tmp_path):
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XML_PIPELINE_LLM_CONFIG"}
+    proc = subprocess.Popen([*CLI, "simulate", "--port", str(port)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "listening on" in line:
+                break
+        assert any(f"127.0.0.1:{port}" in line for line in lines), lines
+        body = json.dumps({"model": "grok-4.1", "messages": [{"role": "user", "content": "ping the sim"}]})
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/b/mine/v1/chat/completions", data=body.encode(),
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": "Bearer anything"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            answer = json.loads(resp.read())
+        assert answer["choices"][0]["message"]["content"] == "Hello from mine: ping the sim"
+        assert answer["usage"]["total_tokens"] > 0
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in out + err
+
+
+# ---------------------------------------------------------------- usage from Redis
+
+@pytest.fixture
+def redis_url(tmp_path):
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not installed")
+    pytest.importorskip("redis")
+    port = _free_port()
+    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_usage_reads_the_fleet_totals_in_redis(tmp_path, redis_url):
+    import asyncio
+
+    from xml_pipeline_llm.stores import open_store
+    from xml_pipeline_llm.usage import UsageEvent
+
+    store = open_store(redis_url, "clitest")
+
+    async def write() -> None:
+        for i, (agent, model, cost) in enumerate([("alice", "grok-4.1", None), ("bob", "gpt-4o-mini", 0.25),
+                                                  ("alice", "gpt-4o-mini", 0.5)]):
+            await store.append(UsageEvent(time.time(), agent, "t", model, "b1", "xai", 3, 2, 5, cost, 10.0,
+                                          "ok", f"call-{i}"))
+        await store.close()
+
+    asyncio.run(write())
+    cfg = write_config(tmp_path / "org.yaml", [{"provider": "ollama"}], shared_state=redis_url,
+                       redis_prefix="clitest")
+    p = run(tmp_path, "usage", "-c", str(cfg))             # shared_state is where the usage is
+    assert p.returncode == 0, p.stderr
+    rows = {line.split()[0]: line.split() for line in p.stdout.splitlines()[1:] if line.strip()}
+    assert rows["alice"][1:5] == ["6", "4", "10", "2"] and rows["alice"][6] == "0.500000"
+    assert rows["total"][4] == "3" and rows["total"][6] == "0.750000"
+    p = run(tmp_path, "usage", "--store", redis_url, "--redis-prefix", "clitest", "--by", "event", "--csv", "-")
+    assert p.returncode == 0, p.stderr
+    events = list(csv.DictReader(p.stdout.splitlines()))
+    assert [e["agent_id"] for e in events] == ["alice", "bob", "alice"]
+    assert [e["cost_usd"] for e in events] == ["", "0.25", "0.5"]
+    p = run(tmp_path, "usage", "--store", redis_url, "--by", "model")     # prefix "xpl": nothing there
+    assert p.returncode == 0 and "no calls recorded" in p.stdout

@@ -1,0 +1,613 @@
+"""Shared state in Redis (C8): several processes, one quota, one set of cooldowns, one usage ledger.
+
+A real redis-server (the Debian package; .ci/run installs it) runs on a free
+port for the session.  The multi-process tests use real processes: one
+"zygote" subprocess imports LiteLLM once (seconds) and forks the workers, each
+a separate process with its own router, talking JSON lines to this test over
+a socket; the provider simulator runs here and the workers call its base_url.
+Delays are short and bounds generous so the file holds on a loaded 2-core CI
+machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xml_pipeline_llm import ConfigError, LLMRouter, load_config
+from xml_pipeline_llm.simulator import Fault
+
+from conftest import FAKE_KEYS, MESSAGES, backend
+
+REDIS_SERVER = shutil.which("redis-server")
+# Skipped only where redis-server is missing; under CI (.ci/run installs it) that is an error.
+pytestmark = pytest.mark.skipif(REDIS_SERVER is None and not os.environ.get("CI"),
+                                reason="redis-server is not installed (apt-get install redis-server; "
+                                "CI's .ci/run does this)")
+
+LEASE = 1.5     # seconds: the workers' concurrency lease (renewed every LEASE / 3)
+
+
+# ------------------------------------------------------------------ redis-server
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A throw-away redis-server on 127.0.0.1 (no persistence)."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        assert REDIS_SERVER is not None
+        self.proc = subprocess.Popen([REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+    def client(self) -> Any:
+        import redis
+
+        return redis.Redis(port=self.port, decode_responses=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    if REDIS_SERVER is None:
+        pytest.fail("CI=true but redis-server is not installed: .ci/run must apt-get install redis-server")
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+# ------------------------------------------------------------------ worker processes
+
+ZYGOTE = r'''
+import asyncio, json, os, signal, socket, sys, time
+from dataclasses import asdict
+from xml_pipeline_llm import _litellm
+_litellm.load()
+import litellm.router  # noqa: F401  (the expensive part, before forking)
+from xml_pipeline_llm import LLMRouter, load_config
+
+MESSAGES = json.loads(sys.argv[3])
+# Warm up before forking (tokenizer, LiteLLM's router), so each worker's first call is quick.
+_litellm.token_estimate("grok-4.1", MESSAGES, None)
+LLMRouter(load_config({"llm": {"backends": [{"provider": "xai", "api_key_env": "TEST_XAI_KEY",
+                                             "base_url": "http://127.0.0.1:9/v1"}]}}))._llm_router()
+
+async def run(r, cmd):
+    delay = cmd.get("start_at", 0) - time.time()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    n, until = cmd.get("n"), cmd.get("until")
+    agents = cmd.get("agents") or [None]
+    todo = iter(range(n if n else 10**9))
+    out = {"ok": 0, "errors": [], "backends": {}, "tokens": 0, "start": time.time()}
+
+    async def loop():
+        for i in todo:
+            if until and time.time() >= until:
+                return
+            try:
+                resp = await r.complete(cmd["model"], MESSAGES, agent_id=agents[i % len(agents)],
+                                        thread_id=f"t{i % 2}", max_tokens=cmd.get("max_tokens", 10))
+            except Exception as exc:
+                out["errors"].append(repr(exc)[:300])
+                continue
+            out["ok"] += 1
+            out["tokens"] += resp.usage["total_tokens"]
+            out["backends"][resp.backend] = out["backends"].get(resp.backend, 0) + 1
+
+    await asyncio.gather(*(loop() for _ in range(cmd.get("conc", 1))))
+    out["end"] = time.time()
+    return out
+
+async def hold(r, cmd, reply):
+    gate = r.gate(cmd["backend"])
+    tasks = [asyncio.ensure_future(r.complete(cmd["model"], MESSAGES)) for _ in range(cmd["k"])]
+    while gate.held < cmd["k"]:
+        await asyncio.sleep(0.01)
+    reply({"held": gate.held})
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return {"done": True}
+
+def child(port):
+    sock = socket.create_connection(("127.0.0.1", port))
+    f = sock.makefile("rw")
+    def reply(obj):
+        f.write(json.dumps(obj) + "\n")
+        f.flush()
+    reply({"pid": os.getpid()})
+    routers = {}
+    while True:
+        try:
+            line = f.readline()
+        except OSError:
+            line = ""
+        if not line:
+            os._exit(0)
+        cmd = json.loads(line)
+        try:
+            key = json.dumps(cmd["llm"], sort_keys=True)
+            if key not in routers:
+                routers[key] = LLMRouter(load_config({"llm": cmd["llm"]}))
+            r = routers[key]
+            if cmd["op"] == "run":
+                reply(asyncio.run(run(r, cmd)))
+            elif cmd["op"] == "usage":
+                reply({k: asdict(v) for k, v in r.get_all_usage(cmd.get("by", "agent")).items()})
+            elif cmd["op"] == "hold":
+                reply(asyncio.run(hold(r, cmd, reply)))
+        except Exception as exc:
+            reply({"error": repr(exc)})
+
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+port, count = int(sys.argv[1]), int(sys.argv[2])
+for _ in range(count):
+    if os.fork() == 0:
+        child(port)
+for _ in sys.stdin:
+    pass
+'''
+
+
+class Worker:
+    def __init__(self, conn: socket.socket) -> None:
+        self.sock = conn
+        self.file = conn.makefile("rw")
+        self.pid = self.read()["pid"]
+
+    def send(self, cmd: dict[str, Any]) -> None:
+        self.file.write(json.dumps(cmd) + "\n")
+        self.file.flush()
+
+    def read(self) -> dict[str, Any]:
+        line = self.file.readline()
+        assert line, "worker process went away"
+        out = json.loads(line)
+        assert "error" not in out, out["error"]
+        return out
+
+
+class Fleet:
+    """Worker processes forked from one zygote that imported LiteLLM once."""
+
+    def __init__(self, count: int) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(count)
+        self.listener.settimeout(120)
+        env = {**os.environ, **FAKE_KEYS, "XML_PIPELINE_LLM_REDIS_LEASE": str(LEASE),
+               "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_OFFLINE_MODE": "true",
+               "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS": "True"}
+        env.pop("XML_PIPELINE_LLM_REDIS_URL", None)
+        self.count = count
+        self.zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(self.listener.getsockname()[1]),
+                                        str(count), json.dumps(MESSAGES)],
+                                       stdin=subprocess.PIPE, env=env, cwd=str(Path(__file__).parent))
+        self._workers: list[Worker] = []
+
+    def workers(self, sim: Any, redis_server: RedisServer) -> list[Worker]:
+        if len(self._workers) < self.count:
+            while len(self._workers) < self.count:
+                conn, _ = self.listener.accept()
+                conn.settimeout(120)
+                self._workers.append(Worker(conn))
+            # one call each, so that first-call costs fall outside the measured runs
+            block = llm_block(redis_server.url, "warm", [backend(sim, "xai", "rdx-mp-warm")])
+            self.ask([(w, {"op": "run", "llm": block, "model": "grok-4.1", "n": 2, "conc": 2})
+                      for w in self._workers])
+        return self._workers
+
+    def ask(self, pairs: list[tuple[Worker, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Send each worker its command, then collect the answers (the workers run in parallel)."""
+        for w, cmd in pairs:
+            w.send(cmd)
+        return [w.read() for w, _ in pairs]
+
+    def close(self) -> None:
+        for w in self._workers:
+            w.sock.close()            # a worker exits when its socket closes
+        if self.zygote.stdin:
+            self.zygote.stdin.close()
+        self.zygote.wait(10)
+        self.listener.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fleet(redis_server: RedisServer) -> Iterator[Fleet]:
+    """Four workers plus one to be killed; started first so the import overlaps the in-process tests."""
+    f = Fleet(5)
+    yield f
+    f.close()
+
+
+def llm_block(url: str, prefix: str, backends: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"retry_base_delay": 0.02, "retry_max_delay": 0.2, "timeout": 20, "shared_state": url,
+            "redis_prefix": prefix, **extra, "backends": backends}
+
+
+def shared_router(url: str, prefix: str, backends: list[dict[str, Any]], **extra: Any) -> LLMRouter:
+    return LLMRouter(load_config({"llm": llm_block(url, prefix, backends, **extra)}))
+
+
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+# ------------------------------------------------------------------ in one process
+
+def test_unreachable_redis_is_a_config_error_naming_the_url_without_its_password(sim):
+    port = _free_port()
+    url = f"redis://:hunter2-not-shown@127.0.0.1:{port}/0"
+    with pytest.raises(ConfigError) as err:
+        shared_router(url, "x", [backend(sim, "xai", "rd-down")])
+    text = str(err.value)
+    assert f"127.0.0.1:{port}" in text and "***" in text and "hunter2" not in text
+    assert "llm.shared_state" in text and "redis-server" in text
+
+
+def test_make_state_picks_redis_from_the_config_or_the_environment(sim, redis_server, monkeypatch):
+    from xml_pipeline_llm.redis_state import RedisState
+    from xml_pipeline_llm.state import MemoryState, make_state
+
+    plain = load_config({"llm": {"backends": [backend(sim, "xai", "rdx-ms-a")]}})
+    assert isinstance(make_state(plain), MemoryState)
+    monkeypatch.setenv("XML_PIPELINE_LLM_REDIS_URL", redis_server.url)
+    from_env = load_config({"llm": {"backends": [backend(sim, "xai", "rdx-ms-a")], "redis_prefix": "envp"}})
+    state = make_state(from_env)
+    assert isinstance(state, RedisState) and state.prefix == "envp"
+
+
+def test_router_works_across_event_loops(sim, redis_server):
+    p = prefix()
+    r = shared_router(redis_server.url, p, [backend(sim, "xai", "rdx-rl-a", max_concurrent=2, rate_limit_tpm=100_000)])
+
+    async def four() -> list[Any]:
+        return await asyncio.wait_for(
+            asyncio.gather(*(r.complete("grok-4.1", MESSAGES, agent_id="loops") for _ in range(4))), 30)
+
+    for _ in range(3):   # a fresh loop each time: the Redis client must follow
+        assert len(asyncio.run(four())) == 4
+    assert r.get_agent_usage("loops").request_count == 12
+    asyncio.run(r.aclose())
+
+
+async def test_token_bucket_semantics_in_redis(redis_server):
+    from xml_pipeline_llm.redis_state import RedisState
+
+    state = RedisState(redis_server.url, prefix(), lease=5)
+    gate = state.gate("tb", 10, 6000)      # 100 tokens a second
+    start = time.monotonic()
+    full = await gate.enter(6000)          # the bucket starts full
+    assert float(full) == 6000 and time.monotonic() - start < 0.5
+    gate.leave(full, 6000)
+    start = time.monotonic()
+    t = await gate.enter(100)              # empty: about one second of refill
+    assert 0.6 < time.monotonic() - start < 3.0
+    gate.leave(t, 0)                       # refund all of it
+    await asyncio.sleep(0.05)
+    start = time.monotonic()
+    t = await gate.enter(100)              # the refund is there at once
+    assert time.monotonic() - start < 0.4
+    gate.leave(t, 400)                     # charge 300 more than reserved: the level goes negative
+    await asyncio.sleep(0.05)
+    assert gate.level < -200
+    await state.close()
+
+
+async def test_request_larger_than_the_bucket_waits_for_a_full_bucket(redis_server):
+    from xml_pipeline_llm.redis_state import RedisState
+
+    state = RedisState(redis_server.url, prefix(), lease=5)
+    gate = state.gate("big", 10, 60_000)     # 1000 tokens a second
+    first = await gate.enter(1000)
+    gate.leave(first, 1000)
+    start = time.monotonic()
+    big = await asyncio.wait_for(gate.enter(10**6), 10)   # takes the whole bucket, no hang, no failure
+    assert float(big) == 60_000
+    assert 0.5 < time.monotonic() - start < 5    # 1,000 tokens of refill: about a second
+    gate.leave(big, 10)
+    await state.close()
+
+
+async def test_a_large_request_is_not_starved_by_small_ones_from_another_process(redis_server):
+    from xml_pipeline_llm.redis_state import RedisState
+
+    p = prefix()
+    big_side, small_side = RedisState(redis_server.url, p, lease=5), RedisState(redis_server.url, p, lease=5)
+    big_gate, small_gate = big_side.gate("fair", 100, 60_000), small_side.gate("fair", 100, 60_000)
+    drained = await big_gate.enter(60_000)            # 1000 tokens a second from an empty bucket
+    big_gate.leave(drained, 60_000)
+    stop = False
+
+    async def small_stream() -> int:
+        n = 0
+        while not stop:
+            t = await small_gate.enter(50)
+            small_gate.leave(t, 50)
+            n += 1
+        return n
+
+    smalls = asyncio.ensure_future(small_stream())
+    await asyncio.sleep(0.3)
+    start = time.monotonic()
+    big = await asyncio.wait_for(big_gate.enter(1500), 8)   # its claim holds back the small ones
+    waited = time.monotonic() - start
+    stop = True
+    big_gate.leave(big, 1500)
+    assert await asyncio.wait_for(smalls, 5) > 3
+    assert waited < 4, waited
+    await big_side.close()
+    await small_side.close()
+
+
+async def test_rotation_and_cooldowns_are_shared_between_routers(sim, redis_server):
+    p = prefix()
+    backends = [backend(sim, "xai", "rdx-rr-a"), backend(sim, "xai", "rdx-rr-b")]
+    r1 = shared_router(redis_server.url, p, backends, strategy="round-robin")
+    r2 = shared_router(redis_server.url, p, backends, strategy="round-robin")
+    served = [(await r.complete("grok-4.1", MESSAGES)).backend for r in (r1, r2) * 3]
+    assert served == ["rdx-rr-a", "rdx-rr-b"] * 3          # one rotation for both routers
+    fo = [backend(sim, "xai", "rdx-cd-a"), backend(sim, "xai", "rdx-cd-b", priority=2)]
+    f1 = shared_router(redis_server.url, p, fo, retry_max_delay=30)
+    f2 = shared_router(redis_server.url, p, fo, retry_max_delay=30)
+    sim.script("rdx-cd-a", [Fault.status(429, retry_after=20)])
+    assert (await f1.complete("grok-4.1", MESSAGES)).backend == "rdx-cd-b"
+    assert (await f2.complete("grok-4.1", MESSAGES)).backend == "rdx-cd-b"
+    assert sim.stats("rdx-cd-a").requests == 1
+    left = await f2._state.cooldowns(["rdx-cd-a", "rdx-cd-b"])
+    assert set(left) == {"rdx-cd-a"} and 15 < left["rdx-cd-a"] <= 20
+    await f2._state.cool_down("rdx-cd-a", 1)          # a shorter cooldown never shortens a longer one
+    assert (await f1._state.cooldowns(["rdx-cd-a"]))["rdx-cd-a"] > 15
+
+
+async def test_keys_are_namespaced_expire_and_hold_no_secret(sim, redis_server):
+    p = prefix()
+    r = shared_router(redis_server.url, p, [backend(sim, "xai", "rdx-ky-a", rate_limit_tpm=50_000),
+                                            backend(sim, "xai", "rdx-ky-b")],
+                      strategy="round-robin", retry_max_delay=30)
+    sim.script("rdx-ky-a", [Fault.status(429, retry_after=10)])
+    sim.set_latency("rdx-ky-b", 1.0)
+    call = asyncio.ensure_future(r.complete("grok-4.1", MESSAGES, agent_id="keys", thread_id="th"))
+    for _ in range(500):                           # rdx-ky-a said 429, rdx-ky-b holds the call
+        if sim.stats("rdx-ky-b").in_flight:
+            break
+        await asyncio.sleep(0.01)
+    db = redis_server.client()
+    keys = set(db.keys(f"{p}:*"))
+    assert {f"{p}:cool:rdx-ky-a", f"{p}:rr:grok-4.1", f"{p}:bucket:rdx-ky-a", f"{p}:slots:rdx-ky-b"} <= keys
+    for k in (f"{p}:cool:rdx-ky-a", f"{p}:rr:grok-4.1", f"{p}:bucket:rdx-ky-a", f"{p}:slots:rdx-ky-b"):
+        assert db.pttl(k) > 0, k                   # everything but the usage totals expires
+    await call
+    sim.set_latency("rdx-ky-b", 0)
+    dump = json.dumps({k: _value(db, k) for k in db.keys(f"{p}:*")})
+    assert all(secret not in dump for secret in FAKE_KEYS.values())
+    assert all(k.startswith(f"{p}:") for k in db.keys(f"{p}*"))
+    assert db.hget(f"{p}:usage:agent:keys", "request_count") == "1"
+
+
+def _value(db: Any, key: str) -> Any:
+    kind = db.type(key)
+    if kind == "hash":
+        return db.hgetall(key)
+    if kind == "zset":
+        return db.zrange(key, 0, -1)
+    if kind == "set":
+        return sorted(db.smembers(key))
+    if kind == "stream":
+        return [fields for _, fields in db.xrange(key)]
+    return db.get(key)
+
+
+async def test_leases_are_renewed_while_a_call_outlasts_them(sim, redis_server):
+    from xml_pipeline_llm.redis_state import RedisState
+
+    p = prefix()
+    cfg = load_config({"llm": llm_block(redis_server.url, p, [backend(sim, "xai", "rdx-ln-a", max_concurrent=1)])})
+    r1 = LLMRouter(cfg, state=RedisState(redis_server.url, p, lease=0.6))
+    r2 = LLMRouter(cfg, state=RedisState(redis_server.url, p, lease=0.6))
+    sim.set_latency("rdx-ln-a", 1.6)
+    long_call = asyncio.ensure_future(r1.complete("grok-4.1", MESSAGES))
+    for _ in range(500):                           # until the call is at the provider
+        if sim.stats("rdx-ln-a").in_flight:
+            break
+        await asyncio.sleep(0.01)
+    sim.set_latency("rdx-ln-a", 0)
+    start = time.monotonic()
+    await r2.complete("grok-4.1", MESSAGES)        # must wait for r1's slot, lease renewed meanwhile
+    assert long_call.done() and time.monotonic() - start > 1.0
+    assert sim.stats("rdx-ln-a").peak_in_flight == 1
+
+
+async def test_redis_stopped_and_restarted_during_a_run(sim, caplog):
+    server = RedisServer().start()
+    try:
+        p = prefix()
+        r = shared_router(server.url, p, [backend(sim, "xai", "rdx-rs-a", max_concurrent=4, rate_limit_tpm=100_000)])
+        caplog.set_level(logging.WARNING, logger="xml_pipeline_llm")
+
+        async def burst(n: int) -> None:
+            out = await asyncio.wait_for(asyncio.gather(
+                *(r.complete("grok-4.1", MESSAGES, agent_id="restart") for _ in range(n))), 30)
+            assert len(out) == n
+
+        await burst(4)
+        assert r.get_agent_usage("restart").request_count == 4
+        server.stop()
+        await burst(6)                                  # Redis away: calls go on with local state
+        await burst(6)
+        assert r._state.conn.health.down
+        warnings = [m for m in caplog.messages if "unreachable" in m]
+        assert len(warnings) == 1 and "***" not in warnings[0] and server.url in warnings[0]
+        assert r.get_agent_usage("restart").request_count == 16     # this process's own totals meanwhile
+        server.start()                                  # same port, empty (no persistence)
+        after, deadline = 0, time.monotonic() + 10
+        while True:                                     # Redis is tried again once a second
+            await asyncio.sleep(0.3)
+            await burst(2)
+            after += 2
+            if not r._state.conn.health.down:
+                break
+            assert time.monotonic() < deadline, "shared state did not resume"
+        assert any("answers again" in m for m in caplog.messages)
+        # shared state resumed: the slots and bucket live in Redis again, and the usage recorded
+        # while it was away was written when it came back (the restarted Redis had lost the rest)
+        db = server.client()
+        assert db.exists(f"{p}:bucket:rdx-rs-a")
+        assert r.get_agent_usage("restart").request_count == 12 + after
+    finally:
+        server.stop()
+
+
+# ------------------------------------------------------------------ several processes
+
+def test_fleet_holds_max_concurrent_and_one_token_bucket(sim, redis_server, fleet):
+    workers = fleet.workers(sim, redis_server)[:4]
+    p = prefix()
+    tpm = 2400                                          # 40 tokens a second
+    block = llm_block(redis_server.url, p, [backend(sim, "xai", "rdx-mp-lim", max_concurrent=3, rate_limit_tpm=tpm)])
+    sim.set_latency("rdx-mp-lim", 0.05)
+    sim.reset_stats("rdx-mp-lim")
+    start = time.time() + 0.3
+    run_for = 4.0
+    replies = fleet.ask([(w, {"op": "run", "llm": block, "model": "grok-4.1", "conc": 4, "max_tokens": 10,
+                              "start_at": start, "until": start + run_for}) for w in workers])
+    sim.set_latency("rdx-mp-lim", 0)
+    assert all(not r["errors"] for r in replies), [r["errors"][:2] for r in replies]
+    stats = sim.stats("rdx-mp-lim")
+    used = stats.prompt_tokens + stats.completion_tokens
+    elapsed = max(r["end"] for r in replies) - start
+    assert used == sum(r["tokens"] for r in replies)
+    # 16 tasks in 4 processes never had more than 3 calls in flight together ...
+    assert stats.peak_in_flight <= 3
+    assert stats.peak_in_flight >= 2
+    # ... and together used one bucket: its capacity plus the refill, not 4 times that.
+    allowed = tpm + tpm / 60 * elapsed
+    assert used <= allowed * 1.05 + 100, (used, allowed, elapsed)
+    assert used >= tpm * 0.9, (used, allowed)          # and the bucket was really used up
+    assert all(r["ok"] > 0 for r in replies)           # every process got its share
+
+
+def test_slots_of_a_killed_process_come_back_after_the_lease(sim, redis_server, fleet):
+    from xml_pipeline_llm.redis_state import RedisState
+
+    victim = fleet.workers(sim, redis_server)[4]
+    p = prefix()
+    entry = backend(sim, "xai", "rdx-mp-kill", max_concurrent=2)
+    block = llm_block(redis_server.url, p, [entry])
+    sim.set_latency("rdx-mp-kill", 8)
+    victim.send({"op": "hold", "llm": block, "model": "grok-4.1", "backend": "rdx-mp-kill", "k": 2})
+    assert victim.read()["held"] == 2
+    deadline = time.monotonic() + 10
+    while sim.stats("rdx-mp-kill").in_flight < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)                         # both calls reached the provider (and sleep there)
+    sim.set_latency("rdx-mp-kill", 0)
+    db = redis_server.client()
+    assert db.zcard(f"{p}:slots:rdx-mp-kill") == 2
+
+    async def scenario() -> tuple[float, float]:
+        r = LLMRouter(load_config({"llm": block}), state=RedisState(redis_server.url, p, lease=LEASE))
+        call = asyncio.ensure_future(r.complete("grok-4.1", MESSAGES))
+        await asyncio.sleep(LEASE + 0.8)        # longer than a lease: the victim's renewals keep them
+        assert not call.done()
+        os.kill(victim.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        await asyncio.wait_for(call, LEASE + 5)
+        return time.monotonic() - killed, time.monotonic()
+
+    waited, _ = asyncio.run(scenario())
+    assert 0.3 < waited < LEASE + 2.5, waited
+    deadline = time.monotonic() + 3
+    while db.zcard(f"{p}:slots:rdx-mp-kill") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert db.zcard(f"{p}:slots:rdx-mp-kill") == 0        # nothing leaked for good
+
+
+def test_retry_after_seen_by_one_process_steers_the_others(sim, redis_server, fleet):
+    w1, w2, w3 = fleet.workers(sim, redis_server)[:3]
+    p = prefix()
+    block = llm_block(redis_server.url, p, [backend(sim, "xai", "rdx-mp-ra-a"),
+                                            backend(sim, "xai", "rdx-mp-ra-b", priority=2)], retry_max_delay=30)
+    sim.script("rdx-mp-ra-a", [Fault.status(429, retry_after=15)])
+    one = {"op": "run", "llm": block, "model": "grok-4.1", "n": 1}
+    first = fleet.ask([(w1, one)])[0]
+    assert first["backends"] == {"rdx-mp-ra-b": 1}          # 429 on rdx-mp-ra-a, then rdx-mp-ra-b
+    others = fleet.ask([(w2, one), (w3, one)])
+    assert [o["backends"] for o in others] == [{"rdx-mp-ra-b": 1}, {"rdx-mp-ra-b": 1}]
+    assert sim.stats("rdx-mp-ra-a").requests == 1           # nobody else tried the cooling backend
+
+
+def test_fleet_usage_totals_are_exact(sim, redis_server, fleet):
+    workers = fleet.workers(sim, redis_server)[:4]
+    p = prefix()
+    block = llm_block(redis_server.url, p, [backend(sim, "xai", "rdx-mp-use", max_concurrent=50)])
+    agents = [f"u{i}" for i in range(5)]
+    sim.reset_stats("rdx-mp-use")
+    replies = fleet.ask([(w, {"op": "run", "llm": block, "model": "grok-4.1", "n": 40, "conc": 10,
+                              "agents": agents}) for w in workers])
+    assert sum(r["ok"] for r in replies) == 160
+    stats = sim.stats("rdx-mp-use")
+    views = fleet.ask([(w, {"op": "usage", "llm": block}) for w in workers])
+    assert all(v == views[0] for v in views)            # every process sees the whole fleet
+    total = {k: sum(v[k] for v in views[0].values()) for k in ("prompt_tokens", "completion_tokens",
+                                                                "request_count", "error_count")}
+    assert total == {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
+                     "request_count": 160, "error_count": 0}
+    assert sorted(views[0]) == agents and all(v["request_count"] == 32 for v in views[0].values())
+    here = shared_router(redis_server.url, p, [backend(sim, "xai", "rdx-mp-use")])
+    assert {k: asdict(v) for k, v in here.get_all_usage().items()} == views[0]
+    by_backend = here.get_all_usage("backend")["rdx-mp-use"]
+    assert by_backend.total_tokens == stats.prompt_tokens + stats.completion_tokens
+    assert sum(u.request_count for u in here.get_all_usage("thread").values()) == 160
+    # the store the CLI reads (usage --store redis://...): totals and the recent events
+    from xml_pipeline_llm.stores import open_store
+
+    store = open_store(redis_server.url, p)
+    assert {k: asdict(v) for k, v in store.totals("agent").items()} == views[0]
+    events = [e for e in store.events() if e.outcome == "ok"]
+    assert len(events) == 160 and sum(e.total_tokens for e in events) == by_backend.total_tokens
+    # resetting an agent resets it for the whole fleet
+    here.reset_agent_usage("u0")
+    after = fleet.ask([(workers[0], {"op": "usage", "llm": block})])[0]
+    assert sorted(after) == agents[1:]

@@ -1,0 +1,195 @@
+"""Usage totals in Redis: what the whole fleet spent, per agent, model, backend and thread (C7, C8).
+
+Keys (``<p>`` is ``redis_prefix``):
+
+* ``<p>:usage:<group>:<key>`` - a hash of ``prompt_tokens``, ``completion_tokens``,
+  ``total_tokens``, ``request_count``, ``error_count`` (HINCRBY) and ``cost_usd``
+  (HINCRBYFLOAT), for group ``agent``, ``model``, ``backend`` and ``thread``;
+* ``<p>:usage:<group>`` - the set of keys seen in that group;
+* ``<p>:events`` - a stream of the newest events (about 100,000), one entry per
+  provider call, for ``by="event"`` exports and the CLI.
+
+One Lua script adds an event to all of them at once, so totals are exact
+however many processes write.  ``append`` is awaited before ``complete()``
+returns (read-your-writes); ``append_nowait`` (LiteLLM callbacks, stream
+finalisers) goes through a background thread, and a read first waits for what
+this process queued.  Totals do not expire: they are the fleet's spend.
+Reads (``get``, ``totals``) use a sync client, because ``get_agent_usage`` is a
+sync API; they return None while Redis is unreachable, and the ledger then
+answers from this process's own totals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from .redis_state import Conn, Job, RedisDown, Script
+from .usage import GROUPS, NO_AGENT, AgentUsage, UsageEvent
+
+MAX_EVENTS = 100_000
+
+_EVENT_FIELDS = ("timestamp", "agent_id", "thread_id", "model", "backend", "provider", "prompt_tokens",
+                 "completion_tokens", "total_tokens", "cost_usd", "latency_ms", "outcome", "call_id")
+_INT_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens", "request_count", "error_count")
+
+# KEYS: 4 total hashes, 4 index sets, the event stream.  ARGV: the 4 group keys, prompt,
+# completion, total, requests, errors, cost ('' when unknown), stream length, event field pairs.
+ADD = Script("""
+for i = 1, 4 do
+  local h = KEYS[i]
+  redis.call('HINCRBY', h, 'prompt_tokens', ARGV[5])
+  redis.call('HINCRBY', h, 'completion_tokens', ARGV[6])
+  redis.call('HINCRBY', h, 'total_tokens', ARGV[7])
+  redis.call('HINCRBY', h, 'request_count', ARGV[8])
+  redis.call('HINCRBY', h, 'error_count', ARGV[9])
+  if ARGV[10] ~= '' then redis.call('HINCRBYFLOAT', h, 'cost_usd', ARGV[10]) end
+  redis.call('SADD', KEYS[i + 4], ARGV[i])
+end
+if tonumber(ARGV[11]) > 0 then
+  redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[11], '*', unpack(ARGV, 12))
+end
+return 1
+""")
+
+
+class RedisUsageStore:
+    """Fleet-wide usage totals (and recent events) in Redis; the ledger reads its totals here."""
+
+    shared_totals = True
+
+    def __init__(self, url: str, prefix: str = "xpl", *, conn: Conn | None = None,
+                 max_events: int = MAX_EVENTS, check: bool = True) -> None:
+        self.prefix = prefix
+        self.max_events = max_events
+        self.ident = (url, prefix)
+        self._own = conn is None
+        self.conn = conn if conn is not None else Conn(url, place="usage store")
+        if self._own and check:
+            self.conn.check()
+
+    def __repr__(self) -> str:
+        return f"RedisUsageStore({self.conn.shown!r}, prefix={self.prefix!r})"
+
+    def _hash(self, group: str, key: str) -> str:
+        return f"{self.prefix}:usage:{group}:{key}"
+
+    def _index(self, group: str) -> str:
+        return f"{self.prefix}:usage:{group}"
+
+    def _job(self, event: UsageEvent) -> Job:
+        names = [getattr(event, column) or NO_AGENT for column in GROUPS.values()]
+        keys = [self._hash(g, k) for g, k in zip(GROUPS, names)]
+        keys += [self._index(g) for g in GROUPS]
+        keys.append(f"{self.prefix}:events")
+        ok = event.outcome == "ok"
+        err = event.outcome.startswith("error")
+        fields: list[Any] = []
+        for name in _EVENT_FIELDS:
+            value = getattr(event, name)
+            fields += [name, "" if value is None else repr(value) if isinstance(value, float) else value]
+        args = [*names, event.prompt_tokens, event.completion_tokens, event.total_tokens, int(ok), int(err),
+                repr(event.cost_usd) if event.cost_usd else "", self.max_events, *fields]
+        return Job(ADD, keys, args, "usage")
+
+    # ---------------------------------------------------------- writes
+
+    async def append(self, event: UsageEvent) -> None:
+        """Add ``event`` to the fleet's totals; done when this returns (kept for later if Redis is away)."""
+        job = self._job(event)
+        try:
+            await self.conn.eval(ADD, job.keys, job.args)
+        except RedisDown:
+            self.conn.worker.park(job)
+
+    def append_nowait(self, event: UsageEvent) -> None:
+        """Add ``event`` from a callback or finaliser (written by the background thread)."""
+        self.conn.worker.submit(self._job(event))
+
+    def flush(self) -> None:
+        self.conn.worker.flush(5.0)
+
+    async def close(self) -> None:
+        if self._own:
+            await self.conn.aclose()
+        else:
+            import asyncio
+
+            await asyncio.get_running_loop().run_in_executor(None, self.conn.worker.flush, 5.0)
+
+    # ---------------------------------------------------------- reads (sync)
+
+    def _read(self, fn: Any) -> Any:
+        if not self.conn.health.usable():
+            return None
+        self.conn.worker.drain(2.0)
+        try:
+            return self.conn.sync_call(fn)
+        except RedisDown:
+            return None
+
+    def get(self, by: str, key: str | None) -> AgentUsage | None:
+        """Fleet totals for one key (zeros if unseen); None while Redis is unreachable."""
+        found = self._read(lambda c: c.hgetall(self._hash(by, key or NO_AGENT)))
+        return None if found is None else _usage(found)
+
+    def totals(self, by: str = "agent") -> dict[str, AgentUsage] | None:
+        """Fleet totals per key of ``by``; None while Redis is unreachable."""
+        def read(c: Any) -> dict[str, AgentUsage]:
+            names = sorted(c.smembers(self._index(by)))
+            pipe = c.pipeline(transaction=False)
+            for name in names:
+                pipe.hgetall(self._hash(by, name))
+            return {n: _usage(h) for n, h in zip(names, pipe.execute()) if h}
+
+        return self._read(read)
+
+    def reset(self, agent_id: str | None = None) -> bool:
+        """Forget one agent's fleet totals, or all totals (the event stream is kept)."""
+        def go(c: Any) -> bool:
+            pipe = c.pipeline(transaction=True)
+            if agent_id is not None:
+                pipe.delete(self._hash("agent", agent_id))
+                pipe.srem(self._index("agent"), agent_id)
+            else:
+                for group in GROUPS:
+                    for name in c.smembers(self._index(group)):
+                        pipe.delete(self._hash(group, name))
+                    pipe.delete(self._index(group))
+            pipe.execute()
+            return True
+
+        return bool(self._read(go))
+
+    def events(self, since: float | None = None) -> Iterator[UsageEvent]:
+        """The newest events kept in Redis (oldest first), optionally since a UNIX time."""
+        start = f"{int(since * 1000)}-0" if since is not None else "-"
+        key = f"{self.prefix}:events"
+        while True:
+            batch = self.conn.sync_call(lambda c: c.xrange(key, min=start, max="+", count=1000))
+            for entry_id, fields in batch:
+                yield _event(fields)
+            if len(batch) < 1000:
+                return
+            ms, seq = batch[-1][0].split("-")
+            start = f"{ms}-{int(seq) + 1}"
+
+
+def _usage(h: dict[str, str]) -> AgentUsage:
+    out = AgentUsage(**{k: int(h.get(k) or 0) for k in _INT_FIELDS})
+    out.cost_usd = float(h.get("cost_usd") or 0.0)
+    return out
+
+
+def _event(f: dict[str, str]) -> UsageEvent:
+    def num(name: str, kind: Any) -> Any:
+        raw = f.get(name, "")
+        return kind(raw) if raw != "" else (None if name == "cost_usd" else kind(0))
+
+    return UsageEvent(timestamp=num("timestamp", float), agent_id=f.get("agent_id", ""),
+                      thread_id=f.get("thread_id", ""), model=f.get("model", ""),
+                      backend=f.get("backend", ""), provider=f.get("provider", ""),
+                      prompt_tokens=num("prompt_tokens", int), completion_tokens=num("completion_tokens", int),
+                      total_tokens=num("total_tokens", int), cost_usd=num("cost_usd", float),
+                      latency_ms=num("latency_ms", float), outcome=f.get("outcome", ""),
+                      call_id=f.get("call_id", ""))
