@@ -6,8 +6,8 @@ several variants of one kind may share a process.  A variant spec has:
 
 * ``kind``: ``router`` (``LLMRouter.complete``), ``bare`` (a default bare
   ``litellm.Router``, this process never imports the package), ``bare_ours``
-  (the LiteLLM Router exactly as the package builds it, called directly with
-  the package's metadata: ``complete()`` minus the package's own Python),
+  (LiteLLM called exactly as the package calls it, ``_litellm.Deployments``,
+  with the package's metadata: ``complete()`` minus the package's own Python),
   ``acompletion`` (``litellm.acompletion`` with no Router), or ``httpx`` (a raw POST of the same body).
 * ``backends``: how many backends serve the model
   (router kinds); ``strategy``; ``agents``: distinct agent ids (the usage
@@ -82,7 +82,7 @@ class Variant:
         elif kind == "bare_ours":
             from xml_pipeline_llm import _litellm
             router = self._make_router()
-            llm = _litellm.build_router(router.backends, router.config.timeout)
+            llm = _litellm.Deployments(router.backends)
             _litellm.register(router.id, router)
             self.router = router
             name = self.names[0]
@@ -91,7 +91,7 @@ class Variant:
             async def call(i: int) -> Any:
                 meta = {"xpl_router": router.id, "xpl_backend": name, "agent_id": agents[i % len(agents)],
                         "thread_id": None, "xpl_model": common.MODEL}
-                return await llm.acompletion(model=f"{name}/{common.MODEL}", messages=common.MESSAGES,
+                return await llm.acompletion(name, common.MODEL, messages=common.MESSAGES,
                                              metadata=meta, **common.CALL_KW)
             self.call = call
         elif kind == "acompletion":

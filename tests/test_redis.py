@@ -113,7 +113,7 @@ MESSAGES = json.loads(sys.argv[3])
 # Warm up before forking (tokenizer, LiteLLM's router), so each worker's first call is quick.
 _litellm.token_estimate("grok-4.1", MESSAGES, None)
 LLMRouter(load_config({"llm": {"backends": [{"provider": "xai", "api_key_env": "TEST_XAI_KEY",
-                                             "base_url": "http://127.0.0.1:9/v1"}]}}))._llm_router()
+                                             "base_url": "http://127.0.0.1:9/v1"}]}}))._deployments()
 
 async def run(r, cmd):
     delay = cmd.get("start_at", 0) - time.time()

@@ -186,6 +186,18 @@ async def test_timeouts_are_retried(sim):
     assert r._ledger.events()[0].outcome == "retried:timeout"
 
 
+async def test_refused_connection_is_a_connection_failure_and_fails_over(sim):
+    import socket
+    with socket.socket() as s:          # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    r = make_router([backend(sim, "openai", "cr-a", base_url=f"http://127.0.0.1:{dead}/v1"),
+                     backend(sim, "openai", "cr-b")])
+    resp = await r.complete("gpt-4o", MESSAGES)
+    assert resp.backend == "cr-b"
+    assert [e.outcome for e in r._ledger.events()] == ["retried:connection", "ok"]
+
+
 async def test_litellm_retries_are_off(sim):
     r = make_router([backend(sim, "openai", "lo-a")], retries=0)
     sim.script("lo-a", [Fault.status(500)] * 3)

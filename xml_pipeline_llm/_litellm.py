@@ -32,15 +32,18 @@ OFFLINE_DEFAULTS = {
 # Routers that want the callback's events, by id (weak: a dropped router is forgotten).
 _ROUTERS: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
 _callback: Any = None
+_module: Any = None
 
 
 def load() -> "litellm":  # type: ignore[valid-type]
     """Import LiteLLM with the offline defaults and our callback registered (once)."""
+    global _callback, _module
+    if _module is not None:        # the per-call path: no environment or import lookups
+        return _module
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
     import litellm
 
-    global _callback
     if _callback is None:
         litellm.suppress_debug_info = True
         for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
@@ -50,6 +53,7 @@ def load() -> "litellm":  # type: ignore[valid-type]
         litellm.telemetry = False
         _callback = _make_callback()
         litellm.callbacks = [*litellm.callbacks, _callback]
+    _module = litellm
     return litellm
 
 
@@ -58,7 +62,6 @@ def deployment(b: ResolvedBackend) -> dict[str, Any]:
     params: dict[str, Any] = {
         "model": f"{b.provider.litellm_prefix}/*",
         "timeout": b.timeout,
-        "stream_timeout": b.timeout,
         "max_retries": 0,          # the OpenAI SDK's own retries: off, ours rule
     }
     if b.base_url:
@@ -70,12 +73,36 @@ def deployment(b: ResolvedBackend) -> dict[str, Any]:
     return {"model_name": f"{b.name}/*", "litellm_params": params}
 
 
+class Deployments:
+    """The backends as a LiteLLM Router model list, called the way the Router calls them.
+
+    Once ``litellm.Router`` has picked a deployment it calls
+    ``litellm.acompletion`` with that deployment's ``litellm_params``.  The
+    picking, retries, fallbacks and cooldowns are ours (C4, C5), so we make
+    that last call ourselves: the Router's per-call bookkeeping cost about a
+    quarter of LiteLLM's CPU per call here, and grew with the number of
+    deployments (benchmarks/README.md).  ``build_router`` gives a real Router
+    over the same model list for anyone who wants one.
+    """
+
+    def __init__(self, backends: list[ResolvedBackend]) -> None:
+        self.model_list = [deployment(b) for b in backends]
+        self._params = {d["model_name"][:-2]: d["litellm_params"] for d in self.model_list}
+        self._acompletion = load().acompletion
+        self._ollama = next((b.base_url for b in backends if b.provider.name == "ollama"), None)
+
+    async def acompletion(self, backend: str, model: str, **kwargs: Any) -> Any:
+        """``litellm.acompletion`` on ``backend``'s deployment for ``model``."""
+        params = self._params[backend]
+        return await self._acompletion(**{**params, "model": params["model"][:-1] + model}, **kwargs)
+
+
 def build_router(backends: list[ResolvedBackend], timeout: float) -> Any:
-    """A LiteLLM Router with its own retries, fallbacks and cooldowns switched off."""
+    """A ``litellm.Router`` over the same model list, its retries, fallbacks and cooldowns off."""
     lt = load()
     with _ollama_lookups_to(next((b.base_url for b in backends if b.provider.name == "ollama"), None)):
         return lt.Router(
-            model_list=[deployment(b) for b in backends],
+            model_list=Deployments(backends).model_list,
             num_retries=0,
             max_fallbacks=0,
             disable_cooldowns=True,

@@ -532,7 +532,9 @@ def simulated_block(sim: Any, config: str | None) -> dict[str, Any]:
         block: dict[str, Any] = {"retry_base_delay": 0.1, "retry_max_delay": 1.0,
                                  "backends": [dict(b) for b in SIMULATED_BACKENDS]}
     else:
-        block = dict(read_llm_block(config))
+        from .config import read_llm_block
+
+        block = read_llm_block(config)
         for key in ("usage_store", "shared_state"):
             block.pop(key, None)
     backends = block.get("backends")
@@ -557,14 +559,6 @@ def _simulated_backend(sim: Any, b: dict[str, Any]) -> dict[str, Any]:
     else:
         b["api_key_env"] = SIM_KEY_ENV
     return b
-
-
-def read_llm_block(config: str | None) -> dict[str, Any]:
-    """The raw ``llm:`` mapping of an organism file (not validated), with load_config's errors."""
-    from .config import _find_file, _llm_block, _read_yaml
-
-    path = _find_file(config)
-    return dict(_llm_block(_read_yaml(path), str(path)))
 
 
 # ================================================================ usage
@@ -672,6 +666,8 @@ def _store_from_config(config: str | None) -> tuple[str | None, str | None]:
     """
     if config is None and not os.environ.get(CONFIG_ENV) and not Path("organism.yaml").exists():
         return None, None
+    from .config import read_llm_block
+
     block = read_llm_block(config)
     store = block.get("usage_store")
     if store in (None, "memory") and isinstance(block.get("shared_state"), str):

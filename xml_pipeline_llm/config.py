@@ -168,6 +168,16 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | None = None
     return _validate(_llm_block(_read_yaml(path), str(path)), str(path))
 
 
+def read_llm_block(source: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """The raw ``llm:`` mapping of an organism file, not validated (found as load_config finds it).
+
+    For tools that adjust a block before validating it, such as
+    ``xml-pipeline-llm complete --simulate`` pointing every backend at the simulator.
+    """
+    path = _find_file(source)
+    return dict(_llm_block(_read_yaml(path), str(path)))
+
+
 def _find_file(source: str | os.PathLike[str] | None) -> Path:
     if source is None:
         env = os.environ.get(CONFIG_ENV)

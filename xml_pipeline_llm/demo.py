@@ -204,7 +204,7 @@ async def _run_strategy(sim: Any, result: StrategyResult, concurrency: int,
         while True:
             result.retries = max(0, sum(sim.stats(n).faulted for n in names) - result.errors)
             if display is not None:
-                display.update(result, router, await router._state.cooldowns(names), sim)
+                display.update(result, router, await router.cooldowns(), sim)
             await asyncio.sleep(0.2)
 
     start = time.perf_counter()

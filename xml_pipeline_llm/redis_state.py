@@ -330,11 +330,14 @@ class Conn:
         try:
             self.sync.ping()
         except Exception as exc:  # noqa: BLE001 - any failure means "cannot use it"
+            if self.place == "llm.shared_state":
+                fix = (f"correct the URL in llm.shared_state or ${REDIS_ENV}, or remove shared_state "
+                       f"to keep limits and usage in this process only")
+            else:
+                fix = f"or correct the {self.place} URL"
             raise ConfigError(
                 f"{self.place}: cannot reach Redis at {self.shown} ({self.health.reason(exc)}). "
-                f"Start Redis there (for example: redis-server --port 6379), correct the URL in "
-                f"{self.place} or ${REDIS_ENV}, or remove shared_state to keep limits and usage "
-                f"in this process only") from None
+                f"Start Redis there (for example: redis-server --port 6379), {fix}") from None
 
     # ---------------------------------------------------------- asyncio side
 

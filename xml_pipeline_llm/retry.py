@@ -62,11 +62,19 @@ def classify(exc: BaseException) -> Verdict | None:
     if status == 408:
         return Verdict(Action.RETRY, "timeout", status)
     if status in (409, 425) or 500 <= status < 600:
-        kind = "connection" if "APIConnectionError" in names or "Connection error" in str(exc) else "server_error"
+        kind = "connection" if "APIConnectionError" in names or _refused(str(exc)) else "server_error"
         return Verdict(Action.RETRY, kind, status, retry_after(exc))
     if status < 300:
         return Verdict(Action.RETRY, "bad_response", status)
     return Verdict(Action.FATAL, "bad_request", status)
+
+
+_CONNECTION_TEXTS = ("Connection error", "Cannot connect to host", "Connection refused")
+
+
+def _refused(text: str) -> bool:
+    """LiteLLM reports a refused connection as a plain 500; its text says what it was."""
+    return any(t in text for t in _CONNECTION_TEXTS)
 
 
 def _headers(exc: BaseException) -> Mapping[str, Any]:

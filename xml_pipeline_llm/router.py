@@ -5,8 +5,9 @@ the backend's gate admits it (C6) -> LiteLLM makes the call -> on failure the
 error is classified, the backend cools down and the next try goes elsewhere
 (C5) -> every call is recorded in the usage ledger (C7).
 
-LiteLLM's Router does the provider HTTP work; its own retries, fallbacks and
-cooldowns are off, so the rules here are the only ones in force.
+LiteLLM does the provider HTTP work (``litellm.acompletion`` on the chosen
+backend's deployment, see ``_litellm.Deployments``); its own retries are off,
+so the rules here are the only ones in force.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class LLMRouter:
         self._ledger = UsageLedger(open_store(config.usage_store, config.redis_prefix),
                                    shared=getattr(self._state, "usage", None))
         self._routes: dict[str, tuple[str, list[ResolvedBackend]]] = {}
-        self._llm: Any = None
+        self._llm: _litellm.Deployments | None = None
         self.id = uuid.uuid4().hex
 
     def __repr__(self) -> str:
@@ -107,6 +108,10 @@ class LLMRouter:
 
     def gate(self, backend: str) -> Any:
         return self._gates[backend]
+
+    async def cooldowns(self) -> dict[str, float]:
+        """Seconds left for each backend cooling down now (shared ones with Redis state)."""
+        return await self._state.cooldowns(b.name for b in self.backends)
 
     # ------------------------------------------------------------ calls
 
@@ -193,9 +198,9 @@ class LLMRouter:
         out = req.kwargs.get("max_tokens") or req.kwargs.get("max_completion_tokens")
         return req.estimate + int(out or self.config.default_max_tokens)
 
-    def _llm_router(self) -> Any:
+    def _deployments(self) -> _litellm.Deployments:
         if self._llm is None:
-            self._llm = _litellm.build_router(self.backends, self.config.timeout)
+            self._llm = _litellm.Deployments(self.backends)
             _litellm.register(self.id, self)
         return self._llm
 
@@ -208,7 +213,7 @@ class LLMRouter:
         backend = await self._choose(req)
         gate = self._gates[backend.name]
         taken = await gate.enter(self._reservation(req, backend))
-        llm = self._llm_router()
+        llm = self._deployments()
         start = time.perf_counter()
         held = False
         used = 0
@@ -218,7 +223,7 @@ class LLMRouter:
             if stream:
                 kwargs = {**kwargs, "stream": True,
                           "stream_options": {**kwargs.get("stream_options", {}), "include_usage": True}}
-            raw = await llm.acompletion(model=f"{backend.name}/{req.model}", messages=req.messages,
+            raw = await llm.acompletion(backend.name, req.model, messages=req.messages,
                                         metadata=self._call_meta(req, backend), **kwargs)
             if stream:
                 first, ended = await first_chunks(raw)
