@@ -241,3 +241,13 @@ def test_no_request_to_a_server_the_config_does_not_name():
     result = json.loads(out.strip().splitlines()[-1])
     assert result["backend"] == "ns-ollama"
     assert result["stray"] == 0
+
+
+async def test_the_config_is_a_litellm_router_model_list(sim):
+    """The llm: block as a LiteLLM Router model list: a real Router over it reaches the backends."""
+    r = make_router([backend(sim, "anthropic", "ml-ant"), backend(sim, "xai", "ml-xai")])
+    llm = r.litellm_router()
+    assert [d["model_name"] for d in r._deployments().model_list] == ["ml-ant/*", "ml-xai/*"]
+    for name, model in [("ml-ant", "claude-sonnet-4-5"), ("ml-xai", "grok-4.1")]:
+        resp = await llm.acompletion(model=f"{name}/{model}", messages=MESSAGES, max_tokens=16)
+        assert resp.choices[0].message.content and sim.stats(name).requests == 1

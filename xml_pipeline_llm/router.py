@@ -198,6 +198,16 @@ class LLMRouter:
         out = req.kwargs.get("max_tokens") or req.kwargs.get("max_completion_tokens")
         return req.estimate + int(out or self.config.default_max_tokens)
 
+    def litellm_router(self) -> Any:
+        """A ``litellm.Router`` over this config's model list (``"<backend>/<model>"`` names).
+
+        Not used by ``complete()``, which picks the deployment itself and calls
+        LiteLLM directly (see ``_litellm.Deployments``); for code that wants
+        LiteLLM's own Router over the same backends.  Its retries, fallbacks
+        and cooldowns are off, and calls through it are not accounted here.
+        """
+        return _litellm.build_router(self.backends, self.config.timeout)
+
     def _deployments(self) -> _litellm.Deployments:
         if self._llm is None:
             self._llm = _litellm.Deployments(self.backends)
