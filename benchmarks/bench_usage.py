@@ -24,7 +24,6 @@ Sections (``--only``):
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import sqlite3

@@ -128,8 +128,9 @@ def test_check_prints_the_routing_table_without_secrets(tmp_path):
          "max_concurrent": 8},
         {"provider": "anthropic", "api_key_env": "TEST_ANTHROPIC_KEY", "base_url": "https://api.anthropic.com/v1",
          "priority": 2},
-        {"provider": "ollama", "base_url": "http://localhost:11434", "supported_models": ["llama3", "mistral*"]},
-    ], strategy="round_robin")
+        {"provider": "ollama", "base_url": "http://proxy:proxy-pw-not-shown@localhost:11434",
+         "supported_models": ["llama3", "mistral*"]},
+    ], strategy="round_robin", shared_state="redis://bare-pw-not-shown@127.0.0.1:6399/0")
     p = run(tmp_path, "check")          # ./organism.yaml by default
     assert p.returncode == 0, p.stderr
     out = p.stdout
@@ -138,6 +139,9 @@ def test_check_prints_the_routing_table_without_secrets(tmp_path):
         assert text in out, (text, out)
     assert secret not in out + p.stderr
     assert FAKE_KEYS["TEST_ANTHROPIC_KEY"] not in out + p.stderr
+    # passwords inside URLs are not printed either
+    assert "proxy:***@localhost:11434" in out and "redis://***@127.0.0.1:6399/0" in out
+    assert "not-shown" not in out + p.stderr
     assert_plain(out)
     # -c and $XML_PIPELINE_LLM_CONFIG name the same file
     other = tmp_path / "sub"

@@ -288,7 +288,7 @@ def test_unreachable_redis_is_a_config_error_naming_the_url_without_its_password
 
 
 def test_make_state_picks_redis_from_the_config_or_the_environment(sim, redis_server, monkeypatch):
-    from xml_pipeline_llm.redis_state import RedisState
+    from xml_pipeline_llm.shared.state import RedisState
     from xml_pipeline_llm.state import MemoryState, make_state
 
     plain = load_config({"llm": {"backends": [backend(sim, "xai", "rdx-ms-a")]}})
@@ -314,7 +314,7 @@ def test_router_works_across_event_loops(sim, redis_server):
 
 
 async def test_token_bucket_semantics_in_redis(redis_server):
-    from xml_pipeline_llm.redis_state import RedisState
+    from xml_pipeline_llm.shared.state import RedisState
 
     state = RedisState(redis_server.url, prefix(), lease=5)
     gate = state.gate("tb", 10, 6000)      # 100 tokens a second
@@ -337,7 +337,7 @@ async def test_token_bucket_semantics_in_redis(redis_server):
 
 
 async def test_request_larger_than_the_bucket_waits_for_a_full_bucket(redis_server):
-    from xml_pipeline_llm.redis_state import RedisState
+    from xml_pipeline_llm.shared.state import RedisState
 
     state = RedisState(redis_server.url, prefix(), lease=5)
     gate = state.gate("big", 10, 60_000)     # 1000 tokens a second
@@ -352,7 +352,7 @@ async def test_request_larger_than_the_bucket_waits_for_a_full_bucket(redis_serv
 
 
 async def test_a_large_request_is_not_starved_by_small_ones_from_another_process(redis_server):
-    from xml_pipeline_llm.redis_state import RedisState
+    from xml_pipeline_llm.shared.state import RedisState
 
     p = prefix()
     big_side, small_side = RedisState(redis_server.url, p, lease=5), RedisState(redis_server.url, p, lease=5)
@@ -441,7 +441,7 @@ def _value(db: Any, key: str) -> Any:
 
 
 async def test_leases_are_renewed_while_a_call_outlasts_them(sim, redis_server):
-    from xml_pipeline_llm.redis_state import RedisState
+    from xml_pipeline_llm.shared.state import RedisState
 
     p = prefix()
     cfg = load_config({"llm": llm_block(redis_server.url, p, [backend(sim, "xai", "rdx-ln-a", max_concurrent=1)])})
@@ -491,11 +491,16 @@ async def test_redis_stopped_and_restarted_during_a_run(sim, caplog):
                 break
             assert time.monotonic() < deadline, "shared state did not resume"
         assert any("answers again" in m for m in caplog.messages)
-        # shared state resumed: the slots and bucket live in Redis again, and the usage recorded
-        # while it was away was written when it came back (the restarted Redis had lost the rest)
+        # shared state resumed (whichever Redis call noticed first): the next calls take their
+        # slots and tokens in Redis again, and the usage recorded while it was away was written
+        # when it came back (the restarted Redis had lost the rest)
+        await burst(2)
+        after += 2
         db = server.client()
         assert db.exists(f"{p}:bucket:rdx-rs-a")
+        assert not r._state.conn.health.down, [m for m in caplog.messages if "Redis" in m]
         assert r.get_agent_usage("restart").request_count == 12 + after
+        assert db.xlen(f"{p}:events") == 12 + after
     finally:
         server.stop()
 
@@ -530,7 +535,7 @@ def test_fleet_holds_max_concurrent_and_one_token_bucket(sim, redis_server, flee
 
 
 def test_slots_of_a_killed_process_come_back_after_the_lease(sim, redis_server, fleet):
-    from xml_pipeline_llm.redis_state import RedisState
+    from xml_pipeline_llm.shared.state import RedisState
 
     victim = fleet.workers(sim, redis_server)[4]
     p = prefix()

@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .shared.connection import redact_url
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -363,7 +365,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                                 f"{cfg.strategy}, retries {cfg.retries}, timeout {_num(cfg.timeout)}s"),
                   soft_wrap=True)
     console.print(f"usage store: {cfg.usage_store or 'memory'}"
-                  + (f", shared state: {_redact_url(cfg.shared_state)}" if cfg.shared_state else ""),
+                  + (f", shared state: {redact_url(cfg.shared_state)}" if cfg.shared_state else ""),
                   soft_wrap=True)
     table = make_table()
     key_width = max(len(b.key_source.split(" ")[0]) for b in cfg.backends)
@@ -383,14 +385,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     show(console, table)
     for b in cfg.backends:
         if b.base_url:
-            console.print(Text(f"{b.name} base_url: {b.base_url}", style="dim"), soft_wrap=True)
+            console.print(Text(f"{b.name} base_url: {redact_url(b.base_url)}", style="dim"), soft_wrap=True)
     console.print(Text("config OK", style="bold green"))
     return 0
-
-
-def _redact_url(url: str) -> str:
-    """A URL without its password (redis://:secret@host -> redis://:***@host)."""
-    return re.sub(r"(//[^/@:]*:)[^/@]+@", r"\1***@", url)
 
 
 def _num(value: float) -> str:
@@ -616,7 +613,7 @@ def _read_redis(url: str, prefix: str, by: str, since: float | None) -> tuple[st
     """Usage kept in Redis (``shared_state``): exact totals, or the recent events for --by event / --since."""
     from .stores import open_store
 
-    shown = _redact_url(url)
+    shown = redact_url(url)
     store = open_store(url, prefix)    # ConfigError when Redis does not answer
     try:
         if by == "event" or since is not None:

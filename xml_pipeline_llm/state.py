@@ -65,6 +65,6 @@ def make_state(config: Any) -> Any:
     url = getattr(config, "shared_state", None)
     if not url:
         return MemoryState()
-    from .redis_state import RedisState
+    from .shared.state import RedisState
 
     return RedisState(url, getattr(config, "redis_prefix", "xpl") or "xpl")

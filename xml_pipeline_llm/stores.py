@@ -23,7 +23,7 @@ from .usage import UsageEvent
 
 _COLUMNS = ("timestamp", "agent_id", "thread_id", "model", "backend", "provider", "prompt_tokens",
             "completion_tokens", "total_tokens", "cost_usd", "latency_ms", "outcome", "call_id")
-_SCHEMA = f"""
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     timestamp REAL NOT NULL, agent_id TEXT, thread_id TEXT, model TEXT, backend TEXT,
@@ -52,7 +52,7 @@ def open_store(url: str | None, prefix: str = "xpl") -> Any:
     if not url or url == "memory":
         return None
     if url.startswith(("redis://", "rediss://", "unix://")):
-        from .redis_usage import RedisUsageStore
+        from .shared.usage import RedisUsageStore
 
         return RedisUsageStore(url, prefix)
     return SqliteStore(sqlite_path(url))

@@ -24,8 +24,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from .redis_state import Conn, Job, RedisDown, Script
-from .usage import GROUPS, NO_AGENT, AgentUsage, UsageEvent
+from ..usage import GROUPS, NO_AGENT, AgentUsage, UsageEvent
+from .connection import Conn, RedisDown
+from .scripts import Script
+from .worker import Job
 
 MAX_EVENTS = 100_000
 

@@ -1,0 +1,334 @@
+"""The connection to Redis: clients per event loop, batching, and what happens when Redis goes away.
+
+redis.asyncio clients are bound to the event loop that made them, so one
+client (with its own small connection pool) is kept per running loop; a
+router thus works across ``asyncio.run()`` calls and per-test loops.  Every
+failure to reach Redis becomes ``RedisDown`` after ``Health`` has noted it, and
+the callers fall back to this process's own state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from ..errors import ConfigError
+from .scripts import Script
+
+log = logging.getLogger("xml_pipeline_llm")
+
+DEFAULT_LEASE = 10.0
+
+
+class RedisDown(Exception):
+    """Redis did not answer; the caller falls back to local state."""
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for messages and logs)."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            creds, host = netloc.rsplit("@", 1)
+            user = creds.split(":", 1)[0]
+            netloc = f"{user}:***@{host}"
+        elif "@" in netloc:          # redis://secret@host (a bare password)
+            creds, host = netloc.rsplit("@", 1)
+            netloc = f"***@{host}"
+        query = parts.query
+        if query:
+            query = urlencode([(k, "***" if "pass" in k.lower() or "token" in k.lower() else v)
+                               for k, v in parse_qsl(query, keep_blank_values=True)])
+        return urlunsplit(parts._replace(netloc=netloc, query=query))
+    except ValueError:
+        return "(unparseable URL)"
+
+
+def _secrets(url: str) -> list[str]:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    found = [parts.password] if parts.password else []
+    found += [v for k, v in parse_qsl(parts.query) if v and ("pass" in k.lower() or "token" in k.lower())]
+    return found
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    import redis
+
+    return (redis.RedisError, OSError, asyncio.TimeoutError)
+
+
+class Health:
+    """Whether Redis answers; the WARNING when it stops (at most once a minute) and when it is back."""
+
+    WARN_EVERY = 60.0
+
+    def __init__(self, shown: str, secrets: list[str], probe: float) -> None:
+        self.shown = shown
+        self.secrets = secrets
+        self.probe = probe
+        self.down = False
+        self.retry_at = 0.0
+        self.last_warn = -math.inf
+        self.lock = threading.Lock()
+
+    def usable(self) -> bool:
+        """Up, or down long enough that it is time to try again."""
+        return not self.down or time.monotonic() >= self.retry_at
+
+    def reason(self, exc: BaseException) -> str:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return f"{type(exc).__name__}: {text[:160]}"
+
+    def failed(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        with self.lock:
+            self.retry_at = now + self.probe
+            self.down = True
+            warn = now - self.last_warn >= self.WARN_EVERY
+            if warn:
+                self.last_warn = now
+        if warn:
+            log.warning("shared state: Redis at %s is unreachable (%s); limits, cooldowns, rotation and "
+                        "usage totals continue in this process only until it answers again "
+                        "(retried every %.0fs; this warning repeats at most once a minute)",
+                        self.shown, self.reason(exc), self.probe)
+        else:
+            log.debug("shared state: Redis at %s did not answer (%s)", self.shown, self.reason(exc))
+
+    def ok(self) -> None:
+        if self.down:
+            with self.lock:
+                was, self.down = self.down, False
+            if was:
+                log.warning("shared state: Redis at %s answers again; shared limits, cooldowns and "
+                            "usage resumed", self.shown)
+
+
+class Conn:
+    """One Redis URL: a sync client, one asyncio client per event loop, health, background thread."""
+
+    def __init__(self, url: str, *, lease: float = DEFAULT_LEASE, renew_every: float | None = None,
+                 probe: float = 1.0, connect_timeout: float = 1.0, socket_timeout: float = 2.0,
+                 max_connections: int = 64, place: str = "llm.shared_state") -> None:
+        try:
+            import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+        except ImportError:
+            raise ConfigError(f"{place}: Redis needs the redis package; install it with "
+                              "pip install 'xml-pipeline-llm[redis]'") from None
+        self.url = url
+        self.place = place
+        self.shown = redact_url(url)
+        self.health = Health(self.shown, _secrets(url), probe)
+        self.lease = float(lease)
+        self.renew_every = float(renew_every or lease / 3)
+        self.max_connections = max_connections
+        # Our own rules decide what happens when Redis fails: no client-side retries.
+        self._opts: dict[str, Any] = dict(decode_responses=True, socket_connect_timeout=connect_timeout,
+                                          socket_timeout=socket_timeout, retry=Retry(NoBackoff(), 0))
+        try:
+            self.sync = redis.Redis.from_url(url, max_connections=max_connections, **self._opts)
+        except ValueError as exc:
+            raise ConfigError(f'{place}: "{self.shown}" is not a Redis URL ({self.health.reason(exc)}); '
+                              "expected redis://host:port/db") from None
+        self._aclients: dict[int, LoopClient] = {}
+        from .worker import Worker
+
+        self.worker = Worker(self)
+
+    def check(self) -> None:
+        """Start-up check: a clear ConfigError when Redis does not answer."""
+        try:
+            self.sync.ping()
+        except Exception as exc:  # noqa: BLE001 - any failure means "cannot use it"
+            if self.place == "llm.shared_state":
+                from ..config import REDIS_ENV
+
+                fix = (f"correct the URL in llm.shared_state or ${REDIS_ENV}, or remove shared_state "
+                       f"to keep limits and usage in this process only")
+            else:
+                fix = f"or correct the {self.place} URL"
+            raise ConfigError(
+                f"{self.place}: cannot reach Redis at {self.shown} ({self.health.reason(exc)}). "
+                f"Start Redis there (for example: redis-server --port 6379), {fix}") from None
+
+    # ---------------------------------------------------------- asyncio side
+
+    def _loop_client(self) -> LoopClient:
+        """The asyncio client of the running loop (made on first use in that loop)."""
+        loop = asyncio.get_running_loop()
+        entry = self._aclients.get(id(loop))
+        if entry is not None and entry.loop() is loop:
+            return entry
+        for key, old in list(self._aclients.items()):
+            old_loop = old.loop()
+            if old_loop is None or old_loop.is_closed() or key == id(loop):
+                del self._aclients[key]
+                _abandon(old.client)
+        import redis.asyncio as aredis
+
+        pool = aredis.BlockingConnectionPool.from_url(self.url, max_connections=self.max_connections,
+                                                      timeout=30, **self._opts)
+        entry = self._aclients[id(loop)] = LoopClient(loop, aredis.Redis(connection_pool=pool))
+        return entry
+
+    async def _await(self, futs: list[asyncio.Future[Any]]) -> list[Any]:
+        try:
+            results = [await f for f in futs]
+        except _errors() as exc:
+            self.health.failed(exc)
+            raise RedisDown() from None
+        self.health.ok()
+        return results
+
+    async def eval(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+        """Run ``script``; RedisDown (after noting it) when Redis does not answer."""
+        if not self.health.usable():
+            raise RedisDown()
+        return (await self._await([self._loop_client().submit(("eval", script, keys, args))]))[0]
+
+    async def commands(self, *commands: tuple[Any, ...]) -> list[Any]:
+        """Run plain commands (one round trip with whatever else this loop sends now)."""
+        if not self.health.usable():
+            raise RedisDown()
+        lc = self._loop_client()
+        return await self._await([lc.submit(("cmd", c)) for c in commands])
+
+    async def aclose(self) -> None:
+        loop = asyncio.get_running_loop()
+        for key, entry in list(self._aclients.items()):
+            del self._aclients[key]
+            if entry.loop() is loop:
+                try:
+                    await entry.client.aclose()
+                except Exception:  # noqa: BLE001
+                    pass
+            else:
+                _abandon(entry.client)
+        await loop.run_in_executor(None, self.worker.flush, 5.0)
+
+    # ---------------------------------------------------------- sync side
+
+    def sync_call(self, fn: Callable[[Any], Any]) -> Any:
+        """``fn(sync client)``; RedisDown (after noting it) when Redis does not answer."""
+        if not self.health.usable():
+            raise RedisDown()
+        try:
+            result = fn(self.sync)
+        except _errors() as exc:
+            self.health.failed(exc)
+            raise RedisDown() from None
+        self.health.ok()
+        return result
+
+
+class LoopClient:
+    """One event loop's client, sending what the loop asks for in one pipeline per loop iteration.
+
+    Every request needs a few short Redis operations (cooldowns, the gate, the
+    release, the usage record); those that many requests issue in the same
+    iteration of the event loop go to Redis together, in one round trip, instead
+    of one connection and round trip each.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, client: Any) -> None:
+        self.loop = weakref.ref(loop)
+        self.client = client
+        self.pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def submit(self, op: tuple[Any, ...]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        if not self.pending:
+            loop.call_soon(self._flush)
+        self.pending.append((op, fut))
+        return fut
+
+    def _flush(self) -> None:
+        batch, self.pending = self.pending, []
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        from redis.exceptions import ConnectionError as Lost, NoScriptError
+
+        try:
+            ops = [op for op, _ in batch]
+            try:
+                results = await self._pipeline(ops, use_sha=True)
+            except Lost:
+                # Most often a connection kept in the pool from before Redis restarted: the
+                # server closed it without seeing these commands.  Drop the idle connections
+                # (the rest are as stale) and send once more; a real outage fails again.
+                await self.client.connection_pool.disconnect(inuse_connections=False)
+                results = await self._pipeline(ops, use_sha=True)
+            missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+            if missing:        # Redis does not know a script yet (or restarted): send its text
+                again = await self._pipeline([batch[i][0] for i in missing], use_sha=False)
+                for i, r in zip(missing, again):
+                    results[i] = r
+        except BaseException as exc:
+            for _, fut in batch:
+                if not fut.done():
+                    if isinstance(exc, Exception):
+                        fut.set_exception(exc)
+                    else:
+                        fut.cancel()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, fut), result in zip(batch, results):
+            if fut.done():
+                continue
+            if isinstance(result, Exception):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+
+    async def _pipeline(self, ops: list[tuple[Any, ...]], use_sha: bool) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for op in ops:
+            if op[0] == "eval":
+                _, script, keys, args = op
+                if use_sha:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                else:
+                    pipe.eval(script.src, len(keys), *keys, *args)
+            else:
+                pipe.execute_command(*op[1])
+        return list(await pipe.execute(raise_on_error=False))
+
+
+def _abandon(client: Any) -> None:
+    """Drop the sockets of a client whose event loop has ended (it cannot be awaited any more)."""
+    pool = getattr(client, "connection_pool", None)
+    conns = list(getattr(pool, "_available_connections", []) or []) + \
+        list(getattr(pool, "_in_use_connections", []) or [])
+    for conn in conns:
+        writer = getattr(conn, "_writer", None)
+        if writer is None:
+            continue
+        try:
+            sock = getattr(writer.transport, "_sock", None)
+            if sock is not None:
+                sock.close()
+        except Exception:  # noqa: BLE001
+            pass
+        conn._writer = conn._reader = None

@@ -1,0 +1,317 @@
+"""Shared state in Redis: one quota, one set of cooldowns and one rotation for a fleet (contract C8).
+
+``shared_state: redis://host:port/db`` (or ``$XML_PIPELINE_LLM_REDIS_URL``) makes
+every process using the same Redis and ``redis_prefix`` share:
+
+* the token bucket of each rate-limited backend (hash ``<p>:bucket:<backend>``),
+  kept by Lua scripts on Redis server time, so N processes share one
+  ``rate_limit_tpm`` instead of using N times it;
+* the concurrency slots of each backend (sorted set ``<p>:slots:<backend>``:
+  one member per call in flight, scored by its lease expiry).  A process
+  renews the leases it holds every ``lease / 3`` seconds from a background
+  thread; the slots of a process that dies (SIGKILL included) come back when
+  their lease runs out (10 s by default, ``$XML_PIPELINE_LLM_REDIS_LEASE``);
+* cooldowns (``<p>:cool:<backend>``, a key that expires when the cooldown ends;
+  a longer cooldown is never shortened);
+* the round-robin position per model (``<p>:rr:<model>``, an INCR counter that
+  expires after a week unused);
+* the usage totals (``shared/usage.py``).
+
+Within one process waiters for a backend are served first come, first served
+(one "head" waiter per backend polls Redis, the others wait behind it, exactly
+as in memory).  Across processes there is no strict FIFO: a freed slot goes to
+whichever process asks first (waiters poll with a backoff from 2 to 50 ms, and
+a process's own release wakes its waiter at once).  For tokens, the oldest
+waiter of the fleet whose tokens are not there yet *claims* them (for two
+seconds at a time, renewed while it waits): other processes then only take
+tokens above the claimed amount, so a large request is never starved by a
+stream of small ones from elsewhere.
+
+If Redis goes away while running, calls go on with this process's own
+in-memory limits, cooldowns and rotation (a ``MemoryState``), with a WARNING at
+most once a minute; Redis is tried again every second and shared state resumes
+when it answers.  Usage recorded meanwhile is written to Redis when it is back.
+
+redis.asyncio clients are bound to the event loop that made them, so one
+client (with its own small connection pool) is kept per running loop; a
+router thus works across ``asyncio.run()`` calls and per-test loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import random
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+from ..errors import ConfigError
+from ..state import MemoryState
+from .connection import DEFAULT_LEASE, Conn, RedisDown
+from .scripts import COOL, ENTER, LEAVE, ROTATE
+from .worker import Job
+
+LEASE_ENV = "XML_PIPELINE_LLM_REDIS_LEASE"
+ROTATION_TTL_MS = 7 * 24 * 3600 * 1000
+CLAIM_TTL_MS = 2000          # a waiting request's claim on a bucket, renewed while it waits
+TOKEN_POLL_MAX = 0.25        # longest nap between bucket polls (refunds elsewhere are seen this fast)
+
+
+class Ticket(float):
+    """What ``enter`` returns: the tokens taken, plus the lease to give back (None: local gate)."""
+
+    __slots__ = ("lease",)
+
+    def __new__(cls, taken: float, lease: str | None) -> Ticket:
+        self = super().__new__(cls, taken)
+        self.lease = lease
+        return self
+
+
+def _wake(fut: asyncio.Future[None] | None) -> None:
+    if fut is not None and not fut.done():
+        fut.set_result(None)
+
+
+class RedisGate:
+    """A backend's limits held in Redis, with the interface of ``limits.Gate``.
+
+    ``in_flight`` is the fleet-wide count from the last Redis answer (at least
+    this process's own calls); ``queued`` counts this process's waiters.
+    """
+
+    def __init__(self, state: RedisState, backend: str, max_concurrent: int, tpm: int | None) -> None:
+        self.state = state
+        self.backend = backend
+        self.limit = max_concurrent
+        self.capacity = float(tpm) if tpm else 0.0
+        self.rate_ms = self.capacity / 60_000.0
+        self.keys = [state.key("bucket", backend), state.key("slots", backend)]
+        self.local = state._local.gate(backend, max_concurrent, tpm)   # used while Redis is away
+        self.queued = 0
+        self.held = 0
+        self.fleet = 0
+        self.level = self.capacity
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._kick: asyncio.Future[None] | None = None
+        self._id = uuid.uuid4().hex[:12]
+
+    @property
+    def in_flight(self) -> int:
+        return max(self.held, self.fleet) + self.local.slots.in_use
+
+    @property
+    def load(self) -> float:
+        return (self.in_flight + self.queued) / self.limit
+
+    async def enter(self, tokens: int) -> Ticket:
+        """Wait for a slot and the tokens (fleet-wide); returns a ticket for ``leave``."""
+        self.queued += 1
+        try:
+            if self.state.conn.health.usable():
+                try:
+                    return await self._enter_shared(tokens)
+                except RedisDown:
+                    pass
+            return Ticket(await self.local.enter(tokens), None)
+        finally:
+            self.queued -= 1
+
+    async def _enter_shared(self, tokens: int) -> Ticket:
+        amount = min(float(tokens), self.capacity) if self.capacity else 0.0
+        loop = asyncio.get_running_loop()
+        me: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(me)
+        try:
+            if self._waiters[0] is not me:
+                await me                       # the waiter before us wakes us when it is done
+            backoff = 0.002
+            since = ""                          # server time of our first try, for the claim
+            while True:
+                if not self.state.conn.health.usable():
+                    raise RedisDown()
+                lease = f"{os.getpid()}-{uuid.uuid4().hex[:16]}"
+                ok, count, level, wait_ms, since = await self._try_enter(amount, lease, since)
+                self.fleet, self.level = count, level
+                if ok:
+                    self.held += 1
+                    self.state.conn.worker.hold(lease, self.keys[1])
+                    return Ticket(amount, lease)
+                if wait_ms > 0:
+                    nap = min(wait_ms / 1000.0, TOKEN_POLL_MAX)
+                else:
+                    nap, backoff = backoff, min(backoff * 2, self.state.poll_max)
+                await self._nap(loop, nap * random.uniform(0.8, 1.2))
+        finally:
+            head = bool(self._waiters) and self._waiters[0] is me
+            self._waiters.remove(me)
+            if head and self._waiters:
+                _wake(self._waiters[0])
+
+    async def _try_enter(self, amount: float, lease: str, since: str) -> tuple[bool, int, float, float, str]:
+        args = [repr(amount), repr(self.capacity), repr(self.rate_ms), self.limit,
+                int(self.state.conn.lease * 1000), lease, self._id, CLAIM_TTL_MS, since]
+        task = asyncio.ensure_future(self.state.conn.eval(ENTER, self.keys, args))
+        try:
+            res = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            def undo(t: asyncio.Task[Any]) -> None:     # it went through after all: give it back
+                if not t.cancelled() and t.exception() is None and int(t.result()[0]) == 1:
+                    self.state.release_later(self, lease, amount)
+            task.add_done_callback(undo)
+            raise
+        return int(res[0]) == 1, int(res[1]), float(res[2]), float(res[3]), str(res[4])
+
+    async def _nap(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        """Sleep until it is time to ask Redis again, or until this process frees a slot."""
+        fut: asyncio.Future[None] = loop.create_future()
+        self._kick = fut
+        handle = loop.call_later(seconds, _wake, fut)
+        try:
+            await fut
+        finally:
+            handle.cancel()
+            if self._kick is fut:
+                self._kick = None
+
+    def kick(self) -> None:
+        """Wake the waiting head of this process (after a slot or tokens came back)."""
+        fut = self._kick
+        if fut is None or fut.done():
+            return
+        try:
+            fut_loop = fut.get_loop()
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is fut_loop:
+                _wake(fut)
+            elif not fut_loop.is_closed():
+                fut_loop.call_soon_threadsafe(_wake, fut)
+        except RuntimeError:
+            pass
+
+    def leave(self, taken: float, used: int) -> None:
+        """Free the slot and settle the tokens; the Redis side runs in the background."""
+        lease = getattr(taken, "lease", None)
+        if lease is None:
+            self.local.leave(float(taken), used)
+            return
+        self.state.conn.worker.drop(lease)
+        self.held = max(0, self.held - 1)
+        self.fleet = max(0, self.fleet - 1)
+        self.state.release_later(self, lease, float(taken) - used if self.capacity else 0.0)
+
+
+class RedisState:
+    """The state interface of ``MemoryState``, shared through Redis by every process using it."""
+
+    def __init__(self, url: str, prefix: str = "xpl", *, lease: float | None = None,
+                 renew_every: float | None = None, probe_interval: float = 1.0,
+                 poll_max: float = 0.05, check: bool = True) -> None:
+        if lease is None:
+            lease = _lease_from_env()
+        self.prefix = prefix
+        self.poll_max = poll_max
+        self.conn = Conn(url, lease=lease, renew_every=renew_every, probe=probe_interval)
+        if check:
+            self.conn.check()
+        self._local = MemoryState()
+        self._gates: dict[str, RedisGate] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        from .usage import RedisUsageStore
+
+        self.usage = RedisUsageStore(url, prefix, conn=self.conn)
+
+    def __repr__(self) -> str:
+        return f"RedisState({self.conn.shown!r}, prefix={self.prefix!r})"
+
+    def key(self, kind: str, name: str) -> str:
+        return f"{self.prefix}:{kind}:{name}"
+
+    def gate(self, backend: str, max_concurrent: int, tpm: int | None) -> RedisGate:
+        gate = self._gates.get(backend)
+        if gate is None:
+            gate = self._gates[backend] = RedisGate(self, backend, max_concurrent, tpm)
+        return gate
+
+    def release_later(self, gate: RedisGate, lease: str, delta: float) -> None:
+        """Give back a lease (and settle tokens) without blocking: on this loop, else in the thread."""
+        args = [lease, repr(delta), repr(gate.capacity), repr(gate.rate_ms)]
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or loop.is_closed():
+            self.conn.worker.submit(Job(LEAVE, gate.keys, args, "release",
+                                        time.monotonic() + self.conn.lease))
+            gate.kick()
+            return
+        task = loop.create_task(self._release(gate, args))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _release(self, gate: RedisGate, args: list[Any]) -> None:
+        job = Job(LEAVE, gate.keys, args, "release", time.monotonic() + self.conn.lease)
+        try:
+            res = await self.conn.eval(LEAVE, gate.keys, args)
+            gate.fleet, gate.level = int(res[0]), float(res[1])
+        except RedisDown:
+            self.conn.worker.park(job)          # retried until the lease would have ended anyway
+        except asyncio.CancelledError:          # the loop is shutting down: the thread does it
+            self.conn.worker.submit(job)
+            raise
+        finally:
+            gate.kick()
+
+    async def cooldowns(self, backends: Iterable[str]) -> dict[str, float]:
+        names = list(backends)
+        out = await self._local.cooldowns(names)
+        if not names:
+            return out
+        try:
+            ttls = await self.conn.commands(*(("PTTL", self.key("cool", n)) for n in names))
+        except RedisDown:
+            return out
+        for name, ttl in zip(names, ttls):
+            if ttl is not None and int(ttl) > 0:
+                out[name] = max(out.get(name, 0.0), int(ttl) / 1000.0)
+        return out
+
+    async def cool_down(self, backend: str, seconds: float) -> None:
+        await self._local.cool_down(backend, seconds)
+        ms = max(1, math.ceil(seconds * 1000))
+        try:
+            await self.conn.eval(COOL, [self.key("cool", backend)], [ms])
+        except RedisDown:
+            pass
+
+    async def next_turn(self, model: str) -> int:
+        try:
+            return int(await self.conn.eval(ROTATE, [self.key("rr", model)], [ROTATION_TTL_MS]))
+        except RedisDown:
+            return await self._local.next_turn(model)
+
+    async def close(self) -> None:
+        """Close this loop's connections and write what usage is still queued."""
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.conn.aclose()
+
+
+def _lease_from_env() -> float:
+    raw = os.environ.get(LEASE_ENV)
+    if not raw:
+        return DEFAULT_LEASE
+    try:
+        value = float(raw)
+        if value > 0:
+            return value
+    except ValueError:
+        pass
+    raise ConfigError(f'${LEASE_ENV}: expected a positive number of seconds, got "{raw}"')

@@ -1,0 +1,234 @@
+"""The background thread of a Redis connection: lease renewal, late releases, usage writes.
+
+What it does must not depend on an event loop being alive or responsive.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import os
+import queue
+import threading
+import time
+import weakref
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from .connection import RedisDown
+from .scripts import RENEW, Script
+
+if TYPE_CHECKING:
+    from .connection import Conn
+
+log = logging.getLogger("xml_pipeline_llm")
+
+
+class Job:
+    """A script for the background thread: a release, or a usage record."""
+
+    __slots__ = ("script", "keys", "args", "kind", "deadline", "seq")
+
+    def __init__(self, script: Script, keys: list[str], args: list[Any], kind: str,
+                 deadline: float = math.inf) -> None:
+        self.script, self.keys, self.args, self.kind = script, keys, args, kind
+        self.deadline = deadline
+        self.seq = 0
+
+
+class Worker:
+    """Background thread with a sync client: renews leases, retries releases, writes usage.
+
+    It does what must not depend on an event loop: renewing this process's
+    leases every ``renew_every`` seconds (so a busy or blocked loop cannot
+    lose them), releases and usage records coming from finalisers or from a
+    loop that is shutting down, and, after an outage, the usage recorded
+    while Redis was away.  It stops after 30 s with nothing to do and starts
+    again on demand.
+    """
+
+    IDLE_EXIT = 30.0
+    BACKLOG = 100_000
+
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+        self.q: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self.cond = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.pid = os.getpid()
+        self.leases: dict[str, str] = {}          # lease id -> slots key
+        self.retry: list[Job] = []                # releases waiting for Redis to come back
+        self.backlog: deque[Job] = deque(maxlen=self.BACKLOG)   # usage waiting for Redis
+        self.seq_in = 0
+        self.seq_done = 0
+        self.sending = 0                          # usage records being written right now
+        self._atexit = False
+
+    # called from any thread
+
+    def hold(self, lease: str, key: str) -> None:
+        with self.cond:
+            self._fork_check()
+            self.leases[lease] = key
+            self._ensure()
+
+    def drop(self, lease: str) -> None:
+        with self.cond:
+            self.leases.pop(lease, None)
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            self._fork_check()
+            if job.kind == "usage":
+                self.seq_in += 1
+                job.seq = self.seq_in
+            self.q.put(job)
+            self._ensure()
+
+    def park(self, job: Job) -> None:
+        """Keep a job for when Redis is back (usage: replayed; release: until its lease ends anyway)."""
+        with self.cond:
+            if job.kind == "usage":
+                self.backlog.append(job)
+            elif job.deadline > time.monotonic():
+                self.retry.append(job)
+            self._ensure()
+
+    def drain(self, timeout: float) -> None:
+        """Wait until the usage records submitted so far are written (or parked while Redis is down)."""
+        end = time.monotonic() + timeout
+        with self.cond:
+            target = self.seq_in
+            while self.seq_done < target or ((self.backlog or self.sending) and not self.conn.health.down):
+                left = end - time.monotonic()
+                if left <= 0 or self.thread is None:
+                    return
+                self.cond.wait(min(left, 0.05))
+
+    def flush(self, timeout: float = 5.0) -> None:
+        self.drain(timeout)
+
+    def _fork_check(self) -> None:
+        if self.pid != os.getpid():    # a forked child holds none of its parent's leases
+            self.pid = os.getpid()
+            self.thread = None
+            self.leases.clear()
+            self.retry.clear()
+            self.backlog.clear()
+            self.q = queue.SimpleQueue()
+
+    def _ensure(self) -> None:
+        if self.thread is None or not self.thread.is_alive():
+            self.thread = threading.Thread(target=self._run, name="xpl-redis", daemon=True)
+            self.thread.start()
+            if not self._atexit:
+                self._atexit = True
+                atexit.register(_flush_at_exit, weakref.ref(self))
+
+    # the thread
+
+    def _run(self) -> None:
+        me = threading.current_thread()
+        next_renew = time.monotonic() + self.conn.renew_every
+        idle_since = time.monotonic()
+        while True:
+            now = time.monotonic()
+            wait = next_renew - now
+            if self.retry or self.backlog:
+                wait = min(wait, self.conn.health.probe / 2)
+            jobs: list[Job] = []
+            try:
+                jobs.append(self.q.get(timeout=max(0.0, wait)))
+                while len(jobs) < 1000:
+                    jobs.append(self.q.get_nowait())
+            except queue.Empty:
+                pass
+            now = time.monotonic()
+            if now >= next_renew:
+                self._renew()
+                next_renew = now + self.conn.renew_every
+            if jobs or self.retry or self.backlog:
+                self._execute(jobs)
+                idle_since = now
+            elif self.leases:
+                idle_since = now
+            with self.cond:
+                if self.thread is not me:
+                    return
+                if (not self.leases and not self.retry and not self.backlog and self.q.empty()
+                        and now - idle_since > self.IDLE_EXIT):
+                    self.thread = None
+                    return
+
+    def _renew(self) -> None:
+        with self.cond:
+            held = list(self.leases.items())
+        if not held:
+            return
+        keys = [key for _, key in held]
+        args = [int(self.conn.lease * 1000), 0, *(lease for lease, _ in held)]
+        try:
+            missing = self.conn.sync_call(lambda c: c.eval(RENEW.src, len(keys), *keys, *args))
+        except RedisDown:
+            return
+        if not missing:
+            return
+        # A lease missing from Redis was either given back a moment ago (fine) or lost because
+        # Redis restarted or was away longer than the lease: put back those still held, since
+        # their calls really are in flight.
+        with self.cond:
+            lost = [held[i - 1] for i in missing if held[i - 1][0] in self.leases]
+        if not lost:
+            return
+        keys = [key for _, key in lost]
+        args = [int(self.conn.lease * 1000), 1, *(lease for lease, _ in lost)]
+        try:
+            self.conn.sync_call(lambda c: c.eval(RENEW.src, len(keys), *keys, *args))
+        except RedisDown:
+            return
+        if lost:
+            log.warning("shared state: %d concurrency lease(s) of this process had expired in Redis "
+                        "(Redis restarted or was unreachable for longer than the %.1fs lease); "
+                        "they were put back", len(lost), self.conn.lease)
+
+    def _execute(self, jobs: list[Job]) -> None:
+        with self.cond:
+            now = time.monotonic()
+            retry = [j for j in self.retry if j.deadline > now]
+            backlog = list(self.backlog)
+            self.retry, self.backlog = [], deque(maxlen=self.BACKLOG)
+            batch = retry + backlog + jobs
+            self.sending = sum(1 for j in batch if j.kind == "usage")
+        ok = False
+        if batch and self.conn.health.usable():
+            try:
+                def send(client: Any) -> list[Any]:
+                    pipe = client.pipeline(transaction=False)
+                    for job in batch:
+                        pipe.eval(job.script.src, len(job.keys), *job.keys, *job.args)
+                    return pipe.execute(raise_on_error=False)
+
+                results = self.conn.sync_call(send)
+                ok = True
+                bad = [r for r in results if isinstance(r, Exception)]
+                if bad:
+                    log.warning("shared state: %d Redis script(s) failed: %s", len(bad), bad[0])
+            except RedisDown:
+                pass
+        with self.cond:
+            self.sending = 0
+            if not ok:
+                now = time.monotonic()
+                self.retry.extend(j for j in batch if j.kind != "usage" and j.deadline > now)
+                self.backlog.extend(j for j in batch if j.kind == "usage")
+            seqs = [j.seq for j in jobs if j.seq]
+            if seqs:
+                self.seq_done = max(self.seq_done, max(seqs))
+            self.cond.notify_all()
+
+
+def _flush_at_exit(ref: weakref.ref[Worker]) -> None:
+    worker = ref()
+    if worker is not None:
+        worker.flush(5.0)
