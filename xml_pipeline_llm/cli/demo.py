@@ -21,6 +21,7 @@ exactly as a user would point organism.yaml at ``xml-pipeline-llm simulate``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import time
@@ -28,12 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli import SIM_KEY_ENV, SIM_KEY_VALUE, STRATEGY_NAMES, cost_text, make_table, show
+from .complete import SIM_KEY_ENV, SIM_KEY_VALUE
+from .output import CLIError, cost_text, make_console, make_table, show
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from .usage import AgentUsage
+    from ..usage import AgentUsage
+
+
+STRATEGY_NAMES = ("failover", "round-robin", "least-loaded")
 
 
 @dataclass(frozen=True)
@@ -112,8 +117,8 @@ def run_demo(requests: int = 60, concurrency: int = 8, strategy: str = "all",
     """Run the demo; returns the exit status (0)."""
     from rich.console import Console
 
-    from . import _litellm
-    from .simulator import Fault, run_simulator
+    from .. import _litellm
+    from ..simulator import Fault, run_simulator
 
     console = console or Console(highlight=False)
     strategies = STRATEGY_NAMES if strategy == "all" else (strategy,)
@@ -134,7 +139,7 @@ def run_demo(requests: int = 60, concurrency: int = 8, strategy: str = "all",
         results = asyncio.run(_run_all(sim, strategies, requests, concurrency, console))
     _report(results, console)
     agents = _sum_agents(results)
-    from .usage import write_csv
+    from ..usage import write_csv
 
     path = Path(csv_path).expanduser()
     rows = write_csv(path, "agent", totals=agents)
@@ -147,8 +152,8 @@ def run_demo(requests: int = 60, concurrency: int = 8, strategy: str = "all",
 
 async def _warm_up(sim: Any) -> None:
     """One call per backend through a throwaway router (before any fault is set)."""
-    from .config import load_config
-    from .router import LLMRouter
+    from ..config import load_config
+    from ..router import LLMRouter
 
     router = LLMRouter(load_config({"llm": llm_block(sim, "failover")}))
     try:
@@ -177,9 +182,9 @@ async def _run_all(sim: Any, strategies: tuple[str, ...], requests: int, concurr
 
 async def _run_strategy(sim: Any, result: StrategyResult, concurrency: int,
                         display: _Display | None) -> None:
-    from .config import load_config
-    from .errors import BackendError
-    from .router import LLMRouter
+    from ..config import load_config
+    from ..errors import BackendError
+    from ..router import LLMRouter
 
     router = LLMRouter(load_config({"llm": llm_block(sim, result.strategy)}))
     names = [b.name for b in BACKENDS]
@@ -290,7 +295,7 @@ class _Display:
 # ================================================================ report
 
 def _sum_agents(results: list[StrategyResult]) -> dict[str, AgentUsage]:
-    from .usage import AgentUsage
+    from ..usage import AgentUsage
 
     out: dict[str, AgentUsage] = {}
     for r in results:
@@ -308,7 +313,7 @@ def _add(into: AgentUsage, u: AgentUsage) -> None:
 def _report(results: list[StrategyResult], console: Console) -> None:
     from rich.text import Text
 
-    from .usage import AgentUsage
+    from ..usage import AgentUsage
 
     names = [b.name for b in BACKENDS]
     scope = "all strategies" if len(results) > 1 else results[0].strategy
@@ -357,3 +362,13 @@ def _report(results: list[StrategyResult], console: Console) -> None:
     console.print(Text("Cost: LiteLLM's price map; \"-\" where it has no price for the model on that "
                        "provider.", style="dim"))
 
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    target = Path(args.csv).expanduser()
+    if target.is_dir():
+        raise CLIError(f"--csv {args.csv}: is a directory; name the CSV file to write")
+    if not os.access(target.parent if str(target.parent) else ".", os.W_OK):
+        raise CLIError(f"--csv {args.csv}: cannot write in {target.parent.resolve()}; "
+                       f"choose another path with --csv")
+    return run_demo(requests=args.requests, concurrency=args.concurrency, strategy=args.strategy,
+                    csv_path=args.csv, console=make_console())

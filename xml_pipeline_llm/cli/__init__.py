@@ -1,0 +1,250 @@
+"""``xml-pipeline-llm``: the command line (contract C9).
+
+    xml-pipeline-llm demo                      # offline tour: simulator, 3 strategies, usage tables
+    xml-pipeline-llm check -c organism.yaml    # validate the llm: block, print the routing table
+    xml-pipeline-llm complete -m grok-4.1 "Say hello"
+    xml-pipeline-llm usage --store sqlite:///usage.db --by model
+    xml-pipeline-llm simulate --port 8099      # provider simulator in the foreground
+
+One module per command (check, complete, usage, simulate, demo); output.py
+holds how they all print.  ``--help`` must answer at once, so nothing here
+imports more than the standard library at import time; rich, the router,
+LiteLLM and the simulator are imported inside the command that needs them.  Every user mistake ends as one
+``error: ...`` line on stderr and exit status 1; ``--debug`` shows the
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from .check import cmd_check
+from .complete import cmd_complete
+from .demo import STRATEGY_NAMES, cmd_demo
+from .output import describe, print_error, setup_logging, terminal_columns
+from .simulate import cmd_simulate
+from .usage import CONFIG_ENV, GROUP_BY, cmd_usage
+
+__all__ = ["build_parser", "main"]
+
+PROG = "xml-pipeline-llm"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the package's error style: one line, exit status 1."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(1, f"error: {message} (see '{self.prog} --help')\n")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30, width=min(100, terminal_columns()))
+
+
+def _number(kind: type, lo: float, hi: float, what: str) -> Any:
+    """An argparse type: ``kind`` in ``[lo, hi]``, else a message saying what was expected."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value != value or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+_positive_int = _number(int, 1, float("inf"), "a positive integer")
+
+
+_non_negative_float = _number(float, 0.0, float("inf"), "a number of seconds >= 0")
+
+
+_rate = _number(float, 0.0, 1.0, "a share between 0 and 1")
+
+
+_port = _number(int, 0, 65535, "a port number 0-65535")
+
+
+def _strategy(text: str) -> str:
+    value = text.strip().lower().replace("_", "-")
+    if value not in (*STRATEGY_NAMES, "all"):
+        raise argparse.ArgumentTypeError(
+            f"unknown strategy {text!r}; expected one of {', '.join(STRATEGY_NAMES)}, all")
+    return value
+
+
+CONFIG_HELP = f"organism file with an llm: block (default: ${CONFIG_ENV}, else ./organism.yaml)"
+
+
+EPILOGS = {
+    "check": """\
+examples:
+  xml-pipeline-llm check                     # ./organism.yaml or $XML_PIPELINE_LLM_CONFIG
+  xml-pipeline-llm check -c deploy/organism.yaml
+
+Exit status 0 when the llm: block is valid, 1 with one line per problem otherwise.
+""",
+    "complete": """\
+examples:
+  xml-pipeline-llm complete --simulate -m grok-4.1 "Say hello"      # offline, no keys
+  xml-pipeline-llm complete -c organism.yaml -m claude-sonnet-4 --agent writer \\
+      --system "You are terse." --stream "Write a haiku about routers"
+  echo "Summarise this" | xml-pipeline-llm complete -m gpt-4o-mini --json -
+
+The answer goes to stdout; the backend, tokens, cost and latency to stderr.
+--simulate starts a local provider simulator and points every backend at it
+(the backends of -c FILE, or built-in xai, anthropic and ollama backends);
+it uses no key, no network and no usage store.
+""",
+    "usage": """\
+examples:
+  xml-pipeline-llm usage --store sqlite:///usage.db
+  xml-pipeline-llm usage -c organism.yaml --by model --since 24h
+  xml-pipeline-llm usage --store usage.db --by event --since 2025-06-01 --csv events.csv
+
+The ledger is the organism file's llm.usage_store (sqlite:///path/usage.db),
+else its llm.shared_state (Redis keeps the fleet's totals and recent calls),
+or the one named by --store (a sqlite:/// URL, a plain path, or redis://).
+--since takes a duration back from now (90s, 30m, 24h, 7d, 2w) or an ISO
+date/time (UTC unless it names a zone).
+""",
+    "simulate": """\
+examples:
+  xml-pipeline-llm simulate --port 8099
+  xml-pipeline-llm simulate --port 8099 --fault-rate 0.2 --latency 0.3
+
+Then point a backend of organism.yaml at it, e.g.
+  - provider: xai
+    name: xai-local
+    base_url: http://127.0.0.1:8099/b/xai-local/v1
+    api_key_env: ANY_SET_VARIABLE
+Ctrl-C stops it.
+""",
+    "demo": """\
+examples:
+  xml-pipeline-llm demo
+  xml-pipeline-llm demo --requests 200 --concurrency 16 --strategy least-loaded --csv usage.csv
+
+Runs offline, with no keys: a local simulator plays three providers (xai,
+anthropic, openai); xai-main answers some calls with 429 + Retry-After or 500.
+""",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: given after the subcommand, these must not overwrite the main parser's value.
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show debug logs and the full traceback of an error")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show each retry and failover as it happens")
+
+    parser = _Parser(
+        prog=PROG, formatter_class=_Formatter, parents=[common],
+        description="One model-agnostic call for language models: routing, retries,\n"
+                    "limits and per-agent accounting over LiteLLM.",
+        epilog="start here:\n  xml-pipeline-llm demo          # offline tour, no keys needed\n"
+               "  xml-pipeline-llm COMMAND --help")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    commands: dict[str, argparse.ArgumentParser] = {}
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        commands[name] = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                                        epilog=EPILOGS[name], formatter_class=_Formatter, parents=[common])
+        return commands[name]
+
+    p = command("check", "validate the llm: block and print the routing table")
+    p.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
+    p.set_defaults(func=cmd_check)
+
+    p = command("complete", "send one prompt through the router and print the answer")
+    p.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
+    p.add_argument("-m", "--model", required=True, help="model name, e.g. grok-4.1 or anthropic/claude-sonnet-4")
+    p.add_argument("--agent", metavar="A", help="agent id the usage is booked to")
+    p.add_argument("--thread", metavar="T", help="thread id the usage is booked to")
+    p.add_argument("--system", metavar="S", help="system prompt")
+    p.add_argument("--max-tokens", metavar="N", type=_positive_int, help="cap on the answer's tokens")
+    p.add_argument("--stream", action="store_true", help="print the answer as it arrives")
+    p.add_argument("--json", action="store_true",
+                   help="print the whole response as JSON (content, model, usage, backend, cost, ...)")
+    p.add_argument("--simulate", action="store_true",
+                   help="answer from a local provider simulator instead of the real providers")
+    p.add_argument("prompt", nargs="+", metavar="PROMPT", help="the user message ('-' reads stdin)")
+    p.set_defaults(func=cmd_complete)
+
+    p = command("usage", "show token usage and cost from a usage ledger")
+    p.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP + "; its llm.usage_store is read")
+    p.add_argument("--store", metavar="URL",
+                   help="ledger to read: sqlite:///path/usage.db (or a path), or redis://host:port/db")
+    p.add_argument("--redis-prefix", metavar="P",
+                   help="key prefix of a Redis store (default: the config's llm.redis_prefix, else xpl)")
+    p.add_argument("--by", choices=GROUP_BY, default="agent", help="group by (default: agent)")
+    p.add_argument("--since", metavar="WHEN", help="only calls since WHEN: 24h, 7d, or 2025-06-01T12:00")
+    p.add_argument("--csv", metavar="FILE", help="write CSV to FILE ('-' for stdout) instead of a table")
+    p.set_defaults(func=cmd_usage)
+
+    p = command("simulate", "run the provider simulator in the foreground")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=_port, default=8099, help="port to bind (default 8099; 0: any free port)")
+    p.add_argument("--fault-rate", type=_rate, default=0.0, metavar="R",
+                   help="share of calls (0..1) answered with 429/5xx/dropped/malformed (default 0)")
+    p.add_argument("--latency", type=_non_negative_float, default=0.0, metavar="S",
+                   help="seconds added before every answer (default 0)")
+    p.set_defaults(func=cmd_simulate)
+
+    p = command("demo", "offline tour: three simulated providers, faults, strategies, usage")
+    p.add_argument("--requests", type=_positive_int, default=60, metavar="N",
+                   help="requests per strategy (default 60)")
+    p.add_argument("--concurrency", type=_positive_int, default=8, metavar="C",
+                   help="requests in flight at once (default 8)")
+    p.add_argument("--strategy", type=_strategy, default="all", metavar="S",
+                   help="failover, round-robin, least-loaded or all (default all)")
+    p.add_argument("--csv", metavar="FILE", default="xml-pipeline-llm-demo-usage.csv",
+                   help="where to write the per-agent usage CSV (default ./xml-pipeline-llm-demo-usage.csv)")
+    p.set_defaults(func=cmd_demo)
+    parser.set_defaults(commands=commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``xml-pipeline-llm`` console script; returns the exit status."""
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:   # reported by the subcommand, so that the hint names its --help
+            where = args.commands.get(args.command, parser)
+            where.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as exc:   # --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    debug = getattr(args, "debug", False)
+    setup_logging(debug, getattr(args, "verbose", False))
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print_error("interrupted")
+        return 130
+    except BrokenPipeError:   # `... | head`: the reader went away; not an error
+        try:   # point stdout at /dev/null so that the flush at exit does not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
+    except Exception as exc:  # every user-facing error ends here
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print_error(describe(exc))
+        return 1

@@ -1,0 +1,207 @@
+"""``xml-pipeline-llm usage``: totals and events from a SQLite ledger or the fleet's Redis."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..shared.connection import redact_url
+from .output import CLIError, cost_text, make_console, make_table, show, when_text
+
+CONFIG_ENV = "XML_PIPELINE_LLM_CONFIG"   # same as config.CONFIG_ENV (not imported: it pulls in pydantic)
+
+
+GROUP_BY = ("agent", "model", "backend", "thread", "event")
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)\s*$", re.IGNORECASE)
+
+
+_UNIT = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(text: str | None, now: float | None = None) -> float | None:
+    """``7d``/``24h``/``30m``/``90s``/``2w`` back from now, or an ISO date/time (UTC if naive)."""
+    if text is None:
+        return None
+    from datetime import datetime, timezone
+
+    now = time.time() if now is None else now
+    m = _DURATION.match(text)
+    if m:
+        return now - float(m.group(1)) * _UNIT[m.group(2).lower()]
+    raw = text.strip()
+    iso = raw[:-1] + "+00:00" if raw.endswith(("Z", "z")) else raw
+    try:
+        when = datetime.fromisoformat(iso)
+    except ValueError:
+        raise CLIError(f"--since: expected a duration such as 24h or 7d, or an ISO date such as "
+                       f"2025-06-01T12:00, got {text!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    url, prefix = (args.store, None) if args.store else _store_from_config(args.config)
+    prefix = args.redis_prefix or prefix
+    if not url or url == "memory":
+        where = f"{args.config} has" if args.config else "no organism file with"
+        raise CLIError(f"no usage ledger to read ({where} an llm.usage_store); pass --store "
+                       f"sqlite:///path/usage.db or set usage_store: sqlite:///... in the llm: block")
+    since = parse_since(args.since)
+    if url.startswith(_REDIS_SCHEMES):
+        where, events, totals = _read_redis(url, prefix or "xpl", args.by, since)
+    else:
+        from ..stores import read_events
+
+        path = _ledger_path(url)
+        where, events, totals = str(path), list(read_events(path, since)), None
+    if totals is None and args.by != "event":
+        from ..usage import group_events
+
+        totals = group_events(events, args.by)
+    if args.csv:
+        return _usage_csv(args.csv, args.by, events, totals)
+    console = make_console()
+    if not (events if args.by == "event" else totals):
+        when = f" since {args.since}" if args.since else ""
+        console.print(f"no calls recorded in {where}{when}", soft_wrap=True)
+        return 0
+    if events:
+        console.print(f"{where}: {len(events)} provider call{'s' if len(events) != 1 else ''}, "
+                      f"{when_text(events[0].timestamp)} .. {when_text(events[-1].timestamp)} UTC", soft_wrap=True)
+        from ..usage import GROUPS, NO_AGENT
+
+        priced = {getattr(e, GROUPS[args.by]) or NO_AGENT for e in events if e.cost_usd is not None} \
+            if args.by != "event" else set()
+    else:
+        console.print(f"{where}: fleet totals by {args.by}", soft_wrap=True)
+        priced = set(totals or {})
+    table = _event_table(events) if args.by == "event" else _totals_table(args.by, totals or {}, priced)
+    show(console, table)
+    return 0
+
+
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def _read_redis(url: str, prefix: str, by: str, since: float | None) -> tuple[str, list[Any], Any]:
+    """Usage kept in Redis (``shared_state``): exact totals, or the recent events for --by event / --since."""
+    from ..stores import open_store
+
+    shown = redact_url(url)
+    store = open_store(url, prefix)    # ConfigError when Redis does not answer
+    try:
+        if by == "event" or since is not None:
+            return shown, list(store.events(since)), None
+        totals = store.totals(by)
+    except Exception as exc:   # RedisDown, connection errors: the server went away mid-read
+        raise CLIError(f"usage store {shown}: Redis stopped answering ({type(exc).__name__})") from exc
+    if totals is None:
+        raise CLIError(f"usage store {shown}: Redis does not answer")
+    return shown, [], totals
+
+
+def _ledger_path(url: str) -> Path:
+    from ..stores import sqlite_path
+
+    if "://" not in url:
+        return Path(url)
+    return sqlite_path(url)
+
+
+def _store_from_config(config: str | None) -> tuple[str | None, str | None]:
+    """The usage store of the organism file (-c, $XML_PIPELINE_LLM_CONFIG or ./organism.yaml).
+
+    ``llm.usage_store``; else ``llm.shared_state`` (Redis keeps the fleet's usage
+    too), with ``llm.redis_prefix``.
+    """
+    if config is None and not os.environ.get(CONFIG_ENV) and not Path("organism.yaml").exists():
+        return None, None
+    from ..config import read_llm_block
+
+    block = read_llm_block(config)
+    store = block.get("usage_store")
+    if store in (None, "memory") and isinstance(block.get("shared_state"), str):
+        store = block["shared_state"]
+    if store is not None and not isinstance(store, str):
+        raise CLIError(f"llm.usage_store: expected sqlite:///path/usage.db, got {store!r}")
+    prefix = block.get("redis_prefix")
+    return store, prefix if isinstance(prefix, str) else None
+
+
+def _usage_csv(target: str, by: str, events: list[Any], totals: Any) -> int:
+    from ..usage import write_csv
+
+    if target == "-":
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp_path = Path(tmp) / "usage.csv"
+            write_csv(tmp_path, by, totals=totals, events=events)
+            sys.stdout.write(tmp_path.read_text(encoding="utf-8"))
+        return 0
+    rows = write_csv(target, by, totals=totals, events=events)
+    make_console().print(f"wrote {rows} row{'s' if rows != 1 else ''} (by {by}) to {target}", soft_wrap=True)
+    return 0
+
+
+def _totals_table(by: str, groups: dict[str, Any], priced: set[str]) -> Any:
+    """Totals per key with a totals footer; ``priced``: keys with at least one priced call.
+
+    A cost of 0 would claim "free", so a group with no priced call shows "-".
+    """
+    from rich.text import Text
+
+    from ..usage import AgentUsage
+
+    total = AgentUsage()
+    for u in groups.values():
+        for f in _TOTAL_FIELDS:
+            setattr(total, f, getattr(total, f) + getattr(u, f))
+    table = make_table(footer=True)
+    table.add_column(by.capitalize(), overflow="fold", footer="total")
+    for name, foot in zip(("Prompt", "Completion", "Total", "Requests", "Errors", "Cost USD"),
+                          _usage_cells(total, bool(priced))):
+        table.add_column(name, justify="right", footer=foot)
+    for key in sorted(groups):
+        table.add_row(Text(key), *_usage_cells(groups[key], key in priced))
+    return table
+
+
+_TOTAL_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens", "request_count", "error_count",
+                 "cost_usd")
+
+
+def _usage_cells(u: Any, priced: bool = True) -> list[str]:
+    return [f"{u.prompt_tokens:,}", f"{u.completion_tokens:,}", f"{u.total_tokens:,}",
+            f"{u.request_count:,}", f"{u.error_count:,}", cost_text(u.cost_usd if priced else None)]
+
+
+def _event_table(events: list[Any]) -> Any:
+    from rich.text import Text
+
+    tokens = sum(e.total_tokens for e in events)
+    costs = [e.cost_usd for e in events if e.cost_usd is not None]
+    cost = sum(costs) if costs else None
+    table = make_table(footer=True)
+    table.add_column("Time (UTC)", no_wrap=True, footer=f"total: {len(events)}")
+    table.add_column("Agent", overflow="fold")
+    table.add_column("Model", overflow="fold")
+    table.add_column("Backend", overflow="fold")
+    table.add_column("Tokens", justify="right", footer=f"{tokens:,}")
+    table.add_column("Cost USD", justify="right", footer=cost_text(cost))
+    table.add_column("ms", justify="right")
+    table.add_column("Outcome", no_wrap=True)
+    for e in events:
+        style = "" if e.outcome == "ok" else "yellow" if e.outcome.startswith("retried") else "red"
+        table.add_row(when_text(e.timestamp)[5:], Text(e.agent_id or "(none)"), Text(e.model), Text(e.backend),
+                      f"{e.total_tokens:,}", cost_text(e.cost_usd), f"{e.latency_ms:.0f}",
+                      Text(e.outcome, style=style))
+    return table
