@@ -402,6 +402,23 @@ async def test_rotation_and_cooldowns_are_shared_between_routers(sim, redis_serv
     assert (await f1._state.cooldowns(["rdx-cd-a"]))["rdx-cd-a"] > 15
 
 
+async def test_the_fleets_cooldowns_are_read_at_most_one_interval_late(redis_server):
+    from xml_pipeline_llm.shared.state import COOLDOWN_READ_EVERY, RedisState
+
+    p = prefix()
+    one, other = RedisState(redis_server.url, p, lease=5), RedisState(redis_server.url, p, lease=5)
+    assert await other.cooldowns(["cr-a"]) == {}            # read from Redis, and remembered
+    await one.cool_down("cr-a", 5)
+    await asyncio.sleep(COOLDOWN_READ_EVERY * 1.5)
+    left = await other.cooldowns(["cr-a"])                 # the next read sees the other's cooldown
+    assert 4 < left["cr-a"] <= 5
+    assert await other.cooldowns(["cr-c"]) == {}
+    await other.cool_down("cr-c", 3)
+    assert 2 < (await other.cooldowns(["cr-c"]))["cr-c"] <= 3     # its own count at once
+    await one.close()
+    await other.close()
+
+
 async def test_keys_are_namespaced_expire_and_hold_no_secret(sim, redis_server):
     p = prefix()
     r = shared_router(redis_server.url, p, [backend(sim, "xai", "rdx-ky-a", rate_limit_tpm=50_000),

@@ -12,7 +12,7 @@ every process using the same Redis and ``redis_prefix`` share:
   thread; the slots of a process that dies (SIGKILL included) come back when
   their lease runs out (10 s by default, ``$XML_PIPELINE_LLM_REDIS_LEASE``);
 * cooldowns (``<p>:cool:<backend>``, a key that expires when the cooldown ends;
-  a longer cooldown is never shortened);
+  a longer cooldown is never shortened; read at most every 50 ms per process);
 * the round-robin position per model (``<p>:rr:<model>``, an INCR counter that
   expires after a week unused);
 * the usage totals (``shared/usage.py``).
@@ -58,6 +58,7 @@ from .worker import Job
 LEASE_ENV = "XML_PIPELINE_LLM_REDIS_LEASE"
 ROTATION_TTL_MS = 7 * 24 * 3600 * 1000
 CLAIM_TTL_MS = 2000          # a waiting request's claim on a bucket, renewed while it waits
+COOLDOWN_READ_EVERY = 0.05   # how stale the fleet's cooldowns may be (this process's own: never)
 TOKEN_POLL_MAX = 0.25        # longest nap between bucket polls (refunds elsewhere are seen this fast)
 
 
@@ -224,6 +225,7 @@ class RedisState:
         self._local = MemoryState()
         self._gates: dict[str, RedisGate] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._cool_reads: dict[tuple[str, ...], tuple[float, dict[str, float]]] = {}
         from .usage import RedisUsageStore
 
         self.usage = RedisUsageStore(url, prefix, conn=self.conn)
@@ -270,17 +272,32 @@ class RedisState:
             gate.kick()
 
     async def cooldowns(self, backends: Iterable[str]) -> dict[str, float]:
+        """Seconds each backend still cools down: this process's own, and the fleet's from Redis.
+
+        The fleet's are read at most every ``COOLDOWN_READ_EVERY`` seconds per set of
+        backends (a Retry-After seen elsewhere is honoured that much later; this
+        process's own cooldowns count at once), which saves a Redis command per request.
+        """
         names = list(backends)
         out = await self._local.cooldowns(names)
         if not names:
             return out
-        try:
-            ttls = await self.conn.commands(*(("PTTL", self.key("cool", n)) for n in names))
-        except RedisDown:
-            return out
-        for name, ttl in zip(names, ttls):
-            if ttl is not None and int(ttl) > 0:
-                out[name] = max(out.get(name, 0.0), int(ttl) / 1000.0)
+        key = tuple(names)
+        now = time.monotonic()
+        read = self._cool_reads.get(key)
+        if read is None or now - read[0] > COOLDOWN_READ_EVERY:
+            try:
+                ttls = await self.conn.commands(*(("PTTL", self.key("cool", n)) for n in names))
+            except RedisDown:
+                return out
+            read = (now, {n: int(t) / 1000.0 for n, t in zip(names, ttls) if t is not None and int(t) > 0})
+            if len(self._cool_reads) > 1024:
+                self._cool_reads.clear()
+            self._cool_reads[key] = read
+        elapsed = now - read[0]
+        for name, left in read[1].items():
+            if left > elapsed:
+                out[name] = max(out.get(name, 0.0), left - elapsed)
         return out
 
     async def cool_down(self, backend: str, seconds: float) -> None:
