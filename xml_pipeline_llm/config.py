@@ -27,6 +27,7 @@ log = logging.getLogger("xml_pipeline_llm")
 STRATEGIES = ("failover", "round-robin", "least-loaded")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 CONFIG_ENV = "XML_PIPELINE_LLM_CONFIG"
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")   # what names a Redis server
 REDIS_ENV = "XML_PIPELINE_LLM_REDIS_URL"
 
 
@@ -273,7 +274,7 @@ def _check_block(raw: LLMConfig) -> list[str]:
                         f"{raw.retry_base_delay}; raise retry_max_delay or lower retry_base_delay")
     if raw.usage_store and not (raw.usage_store == "memory" or raw.usage_store.startswith("sqlite:///")):
         problems.append(f'llm.usage_store: expected memory or sqlite:///path/usage.db, got "{raw.usage_store}"')
-    if raw.shared_state and not raw.shared_state.startswith(("redis://", "rediss://", "unix://")):
+    if raw.shared_state and not raw.shared_state.startswith(REDIS_SCHEMES):
         problems.append(f'llm.shared_state: expected redis://host:port/db, got "{raw.shared_state}"')
     return problems
 

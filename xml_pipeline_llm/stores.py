@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .config import REDIS_SCHEMES
 from .errors import ConfigError
 from .usage import UsageEvent
 
@@ -51,7 +52,7 @@ def open_store(url: str | None, prefix: str = "xpl") -> Any:
     """
     if not url or url == "memory":
         return None
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(REDIS_SCHEMES):
         from .shared.usage import RedisUsageStore
 
         return RedisUsageStore(url, prefix)

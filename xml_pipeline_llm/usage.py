@@ -34,6 +34,11 @@ class AgentUsage:
     error_count: int = 0
     cost_usd: float = 0.0   # sum over priced calls; unpriced calls add nothing
 
+    def merge(self, other: AgentUsage) -> None:
+        """Add another key's totals (a footer row, totals across runs)."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
     def add(self, event: UsageEvent) -> None:
         self.prompt_tokens += event.prompt_tokens
         self.completion_tokens += event.completion_tokens

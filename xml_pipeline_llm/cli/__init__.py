@@ -9,9 +9,9 @@
 One module per command (check, complete, usage, simulate, demo); output.py
 holds how they all print.  ``--help`` must answer at once, so nothing here
 imports more than the standard library at import time; rich, the router,
-LiteLLM and the simulator are imported inside the command that needs them.  Every user mistake ends as one
-``error: ...`` line on stderr and exit status 1; ``--debug`` shows the
-traceback.
+LiteLLM and the simulator are imported inside the command that needs them.
+Every user mistake ends as one ``error: ...`` line on stderr and exit status 1;
+``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from .complete import cmd_complete
 from .demo import STRATEGY_NAMES, cmd_demo
 from .output import describe, print_error, setup_logging, terminal_columns
 from .simulate import cmd_simulate
-from .usage import CONFIG_ENV, GROUP_BY, cmd_usage
+from ..usage import EXPORTS
+from .usage import CONFIG_ENV, cmd_usage
 
 __all__ = ["build_parser", "main"]
 
@@ -79,7 +80,6 @@ def _strategy(text: str) -> str:
 
 
 CONFIG_HELP = f"organism file with an llm: block (default: ${CONFIG_ENV}, else ./organism.yaml)"
-
 
 EPILOGS = {
     "check": """\
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ledger to read: sqlite:///path/usage.db (or a path), or redis://host:port/db")
     p.add_argument("--redis-prefix", metavar="P",
                    help="key prefix of a Redis store (default: the config's llm.redis_prefix, else xpl)")
-    p.add_argument("--by", choices=GROUP_BY, default="agent", help="group by (default: agent)")
+    p.add_argument("--by", choices=EXPORTS, default="agent", help="group by (default: agent)")
     p.add_argument("--since", metavar="WHEN", help="only calls since WHEN: 24h, 7d, or 2025-06-01T12:00")
     p.add_argument("--csv", metavar="FILE", help="write CSV to FILE ('-' for stdout) instead of a table")
     p.set_defaults(func=cmd_usage)

@@ -17,10 +17,9 @@ if TYPE_CHECKING:
     from ..config import RouterConfig
     from ..response import LLMResponse
 
+
 #: Fake key variable for backends that point at the simulator (never a real secret).
 SIM_KEY_ENV = "XPL_DEMO_KEY"
-
-
 SIM_KEY_VALUE = "demo-not-a-secret"
 
 
@@ -119,8 +118,6 @@ SIMULATED_BACKENDS = [
     {"provider": "anthropic", "name": "anthropic"},
     {"provider": "ollama", "name": "ollama"},
 ]
-
-
 _SIM_FORMATS = ("xai", "openai", "anthropic", "ollama")
 
 

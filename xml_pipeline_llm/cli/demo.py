@@ -300,14 +300,8 @@ def _sum_agents(results: list[StrategyResult]) -> dict[str, AgentUsage]:
     out: dict[str, AgentUsage] = {}
     for r in results:
         for agent, u in r.agents.items():
-            _add(out.setdefault(agent, AgentUsage()), u)
+            out.setdefault(agent, AgentUsage()).merge(u)
     return out
-
-
-def _add(into: AgentUsage, u: AgentUsage) -> None:
-    for name in ("prompt_tokens", "completion_tokens", "total_tokens", "request_count", "error_count",
-                 "cost_usd"):
-        setattr(into, name, getattr(into, name) + getattr(u, name))
 
 
 def _report(results: list[StrategyResult], console: Console) -> None:
@@ -345,7 +339,7 @@ def _report(results: list[StrategyResult], console: Console) -> None:
     models = dict(AGENTS)
     total = AgentUsage()
     for u in agents.values():
-        _add(total, u)
+        total.merge(u)
     t = make_table(f"Agents (usage, {scope})", footer=True)
     for col, justify, foot in (("Agent", "left", "total"), ("Model", "left", ""),
                                ("Requests", "right", str(total.request_count)),

@@ -16,12 +16,7 @@ from .output import CLIError, cost_text, make_console, make_table, show, when_te
 CONFIG_ENV = "XML_PIPELINE_LLM_CONFIG"   # same as config.CONFIG_ENV (not imported: it pulls in pydantic)
 
 
-GROUP_BY = ("agent", "model", "backend", "thread", "event")
-
-
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)\s*$", re.IGNORECASE)
-
-
 _UNIT = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -55,7 +50,9 @@ def cmd_usage(args: argparse.Namespace) -> int:
         raise CLIError(f"no usage ledger to read ({where} an llm.usage_store); pass --store "
                        f"sqlite:///path/usage.db or set usage_store: sqlite:///... in the llm: block")
     since = parse_since(args.since)
-    if url.startswith(_REDIS_SCHEMES):
+    from ..config import REDIS_SCHEMES
+
+    if url.startswith(REDIS_SCHEMES):
         where, events, totals = _read_redis(url, prefix or "xpl", args.by, since)
     else:
         from ..stores import read_events
@@ -86,9 +83,6 @@ def cmd_usage(args: argparse.Namespace) -> int:
     table = _event_table(events) if args.by == "event" else _totals_table(args.by, totals or {}, priced)
     show(console, table)
     return 0
-
-
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def _read_redis(url: str, prefix: str, by: str, since: float | None) -> tuple[str, list[Any], Any]:
@@ -163,8 +157,7 @@ def _totals_table(by: str, groups: dict[str, Any], priced: set[str]) -> Any:
 
     total = AgentUsage()
     for u in groups.values():
-        for f in _TOTAL_FIELDS:
-            setattr(total, f, getattr(total, f) + getattr(u, f))
+        total.merge(u)
     table = make_table(footer=True)
     table.add_column(by.capitalize(), overflow="fold", footer="total")
     for name, foot in zip(("Prompt", "Completion", "Total", "Requests", "Errors", "Cost USD"),
@@ -173,10 +166,6 @@ def _totals_table(by: str, groups: dict[str, Any], priced: set[str]) -> Any:
     for key in sorted(groups):
         table.add_row(Text(key), *_usage_cells(groups[key], key in priced))
     return table
-
-
-_TOTAL_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens", "request_count", "error_count",
-                 "cost_usd")
 
 
 def _usage_cells(u: Any, priced: bool = True) -> list[str]:

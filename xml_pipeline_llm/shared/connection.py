@@ -45,7 +45,7 @@ def redact_url(url: str) -> str:
             netloc = f"***@{host}"
         query = parts.query
         if query:
-            query = urlencode([(k, "***" if "pass" in k.lower() or "token" in k.lower() else v)
+            query = urlencode([(k, "***" if _secret_key(k) else v)
                                for k, v in parse_qsl(query, keep_blank_values=True)])
         return urlunsplit(parts._replace(netloc=netloc, query=query))
     except ValueError:
@@ -58,8 +58,13 @@ def _secrets(url: str) -> list[str]:
     except ValueError:
         return []
     found = [parts.password] if parts.password else []
-    found += [v for k, v in parse_qsl(parts.query) if v and ("pass" in k.lower() or "token" in k.lower())]
+    found += [v for k, v in parse_qsl(parts.query) if v and _secret_key(k)]
     return found
+
+
+def _secret_key(name: str) -> bool:
+    """Whether a URL query parameter holds a secret (password=..., token=...)."""
+    return "pass" in name.lower() or "token" in name.lower()
 
 
 def _errors() -> tuple[type[BaseException], ...]:
