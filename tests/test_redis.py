@@ -524,6 +524,41 @@ async def test_redis_stopped_and_restarted_during_a_run(sim, caplog):
 
 # ------------------------------------------------------------------ several processes
 
+async def test_usage_kept_while_redis_was_away_is_written_before_the_next_read():
+    # The background thread may be asleep until its next lease renewal (here 20 s away) when
+    # usage is kept aside; a read once Redis answers again must still see all of it.
+    from xml_pipeline_llm.shared.connection import Conn
+    from xml_pipeline_llm.shared.usage import RedisUsageStore
+    from xml_pipeline_llm.usage import UsageEvent
+
+    def event(n: int) -> UsageEvent:
+        return UsageEvent(time.time(), "away", "", "grok-4.1", "b", "xai", 10, 5, 15, None, 1.0, "ok",
+                          call_id=f"c{n}")
+
+    server = RedisServer().start()
+    conn = Conn(server.url, lease=60.0, probe=0.2)
+    store = RedisUsageStore(server.url, prefix(), conn=conn)
+    try:
+        store.append_nowait(event(0))              # starts the thread, which then sleeps ~20 s
+        store.flush()
+        assert store.get("agent", "away").request_count == 1
+        server.stop()
+        for n in range(1, 6):
+            await store.append(event(n))           # kept aside: Redis is away
+        assert conn.health.down
+        server.start()
+        await asyncio.sleep(0.3)                   # past the probe interval
+        await store.append(event(6))               # answers again
+        assert not conn.health.down
+        started = time.monotonic()
+        found = store.get("agent", "away")
+        assert found is not None and found.request_count == 6    # the restarted Redis lost event 0
+        assert time.monotonic() - started < 1.9, "the read waited for its timeout"
+    finally:
+        await conn.aclose()
+        server.stop()
+
+
 def test_fleet_holds_max_concurrent_and_one_token_bucket(sim, redis_server, fleet):
     workers = fleet.workers(sim, redis_server)[:4]
     p = prefix()

@@ -108,7 +108,7 @@ class Health:
         if warn:
             log.warning("shared state: Redis at %s is unreachable (%s); limits, cooldowns, rotation and "
                         "usage totals continue in this process only until it answers again "
-                        "(retried every %.0fs; this warning repeats at most once a minute)",
+                        "(retried every %gs; this warning repeats at most once a minute)",
                         self.shown, self.reason(exc), self.probe)
         else:
             log.debug("shared state: Redis at %s did not answer (%s)", self.shown, self.reason(exc))

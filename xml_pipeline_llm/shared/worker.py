@@ -53,7 +53,7 @@ class Worker:
 
     def __init__(self, conn: Conn) -> None:
         self.conn = conn
-        self.q: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self.q: queue.SimpleQueue[Job | None] = queue.SimpleQueue()    # None: only wakes the thread
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
         self.pid = os.getpid()
@@ -89,17 +89,26 @@ class Worker:
     def park(self, job: Job) -> None:
         """Keep a job for when Redis is back (usage: replayed; release: until its lease ends anyway)."""
         with self.cond:
+            idle = not self.backlog and not self.retry
             if job.kind == "usage":
                 self.backlog.append(job)
             elif job.deadline > time.monotonic():
                 self.retry.append(job)
-            self._ensure()
+            if idle:            # from now on the thread retries every probe / 2 seconds
+                self._wake()
+
+    def _wake(self) -> None:
+        """Have the thread look at its backlog now (it may be asleep until the next lease renewal)."""
+        self.q.put(None)
+        self._ensure()
 
     def drain(self, timeout: float) -> None:
         """Wait until the usage records submitted so far are written (or parked while Redis is down)."""
         end = time.monotonic() + timeout
         with self.cond:
             target = self.seq_in
+            if self.backlog and self.conn.health.usable():
+                self._wake()            # replay what Redis missed now, not at the thread's next round
             while self.seq_done < target or ((self.backlog or self.sending) and not self.conn.health.down):
                 left = end - time.monotonic()
                 if left <= 0 or self.thread is None:
@@ -137,13 +146,14 @@ class Worker:
             wait = next_renew - now
             if self.retry or self.backlog:
                 wait = min(wait, self.conn.health.probe / 2)
-            jobs: list[Job] = []
+            got: list[Job | None] = []
             try:
-                jobs.append(self.q.get(timeout=max(0.0, wait)))
-                while len(jobs) < 1000:
-                    jobs.append(self.q.get_nowait())
+                got.append(self.q.get(timeout=max(0.0, wait)))
+                while len(got) < 1000:
+                    got.append(self.q.get_nowait())
             except queue.Empty:
                 pass
+            jobs = [job for job in got if job is not None]
             now = time.monotonic()
             if now >= next_renew:
                 self._renew()
