@@ -128,7 +128,7 @@ def test_check_prints_the_routing_table_without_secrets(tmp_path):
          "max_concurrent": 8},
         {"provider": "anthropic", "api_key_env": "TEST_ANTHROPIC_KEY", "base_url": "https://api.anthropic.com/v1",
          "priority": 2},
-        {"provider": "ollama", "base_url": "http://proxy:proxy-pw-not-shown@localhost:11434",
+        {"provider": "ollama", "base_url": "http://localhost:11434",
          "supported_models": ["llama3", "mistral*"]},
     ], strategy="round_robin", shared_state="redis://bare-pw-not-shown@127.0.0.1:6399/0")
     p = run(tmp_path, "check")          # ./organism.yaml by default
@@ -140,7 +140,7 @@ def test_check_prints_the_routing_table_without_secrets(tmp_path):
     assert secret not in out + p.stderr
     assert FAKE_KEYS["TEST_ANTHROPIC_KEY"] not in out + p.stderr
     # passwords inside URLs are not printed either
-    assert "proxy:***@localhost:11434" in out and "redis://***@127.0.0.1:6399/0" in out
+    assert "http://localhost:11434" in out and "redis://***@127.0.0.1:6399/0" in out
     assert "not-shown" not in out + p.stderr
     assert_plain(out)
     # -c and $XML_PIPELINE_LLM_CONFIG name the same file
@@ -160,12 +160,14 @@ def test_check_prints_the_routing_table_without_secrets(tmp_path):
     ("llm:\n  backends: [\n", ["malformed YAML", "line 3"]),
     ("llm:\n  backends:\n    - provider: ollama\n      max_concurrent: fast\n",
      ['llm.backends[0].max_concurrent: expected a positive integer, got "fast"']),
+    ("llm:\n  backends:\n    - provider: ollama\n      base_url: http://proxy:pw-not-shown@localhost:11434\n",
+     ['llm.backends[0].base_url: "http://proxy:***@localhost:11434" holds a user name or password']),
 ])
 def test_check_broken_config_is_one_error_line_per_problem(tmp_path, text, fragments):
     (tmp_path / "bad.yaml").write_text(text, encoding="utf-8")
     p = run(tmp_path, "check", "-c", "bad.yaml")
     assert_user_error(p, *fragments)
-    assert p.stdout == ""
+    assert p.stdout == "" and "not-shown" not in p.stderr
     assert all(line.startswith("error: ") for line in p.stderr.splitlines())
 
 

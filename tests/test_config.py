@@ -327,6 +327,18 @@ def test_openai_compatible_base_url_keeps_v1():
     assert cfg.backends[0].base_url == "http://localhost:8000/v1"
 
 
+@pytest.mark.parametrize("url, says", [
+    ("localhost:11434", "expected an http:// or https:// URL with a host"),
+    ("ftp://files.example/v1", "expected an http:// or https:// URL with a host"),
+    ("http://localhost:99999/v1", "is not a valid URL (Port out of range"),
+    ("https://bob:hunter2@api.example/v1", '"https://bob:***@api.example/v1" holds a user name or password'),
+])
+def test_base_url_must_be_an_http_url_without_credentials(url, says):
+    line = one_problem({"backends": [{"provider": "openai", "base_url": url, "supported_models": ["m"]}]})
+    assert line.startswith("llm.backends[0].base_url: ") and says in line
+    assert "hunter2" not in line and "http://localhost:11434" in line or "api_key_env" in line
+
+
 # ------------------------------------------------------------ secrets
 
 SECRET_BLOCKS = [
@@ -338,6 +350,8 @@ SECRET_BLOCKS = [
     {"backends": [{"provider": "nope", "api_key": SECRET}]},
     {"strategy": "x", "backends": [{"provider": "xai", "api_key": SECRET}, {"provider": "xai", "api_key": SECRET}]},
     {"backends": [{"provider": "xai", "api_kee": SECRET}]},
+    {"backends": [{"provider": "xai", "base_url": f"https://user:{SECRET}@api.x.ai/v1"}]},
+    {"backends": [{"provider": "xai", "base_url": f"https://{SECRET}@api.x.ai/v1"}]},
 ]
 
 

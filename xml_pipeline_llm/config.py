@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
@@ -300,9 +301,31 @@ def _resolve_backends(raw: LLMConfig, problems: list[str]) -> list[ResolvedBacke
                             f"no built-in model rule; list the models it serves, e.g. [llama-3.3-70b]")
         if cfg.supported_models is not None and not cfg.supported_models:
             problems.append(f"{where}.supported_models: empty list; list at least one model or remove the key")
+        if cfg.base_url is not None:
+            _check_base_url(f"{where}.base_url", cfg.base_url, problems)
         key, key_source = _resolve_key(where, cfg, provider, problems)
         out.append(ResolvedBackend(cfg, i, provider, key, key_source, raw.timeout))
     return out
+
+
+def _check_base_url(where: str, url: str, problems: list[str]) -> None:
+    """An http(s) URL with a host and no credentials, caught here rather than at the first call."""
+    from .shared.connection import redact_url
+
+    try:
+        parts = urlsplit(url)
+        _ = parts.port                                 # raises ValueError on a bad port
+    except ValueError as exc:
+        problems.append(f'{where}: "{redact_url(url)}" is not a valid URL ({exc}); '
+                        f"expected a URL such as http://localhost:11434")
+        return
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        problems.append(f'{where}: expected an http:// or https:// URL with a host, such as '
+                        f'http://localhost:11434, got "{redact_url(url)}"')
+    elif parts.username is not None or parts.password is not None:
+        problems.append(f'{where}: "{redact_url(url)}" holds a user name or password, which the '
+                        f"provider's HTTP client does not send; remove it from the URL and put the "
+                        f"provider's key in an environment variable named by api_key_env")
 
 
 def _resolve_key(where: str, cfg: BackendConfig, provider: Provider,
