@@ -320,7 +320,7 @@ async def test_token_bucket_semantics_in_redis(redis_server):
     gate = state.gate("tb", 10, 6000)      # 100 tokens a second
     start = time.monotonic()
     full = await gate.enter(6000)          # the bucket starts full
-    assert float(full) == 6000 and time.monotonic() - start < 0.5
+    assert float(full) == 6000 and time.monotonic() - start < 2     # an empty one: 60 s
     gate.leave(full, 6000)
     start = time.monotonic()
     t = await gate.enter(100)              # empty: about one second of refill
@@ -329,7 +329,7 @@ async def test_token_bucket_semantics_in_redis(redis_server):
     await asyncio.sleep(0.05)
     start = time.monotonic()
     t = await gate.enter(100)              # the refund is there at once
-    assert time.monotonic() - start < 0.4
+    assert time.monotonic() - start < 0.6          # without it: about a second
     gate.leave(t, 400)                     # charge 300 more than reserved: the level goes negative
     await asyncio.sleep(0.05)
     assert gate.level < -200
