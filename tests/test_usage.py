@@ -7,9 +7,11 @@ import csv
 import gc
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -202,6 +204,23 @@ async def test_sqlite_ledger_keeps_every_call(sim, tmp_path):
     events = list(read_events(db))              # already committed: no close needed
     assert len(events) == 20
     assert sum(e.total_tokens for e in events) == sum(t.total_tokens for t in r.get_all_usage().values())
+    await r.aclose()
+
+
+async def test_sqlite_ledger_opened_while_another_process_holds_its_write_lock(sim, tmp_path):
+    """Two processes opening a new ledger at once: the later one waits for the lock, no error."""
+    db = tmp_path / "opened-at-once.db"
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")        # its write lock, taken before the file is in WAL mode
+    release = threading.Timer(0.3, other.execute, ("COMMIT",))
+    release.start()
+    try:
+        r = make_router([backend(sim, "xai", "sq-lock")], usage_store=f"sqlite:///{db}")
+    finally:
+        release.join()
+        other.close()
+    await r.complete("grok-4.1", MESSAGES, agent_id="second")
+    assert [e.agent_id for e in read_events(db)] == ["second"]
     await r.aclose()
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import atexit
 import queue
+import random
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ CREATE INDEX IF NOT EXISTS usage_events_ts ON usage_events(timestamp);
 """
 _INSERT = f"INSERT INTO usage_events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _STOP = object()
+_BUSY_TIMEOUT = 30.0   # seconds a ledger operation waits for another process's lock
 
 
 def sqlite_path(url: str) -> Path:
@@ -60,11 +63,38 @@ def open_store(url: str | None, prefix: str = "xpl") -> Any:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, check_same_thread=False, timeout=30)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")   # a commit survives a killed process
-    conn.executescript(_SCHEMA)
-    return conn
+    """Open the ledger in WAL mode with its schema, waiting up to ``_BUSY_TIMEOUT`` for other writers.
+
+    SQLite waits for locks through the busy timeout, except when it would risk a
+    deadlock: switching a new ledger to WAL while another process holds its write
+    lock (both opening it at once, say) fails at once with "database is locked".
+    So the whole opening is retried, with a short random pause, until the same
+    deadline; another process's lock is a wait, never an error.
+    """
+    deadline = time.monotonic() + _BUSY_TIMEOUT
+    while True:
+        conn = sqlite3.connect(path, check_same_thread=False, timeout=_BUSY_TIMEOUT)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")   # a commit survives a killed process
+            conn.executescript(_SCHEMA)
+            return conn
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            if not _is_busy(exc) or time.monotonic() >= deadline:
+                raise
+        except BaseException:
+            conn.close()
+            raise
+        time.sleep(random.uniform(0.005, 0.05))
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    """Whether another connection's lock caused ``exc`` (SQLITE_BUSY or SQLITE_LOCKED)."""
+    code = getattr(exc, "sqlite_errorcode", None)   # Python 3.11+
+    if code is not None:
+        return code & 0xFF in (5, 6)
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 class SqliteStore:
