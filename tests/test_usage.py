@@ -12,10 +12,11 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
-from xml_pipeline_llm import ProviderError
+from xml_pipeline_llm import ConfigError, ProviderError
 from xml_pipeline_llm.simulator import Fault
 from xml_pipeline_llm.stores import read_events
 
@@ -222,6 +223,34 @@ async def test_sqlite_ledger_opened_while_another_process_holds_its_write_lock(s
     await r.complete("grok-4.1", MESSAGES, agent_id="second")
     assert [e.agent_id for e in read_events(db)] == ["second"]
     await r.aclose()
+
+
+async def test_sqlite_ledger_that_cannot_be_written_keeps_the_rows_and_fails_no_call(sim, tmp_path, caplog):
+    db = tmp_path / "broken.db"
+    r = make_router([backend(sim, "xai", "sq-broken")], usage_store=f"sqlite:///{db}")
+    await r.complete("grok-4.1", MESSAGES, agent_id="before")
+    other = sqlite3.connect(db)             # someone damages the ledger while the process runs
+    other.execute("DROP TABLE usage_events")
+    other.commit()
+    other.close()
+    with caplog.at_level("WARNING", logger="xml_pipeline_llm"):
+        resp = await r.complete("grok-4.1", MESSAGES, agent_id="during")   # no sqlite3 error here
+        assert resp.usage["total_tokens"] > 0
+        assert any(rec.levelname == "ERROR" and str(db) in rec.getMessage()
+                   and "retried every 1s" in rec.getMessage() for rec in caplog.records), caplog.text
+        deadline = time.monotonic() + 20      # the kept row is written once the table is back
+        while time.monotonic() < deadline and not any(True for _ in _ledger_rows(db)):
+            await asyncio.sleep(0.1)
+    assert [e.agent_id for e in read_events(db)] == ["during"]
+    assert any("writable again" in rec.getMessage() for rec in caplog.records), caplog.text
+    await r.aclose()
+
+
+def _ledger_rows(db):
+    try:
+        yield from read_events(db)
+    except ConfigError:         # the table is not there (yet)
+        return
 
 
 def test_sqlite_ledger_survives_sigkill_right_after_a_call(sim, tmp_path):

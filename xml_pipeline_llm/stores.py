@@ -4,13 +4,15 @@
 in WAL mode.  A single writer thread does the inserts, so the event loop never
 blocks on the disk, and it commits in groups: ``complete()`` returns only once
 its own event is committed, so a call that returned is in the ledger even if
-the process is killed right after (contract C8).
+the process is killed right after (contract C8).  A ledger that cannot be
+written does not fail calls: their rows wait in memory, retried, with an ERROR.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import logging
 import queue
 import random
 import sqlite3
@@ -23,6 +25,8 @@ from typing import Any
 from .config import REDIS_SCHEMES
 from .errors import ConfigError
 from .usage import UsageEvent
+
+log = logging.getLogger("xml_pipeline_llm")
 
 _COLUMNS = ("timestamp", "agent_id", "thread_id", "model", "backend", "provider", "prompt_tokens",
             "completion_tokens", "total_tokens", "cost_usd", "latency_ms", "outcome", "call_id")
@@ -37,6 +41,7 @@ CREATE INDEX IF NOT EXISTS usage_events_ts ON usage_events(timestamp);
 """
 _INSERT = f"INSERT INTO usage_events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _STOP = object()
+_RETRY_SECONDS = 1.0   # how often rows a failed write kept are tried again
 _BUSY_TIMEOUT = 30.0   # seconds a ledger operation waits for another process's lock
 
 
@@ -110,6 +115,8 @@ class SqliteStore:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._unwritten: list[UsageEvent] = []   # rows a failed write kept, for the next try
+        self._reported_at = float("-inf")
 
     def _ensure_writer(self) -> None:
         if self._thread is None:
@@ -121,7 +128,7 @@ class SqliteStore:
                     atexit.register(self._flush_at_exit)
 
     async def append(self, event: UsageEvent) -> None:
-        """Append and wait until the row is committed."""
+        """Append and wait until the row is committed (or kept for a retry if the write failed)."""
         self._ensure_writer()
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
@@ -134,31 +141,68 @@ class SqliteStore:
         self._queue.put((event, None, None))
 
     def _write_loop(self) -> None:
-        conn = _connect(self.path)
+        """Commit queued events in groups; a failed write keeps its rows and is retried.
+
+        A ledger that cannot be written (disk full, file removed or damaged) must
+        neither fail the calls that were already paid for nor lose their rows: the
+        waiting calls are released, the rows stay here and are retried every
+        ``_RETRY_SECONDS``, and an ERROR says so (at most once a minute).
+        """
+        conn: sqlite3.Connection | None = None
         while True:
-            batch = [self._queue.get()]
-            while True:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stop = any(item is _STOP for item in batch)
-            items = [item for item in batch if item is not _STOP]
-            error: BaseException | None = None
+            items, stop = self._next_batch(_RETRY_SECONDS if self._unwritten else None)
+            rows = self._unwritten + [event for event, _, _ in items]
             try:
-                conn.executemany(_INSERT, [_row(e) for e, _, _ in items])
-                conn.commit()
-            except sqlite3.Error as exc:
-                error = exc
+                if rows:
+                    conn = conn or _connect(self.path)
+                    conn.executemany(_INSERT, [_row(e) for e in rows])
+                    conn.commit()
+                    self._written_again(len(self._unwritten))
+                self._unwritten = []
+            except (sqlite3.Error, OSError) as exc:
+                if conn is not None:
+                    conn.close()    # rolls back; the next try reopens (and recreates the table)
+                    conn = None
+                self._unwritten = rows
+                self._report_failure(exc, stop)
             for _, fut, loop in items:
                 if fut is not None:
                     try:
-                        loop.call_soon_threadsafe(_settle, fut, error)
-                    except RuntimeError:   # the waiter's loop is gone; the row is written anyway
+                        loop.call_soon_threadsafe(_settle, fut)
+                    except RuntimeError:   # the waiter's loop is gone; the row is kept anyway
                         pass
             if stop:
-                conn.close()
+                if conn is not None:
+                    conn.close()
                 return
+
+    def _next_batch(self, timeout: float | None) -> tuple[list[Any], bool]:
+        """Everything queued (waiting up to ``timeout`` for the first item), and whether to stop."""
+        try:
+            batch = [self._queue.get(timeout=timeout)]
+        except queue.Empty:
+            return [], False
+        while True:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return [item for item in batch if item is not _STOP], any(item is _STOP for item in batch)
+
+    def _report_failure(self, exc: BaseException, stopping: bool) -> None:
+        now = time.monotonic()
+        if stopping or now - self._reported_at >= 60:
+            self._reported_at = now
+            fate = ("lost: the process is stopping" if stopping
+                    else f"kept in memory and retried every {_RETRY_SECONDS:g}s")
+            log.error("usage ledger %s: cannot write %d usage events (%s); they are %s",
+                      self.path, len(self._unwritten), exc, fate)
+
+    def _written_again(self, count: int) -> None:
+        if count:
+            self._reported_at = float("-inf")
+            log.warning("usage ledger %s: writable again; wrote the %d usage events kept while it was not",
+                        self.path, count)
 
     def flush(self) -> None:
         """Write what is queued and stop the writer (it restarts on the next append)."""
@@ -202,10 +246,6 @@ def _row(event: UsageEvent) -> tuple[Any, ...]:
     return tuple(getattr(event, c) for c in _COLUMNS)
 
 
-def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
-    if fut.done():
-        return
-    if error is None:
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
         fut.set_result(None)
-    else:
-        fut.set_exception(error)
