@@ -193,7 +193,7 @@ class SqliteStore:
         now = time.monotonic()
         if stopping or now - self._reported_at >= 60:
             self._reported_at = now
-            fate = ("lost: the process is stopping" if stopping
+            fate = ("unwritten as the writer stops: lost if the process exits now" if stopping
                     else f"kept in memory and retried every {_RETRY_SECONDS:g}s")
             log.error("usage ledger %s: cannot write %d usage events (%s); they are %s",
                       self.path, len(self._unwritten), exc, fate)
