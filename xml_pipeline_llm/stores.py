@@ -42,6 +42,7 @@ CREATE INDEX IF NOT EXISTS usage_events_ts ON usage_events(timestamp);
 _INSERT = f"INSERT INTO usage_events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _STOP = object()
 _RETRY_SECONDS = 1.0   # how often rows a failed write kept are tried again
+_REPORT_EVERY = 60.0   # seconds between ERRORs while the ledger stays unwritable
 _BUSY_TIMEOUT = 30.0   # seconds a ledger operation waits for another process's lock
 
 
@@ -191,7 +192,7 @@ class SqliteStore:
 
     def _report_failure(self, exc: BaseException, stopping: bool) -> None:
         now = time.monotonic()
-        if stopping or now - self._reported_at >= 60:
+        if stopping or now - self._reported_at >= _REPORT_EVERY:
             self._reported_at = now
             fate = ("unwritten as the writer stops: lost if the process exits now" if stopping
                     else f"kept in memory and retried every {_RETRY_SECONDS:g}s")
