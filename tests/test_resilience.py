@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from xml_pipeline_llm import BackendError, BadRequestError, ProviderError, RateLimitError
+from xml_pipeline_llm import BackendError, BadRequestError, NoBackendError, ProviderError, RateLimitError
 from xml_pipeline_llm.retry import backoff, parse_retry_after
 from xml_pipeline_llm.simulator import Fault
 
@@ -158,11 +158,11 @@ async def test_backend_specific_failure_moves_on_without_cooldown(sim, code):
     assert (await r.complete("grok-4.1", MESSAGES)).backend == a   # not cooling: preferred again
 
 
-async def test_all_backends_unauthorised_is_a_backend_error_after_one_try_each(sim):
+async def test_all_backends_unauthorised_is_a_no_backend_error_after_one_try_each(sim):
     r = make_router([backend(sim, "xai", "au-a"), backend(sim, "xai", "au-b")], retries=5)
     sim.script("au-a", [Fault.status(401)])
     sim.script("au-b", [Fault.status(401)])
-    with pytest.raises(BackendError) as info:
+    with pytest.raises(NoBackendError) as info:
         await r.complete("grok-4.1", MESSAGES)
     assert len(info.value.attempts) == 2
     assert sim.stats("au-a").requests == 1 and sim.stats("au-b").requests == 1
@@ -186,7 +186,7 @@ async def test_timeouts_are_retried(sim):
     assert r._ledger.events()[0].outcome == "retried:timeout"
 
 
-async def test_refused_connection_is_a_connection_failure_and_fails_over(sim):
+async def test_refused_connection_is_an_unreachable_backend_and_fails_over(sim):
     import socket
     with socket.socket() as s:          # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -195,7 +195,7 @@ async def test_refused_connection_is_a_connection_failure_and_fails_over(sim):
                      backend(sim, "openai", "cr-b")])
     resp = await r.complete("gpt-4o", MESSAGES)
     assert resp.backend == "cr-b"
-    assert [e.outcome for e in r._ledger.events()] == ["retried:connection", "ok"]
+    assert [e.outcome for e in r._ledger.events()] == ["retried:unreachable", "ok"]
 
 
 async def test_litellm_retries_are_off(sim):

@@ -9,10 +9,14 @@ otherwise, so nothing leaves the machine except calls to configured backends
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import itertools
 import logging
 import os
+import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -53,8 +57,58 @@ def load() -> "litellm":  # type: ignore[valid-type]
         litellm.telemetry = False
         _callback = _make_callback()
         litellm.callbacks = [*litellm.callbacks, _callback]
+        _logging_worker_per_loop()
     _module = litellm
     return litellm
+
+
+class _LoopWorkers:
+    """LiteLLM's logging worker, one per running event loop.
+
+    LiteLLM hands every success callback to one global ``LoggingWorker`` whose
+    queue and tasks belong to the loop that last used it; when several threads
+    run their own loops at once, that worker is moved from loop to loop and
+    drops or re-awaits their callbacks ("cannot reuse already awaited
+    coroutine", "bound to a different event loop").  This stands in its place
+    and gives each loop a worker of its own; closed loops' idle workers are
+    forgotten.
+    """
+
+    def __init__(self, first: Any, factory: Callable[[], Any]) -> None:
+        self._first = first
+        self._factory = factory
+        self._by_loop: dict[asyncio.AbstractEventLoop, Any] = {}
+        self._lock = threading.Lock()
+
+    def _current(self) -> Any:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return self._first
+        worker = self._by_loop.get(loop)
+        if worker is None:
+            with self._lock:
+                for old, w in list(self._by_loop.items()):
+                    if old.is_closed() and not w.pending_count:
+                        del self._by_loop[old]
+                        if w is not self._first:
+                            atexit.unregister(w._flush_on_exit)
+                worker = self._by_loop[loop] = self._first if not self._by_loop else self._factory()
+        return worker
+
+    def ensure_initialized_and_enqueue(self, async_coroutine: Any) -> None:
+        self._current().ensure_initialized_and_enqueue(async_coroutine)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._current(), name)
+
+
+def _logging_worker_per_loop() -> None:
+    from litellm.litellm_core_utils import logging_worker
+
+    if not isinstance(logging_worker.GLOBAL_LOGGING_WORKER, _LoopWorkers):
+        logging_worker.GLOBAL_LOGGING_WORKER = _LoopWorkers(  # type: ignore[misc]
+            logging_worker.GLOBAL_LOGGING_WORKER, logging_worker.LoggingWorker)
 
 
 def deployment(b: ResolvedBackend) -> dict[str, Any]:
@@ -64,6 +118,8 @@ def deployment(b: ResolvedBackend) -> dict[str, Any]:
         "timeout": b.timeout,
         "max_retries": 0,          # the OpenAI SDK's own retries: off, ours rule
     }
+    if b.drop_params:
+        params["drop_params"] = True
     if b.base_url:
         params["api_base"] = b.base_url
     if b.api_key is not None:
@@ -91,10 +147,22 @@ class Deployments:
         self._acompletion = load().acompletion
         self._ollama = next((b.base_url for b in backends if b.provider.name == "ollama"), None)
 
-    async def acompletion(self, backend: str, model: str, **kwargs: Any) -> Any:
-        """``litellm.acompletion`` on ``backend``'s deployment for ``model``."""
+    async def acompletion(self, backend: str, model: str, *, timeout: float | None = None,
+                          drop_params: bool | None = None, **kwargs: Any) -> Any:
+        """``litellm.acompletion`` on ``backend``'s deployment for ``model``.
+
+        LiteLLM's retries (``num_retries``, which would otherwise fall back to
+        ``litellm.num_retries``) and the OpenAI SDK's (``max_retries``) are off on
+        every call, whatever else is set: the package's retry rules are the only ones.
+        """
         params = self._params[backend]
-        return await self._acompletion(**{**params, "model": params["model"][:-1] + model}, **kwargs)
+        call = {**kwargs, **params, "model": params["model"][:-1] + model,
+                "num_retries": 0, "max_retries": 0}
+        if timeout is not None:
+            call["timeout"] = timeout
+        if drop_params is not None:
+            call["drop_params"] = drop_params
+        return await self._acompletion(**call)
 
 
 def build_router(backends: list[ResolvedBackend], timeout: float) -> Any:
@@ -241,6 +309,12 @@ def _make_callback() -> Any:
     from litellm.integrations.custom_logger import CustomLogger
 
     class UsageCallback(CustomLogger):  # type: ignore[misc]
+        def log_pre_api_call(self, model: Any, messages: Any, kwargs: Any) -> None:
+            meta = (kwargs.get("litellm_params") or {}).get("metadata") or {}
+            tag = meta.get("xpl_try")
+            if tag:
+                _SENT.add(tag)
+
         async def async_log_success_event(self, kwargs: Any, response_obj: Any,
                                           start_time: Any, end_time: Any) -> None:
             meta = (kwargs.get("litellm_params") or {}).get("metadata") or {}
@@ -249,3 +323,77 @@ def _make_callback() -> Any:
                 router._record_from_callback(meta, kwargs, response_obj, start_time, end_time)
 
     return UsageCallback()
+
+
+# ------------------------------------------------------------ was it sent, and why it failed
+
+_tries = itertools.count(1)
+_SENT: set[str] = set()
+
+
+def new_try() -> str:
+    """A tag for one provider try, carried in its metadata so that ``sent`` can tell."""
+    return f"t{next(_tries)}"
+
+
+def sent(tag: str) -> bool:
+    """Whether LiteLLM got as far as sending the try tagged ``tag``.
+
+    LiteLLM calls its loggers' ``log_pre_api_call`` just before the HTTP
+    request; an error raised before that (an unsupported parameter, a message
+    it cannot translate) is not a provider failure.
+    """
+    return tag in _SENT
+
+
+def forget(tag: str) -> None:
+    """The try is over: drop its tag."""
+    _SENT.discard(tag)
+
+
+_CAUSES: list[tuple[tuple[type[BaseException], ...], str]] = []
+
+
+def _cause_table() -> list[tuple[tuple[type[BaseException], ...], str]]:
+    """Exception classes by what they mean, most specific first (resolved once)."""
+    if not _CAUSES:
+        import json
+        import socket
+
+        import aiohttp
+        import httpx
+        import openai
+
+        from .streaming import EmptyStreamError
+
+        lt = load()
+        _CAUSES.extend([
+            ((lt.UnsupportedParamsError,), "unsupported_params"),
+            ((lt.ContextWindowExceededError,), "context_window"),
+            ((lt.Timeout, openai.APITimeoutError, httpx.TimeoutException, TimeoutError,
+              aiohttp.ServerTimeoutError), "timeout"),
+            ((httpx.ConnectError, aiohttp.ClientConnectorError, ConnectionRefusedError, socket.gaierror),
+             "unreachable"),
+            ((httpx.TransportError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
+              ConnectionError, openai.APIConnectionError), "connection"),
+            ((json.JSONDecodeError, EmptyStreamError, openai.APIResponseValidationError), "bad_response"),
+        ])
+    return _CAUSES
+
+
+def cause(exc: BaseException) -> str | None:
+    """What the exception and the errors it was raised from say, beyond an HTTP status.
+
+    ``unsupported_params``, ``context_window``, ``timeout``, ``unreachable``
+    (connection refused, DNS failure), ``connection`` (dropped or broken) or
+    ``bad_response`` (unparseable); None when the chain says nothing more.
+    """
+    chain: list[BaseException] = []
+    link: BaseException | None = exc
+    while link is not None and len(chain) < 8 and link not in chain:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    for classes, what in _cause_table():
+        if any(isinstance(e, classes) for e in chain):
+            return what
+    return None

@@ -47,6 +47,7 @@ class BackendConfig(BaseModel):
     max_concurrent: int = Field(default=20, gt=0)
     supported_models: list[str] | None = None
     timeout: float | None = Field(default=None, gt=0)
+    drop_params: bool | None = None
 
 
 class LLMConfig(BaseModel):
@@ -60,6 +61,7 @@ class LLMConfig(BaseModel):
     retry_max_delay: float = Field(default=60.0, gt=0)
     timeout: float = Field(default=120.0, gt=0)
     default_max_tokens: int = Field(default=1024, gt=0)
+    drop_params: bool = False
     usage_store: str | None = None
     shared_state: str | None = None
     redis_prefix: str = "xpl"
@@ -78,6 +80,7 @@ EXPECTED = {
     "max_concurrent": "a positive integer",
     "supported_models": "a list of model names or patterns, such as [llama3, mistral*]",
     "timeout": "a positive number of seconds",
+    "drop_params": "true or false",
     "strategy": "one of failover, round-robin, least-loaded",
     "retries": "a whole number >= 0",
     "retry_base_delay": "a positive number of seconds",
@@ -98,10 +101,11 @@ class ResolvedBackend:
     """
 
     __slots__ = ("name", "provider", "index", "priority", "base_url", "api_key", "key_source",
-                 "rate_limit_tpm", "max_concurrent", "models", "timeout")
+                 "rate_limit_tpm", "max_concurrent", "models", "timeout", "drop_params")
 
     def __init__(self, cfg: BackendConfig, index: int, provider: Provider,
-                 api_key: SecretStr | None, key_source: str, timeout: float) -> None:
+                 api_key: SecretStr | None, key_source: str, timeout: float,
+                 drop_params: bool = False) -> None:
         self.name: str = cfg.name or cfg.provider
         self.provider = provider
         self.index = index
@@ -113,6 +117,7 @@ class ResolvedBackend:
         self.max_concurrent = cfg.max_concurrent
         self.models: tuple[str, ...] = tuple(cfg.supported_models or ())
         self.timeout = cfg.timeout or timeout
+        self.drop_params = drop_params if cfg.drop_params is None else cfg.drop_params
 
     @property
     def catch_all(self) -> bool:
@@ -304,7 +309,7 @@ def _resolve_backends(raw: LLMConfig, problems: list[str]) -> list[ResolvedBacke
         if cfg.base_url is not None:
             _check_base_url(f"{where}.base_url", cfg.base_url, problems)
         key, key_source = _resolve_key(where, cfg, provider, problems)
-        out.append(ResolvedBackend(cfg, i, provider, key, key_source, raw.timeout))
+        out.append(ResolvedBackend(cfg, i, provider, key, key_source, raw.timeout, raw.drop_params))
     return out
 
 

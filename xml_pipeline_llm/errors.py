@@ -24,7 +24,7 @@ class Attempt:
     """One provider call made for a request: which backend, and what went wrong."""
 
     backend: str
-    kind: str  # "rate_limit", "server_error", "timeout", "auth", "not_found", ...
+    kind: str  # one of retry.KINDS: "rate_limit", "server_error", "timeout", "unreachable", ...
     status: int | None
     detail: str = ""
 
@@ -49,8 +49,21 @@ class ModelNotFoundError(BackendError):
     """No configured backend serves the requested model (no call was made)."""
 
 
+class NoBackendError(BackendError):
+    """Every backend serving the model turned the request away for itself (401, 403, 404).
+
+    A bad key, no access, or a model that backend does not have: each was
+    tried once and dropped for this request.  ``attempts`` says which and why.
+    """
+
+
 class BadRequestError(BackendError):
-    """The provider rejected the request itself (HTTP 400/422); retrying cannot help."""
+    """The request itself cannot be served as it is; retrying cannot help.
+
+    The provider rejected it (HTTP 400/422), or it was refused before anything
+    was sent: a malformed call, an argument ``complete()`` does not take, or a
+    parameter that no candidate's provider supports.
+    """
 
     def __init__(self, message: str, attempts: list[Attempt] | None = None,
                  status_code: int = 400) -> None:

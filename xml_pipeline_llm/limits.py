@@ -6,8 +6,15 @@ is exact because a freed slot is handed straight to the next waiter instead of
 being raced for (contract C6).
 
 Neither holds an asyncio primitive: futures are made on the loop of the task
-that waits, so one router serves any number of event loops one after another
-(``asyncio.run`` twice, pytest-asyncio's per-test loops, Jupyter).
+that waits, and a waiter is woken on its own loop (``call_soon_threadsafe``
+when the waker runs elsewhere), so one router serves any number of event
+loops, one after another (``asyncio.run`` twice, pytest-asyncio's per-test
+loops, Jupyter) or at once in several threads.  Their counts change under a
+``threading.Lock``, so the limits stay exact across threads too.
+
+Cancellation: a waiter that is cancelled (or timed out) gives back what it
+was handed: a slot handed to it just as it was cancelled goes on to the next
+waiter, and tokens it had taken go back into the bucket.
 
 These are the in-memory implementations of the state interface in
 ``state.py``; a Redis implementation offers the same methods.
@@ -16,13 +23,42 @@ These are the in-memory implementations of the state interface in
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import deque
 
 
-def _wake(fut: asyncio.Future[None] | None) -> None:
-    if fut is not None and not fut.done():
+def _set(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
         fut.set_result(None)
+
+
+def wake(fut: asyncio.Future[None] | None) -> None:
+    """Resolve ``fut`` on its own loop, from any thread (a closed loop's future is left alone)."""
+    if fut is None or fut.done():
+        return
+    loop = fut.get_loop()
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        fut.set_result(None)
+    elif not loop.is_closed():
+        try:
+            loop.call_soon_threadsafe(_set, fut)
+        except RuntimeError:     # closed meanwhile: nobody waits there any more
+            pass
+
+
+class _Waiter:
+    """One task waiting for a limit: the future it sleeps on, and whether a slot was handed to it."""
+
+    __slots__ = ("fut", "granted")
+
+    def __init__(self) -> None:
+        self.fut: asyncio.Future[None] | None = None
+        self.granted = False
 
 
 class TokenBucket:
@@ -44,13 +80,15 @@ class TokenBucket:
         self.rate = self.capacity / period
         self._tokens = self.capacity
         self._stamp = time.monotonic()
-        self._waiters: deque[list[asyncio.Future[None] | None]] = deque()
+        self._waiters: deque[_Waiter] = deque()
+        self._lock = threading.Lock()
 
     @property
     def tokens(self) -> float:
         """Tokens available now (negative after an over-charge)."""
-        self._refill()
-        return self._tokens
+        with self._lock:
+            self._refill()
+            return self._tokens
 
     @property
     def waiting(self) -> int:
@@ -71,38 +109,39 @@ class TokenBucket:
     async def acquire(self, amount: float) -> float:
         """Take ``min(amount, capacity)`` tokens, waiting first-come first-served; returns what was taken."""
         amount = min(float(amount), self.capacity)
-        if not self._waiters and self._try_take(amount):
-            return amount
-        slot: list[asyncio.Future[None] | None] = [None]
-        self._waiters.append(slot)
-        try:
-            while not (self._waiters[0] is slot and self._try_take(amount)):
-                await self._sleep(slot, amount)
-        finally:
-            self._waiters.remove(slot)
-            if self._waiters:
-                _wake(self._waiters[0][0])
-        return amount
-
-    async def _sleep(self, slot: list[asyncio.Future[None] | None], amount: float) -> None:
-        """Wait to be woken; the head of the queue also wakes itself when its tokens are due."""
+        me = _Waiter()
+        with self._lock:
+            if not self._waiters and self._try_take(amount):
+                return amount
+            self._waiters.append(me)
         loop = asyncio.get_running_loop()
-        fut = slot[0] = loop.create_future()
-        handle = None
-        if self._waiters[0] is slot:
-            handle = loop.call_later(max(0.0, (amount - self._tokens) / self.rate), _wake, fut)
         try:
-            await fut
-        finally:
-            if handle is not None:
-                handle.cancel()
+            while True:
+                with self._lock:
+                    head = self._waiters[0] is me
+                    if head and self._try_take(amount):
+                        return amount
+                    fut = me.fut = loop.create_future()
+                    delay = (amount - self._tokens) / self.rate if head else None
+                handle = loop.call_later(max(0.0, delay), _set, fut) if delay is not None else None
+                try:
+                    await fut
+                finally:
+                    if handle is not None:
+                        handle.cancel()
+        finally:        # taken, cancelled or timed out: the next in line may go now
+            with self._lock:
+                self._waiters.remove(me)
+                nxt = self._waiters[0].fut if self._waiters else None
+            wake(nxt)
 
     def settle(self, taken: float, used: float) -> None:
         """Refund ``taken - used`` (or charge the excess) once the real usage is known."""
-        self._refill()
-        self._tokens = min(self.capacity, self._tokens + taken - used)
-        if self._waiters:
-            _wake(self._waiters[0][0])
+        with self._lock:
+            self._refill()
+            self._tokens = min(self.capacity, self._tokens + taken - used)
+            nxt = self._waiters[0].fut if self._waiters else None
+        wake(nxt)
 
 
 class Slots:
@@ -115,35 +154,45 @@ class Slots:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.in_use = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[_Waiter] = deque()
+        self._lock = threading.Lock()
 
     @property
     def waiting(self) -> int:
         return len(self._waiters)
 
     async def acquire(self) -> None:
-        if self.in_use < self.limit and not self._waiters:
-            self.in_use += 1
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        with self._lock:
+            if self.in_use < self.limit and not self._waiters:
+                self.in_use += 1
+                return
+            me = _Waiter()
+            me.fut = asyncio.get_running_loop().create_future()
+            self._waiters.append(me)
         try:
-            await fut      # the releaser counted us in before waking us
+            await me.fut      # the releaser counted us in before waking us
         except BaseException:
-            if fut.done() and not fut.cancelled():
+            with self._lock:
+                handed = me.granted
+                if not handed:
+                    self._waiters.remove(me)
+            if handed:
                 self.release()   # handed a slot just as we were cancelled: pass it on
-            else:
-                self._waiters.remove(fut)
             raise
 
     def release(self) -> None:
-        """Give the slot to the oldest live waiter, or free it."""
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done() and not fut.get_loop().is_closed():
-                fut.set_result(None)
+        """Give the slot to the oldest waiter whose loop still runs, or free it."""
+        with self._lock:
+            while self._waiters:
+                w = self._waiters.popleft()
+                assert w.fut is not None
+                if not w.fut.get_loop().is_closed():
+                    w.granted = True
+                    break
+            else:
+                self.in_use -= 1
                 return
-        self.in_use -= 1
+        wake(w.fut)
 
 
 class Gate:
@@ -157,6 +206,7 @@ class Gate:
         self.slots = Slots(max_concurrent)
         self.bucket = TokenBucket(tpm) if tpm else None
         self.queued = 0
+        self._lock = threading.Lock()
 
     @property
     def in_flight(self) -> int:
@@ -168,7 +218,8 @@ class Gate:
 
     async def enter(self, tokens: int) -> float:
         """Wait for tokens, then for a slot; returns the tokens taken (to settle later)."""
-        self.queued += 1
+        with self._lock:
+            self.queued += 1
         taken = 0.0
         try:
             if self.bucket is not None:
@@ -179,7 +230,8 @@ class Gate:
                 self.bucket.settle(taken, 0)
             raise
         finally:
-            self.queued -= 1
+            with self._lock:
+                self.queued -= 1
         return taken
 
     def leave(self, taken: float, used: int) -> None:

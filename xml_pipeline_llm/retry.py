@@ -1,8 +1,10 @@
 """Which provider errors are worth another try, and how long a backend cools down.
 
-Errors are classified by HTTP status, not by exception class: LiteLLM maps a
-502 to ``BadGatewayError``, a refused connection to a 500, and malformed JSON
-to an ``APIError`` with status 200 (contract C5).
+Errors are classified by the exception chain's classes first (a refused
+connection, a timeout, an unsupported parameter: ``_litellm.cause``) and then
+by HTTP status: LiteLLM maps a 502 to ``BadGatewayError``, a refused
+connection to a 500, and malformed JSON to an ``APIError`` with status 200
+(contract C5).  Message text is never looked at.
 """
 
 from __future__ import annotations
@@ -18,63 +20,69 @@ from typing import Any, Callable, Mapping
 class Action(Enum):
     RETRY = "retry"            # cool the backend down, try again (elsewhere first)
     NEXT_BACKEND = "next"      # this backend cannot serve it (401/403/404): drop it for this request
+    UNSUPPORTED = "unsupported"  # its provider does not take a parameter (nothing sent): drop it, no try
     FATAL = "fatal"            # the request itself is wrong (400/422): raise at once
 
 
 @dataclass(frozen=True)
 class Verdict:
     action: Action
-    kind: str                  # rate_limit, server_error, timeout, connection, bad_response, auth, ...
+    kind: str                  # one of KINDS
     status: int | None
     retry_after: float | None = None
 
     @property
     def label(self) -> str:
         """How the ledger and the logs name this failure: ``429`` or ``timeout``."""
-        if self.kind in ("timeout", "connection", "bad_response") or not self.status:
+        if self.kind in _NAMED_BY_KIND or not self.status:
             return self.kind
         return str(self.status)
 
 
-_PROVIDER_MODULES = ("litellm", "openai", "httpx", "httpcore", "aiohttp", "anthropic", "json")
+# The error kinds of an ``Attempt`` and of the ledger's outcomes (``retried:<label>``).
+KINDS = ("rate_limit", "server_error", "timeout", "unreachable", "connection", "bad_response", "auth",
+         "not_found", "bad_request", "context_window", "unsupported_params")
+_NAMED_BY_KIND = frozenset({"timeout", "unreachable", "connection", "bad_response", "context_window",
+                            "unsupported_params"})
+
+# What an HTTP status means when nothing more specific is known.
+_BY_STATUS: dict[int, tuple[Action, str]] = {
+    400: (Action.FATAL, "bad_request"), 422: (Action.FATAL, "bad_request"),
+    401: (Action.NEXT_BACKEND, "auth"), 403: (Action.NEXT_BACKEND, "auth"),
+    404: (Action.NEXT_BACKEND, "not_found"),
+    408: (Action.RETRY, "timeout"), 409: (Action.RETRY, "server_error"),
+    425: (Action.RETRY, "server_error"), 429: (Action.RETRY, "rate_limit"),
+}
+# What the exception chain says (``_litellm.cause``) wins over the status LiteLLM put on it.
+_BY_CAUSE: dict[str, tuple[Action, str]] = {
+    "unsupported_params": (Action.UNSUPPORTED, "unsupported_params"),
+    "context_window": (Action.FATAL, "context_window"),
+    "timeout": (Action.RETRY, "timeout"),
+    "unreachable": (Action.RETRY, "unreachable"),
+    "connection": (Action.RETRY, "connection"),
+    "bad_response": (Action.RETRY, "bad_response"),
+}
 
 
-def classify(exc: BaseException) -> Verdict | None:
-    """Decide what a failed provider call means; None for errors that are not the provider's."""
+def classify(exc: BaseException, cause: str | None) -> Verdict | None:
+    """What a failed provider call means; None for an error that is not the provider's.
+
+    ``cause`` is what the exception chain says (``_litellm.cause``); without
+    one, the HTTP status decides: 5xx retry, 2xx is an unparseable answer, any
+    other 4xx not listed is the request's fault.
+    """
     status = getattr(exc, "status_code", None)
-    names = {c.__name__ for c in type(exc).__mro__}
-    if "EmptyStreamError" in names:
-        return Verdict(Action.RETRY, "bad_response", None)
-    if isinstance(exc, TimeoutError) or "Timeout" in names or "APITimeoutError" in names:
-        return Verdict(Action.RETRY, "timeout", 408)
-    if not isinstance(status, int):
-        if type(exc).__module__.split(".")[0] in _PROVIDER_MODULES:
-            return Verdict(Action.RETRY, "bad_response", None)
+    status = status if isinstance(status, int) else None
+    if cause is not None:
+        action, kind = _BY_CAUSE[cause]
+        return Verdict(action, kind, 408 if kind == "timeout" else status if action is Action.FATAL else None,
+                       retry_after(exc))
+    if status is None:
         return None
-    if status in (400, 422):
-        return Verdict(Action.FATAL, "bad_request", status)
-    if status in (401, 403):
-        return Verdict(Action.NEXT_BACKEND, "auth", status)
-    if status == 404:
-        return Verdict(Action.NEXT_BACKEND, "not_found", status)
-    if status == 429:
-        return Verdict(Action.RETRY, "rate_limit", status, retry_after(exc))
-    if status == 408:
-        return Verdict(Action.RETRY, "timeout", status)
-    if status in (409, 425) or 500 <= status < 600:
-        kind = "connection" if "APIConnectionError" in names or _refused(str(exc)) else "server_error"
-        return Verdict(Action.RETRY, kind, status, retry_after(exc))
-    if status < 300:
-        return Verdict(Action.RETRY, "bad_response", status)
-    return Verdict(Action.FATAL, "bad_request", status)
-
-
-_CONNECTION_TEXTS = ("Connection error", "Cannot connect to host", "Connection refused")
-
-
-def _refused(text: str) -> bool:
-    """LiteLLM reports a refused connection as a plain 500; its text says what it was."""
-    return any(t in text for t in _CONNECTION_TEXTS)
+    action, kind = _BY_STATUS.get(status) or (
+        (Action.RETRY, "server_error") if status >= 500 else
+        (Action.RETRY, "bad_response") if status < 300 else (Action.FATAL, "bad_request"))
+    return Verdict(action, kind, status, retry_after(exc) if action is Action.RETRY else None)
 
 
 def _headers(exc: BaseException) -> Mapping[str, Any]:

@@ -24,8 +24,9 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 from . import _litellm
 from .config import ResolvedBackend, RouterConfig
 from .providers import lookup
-from .errors import (Attempt, BackendError, BadRequestError, ModelNotFoundError, ProviderError,
-                     RateLimitError)
+from .errors import (Attempt, BackendError, BadRequestError, ModelNotFoundError, NoBackendError,
+                     ProviderError, RateLimitError)
+from .options import CallOptions, check_call, split_options
 from .response import LLMResponse
 from .retry import Action, Verdict, classify, cooldown
 from .strategies import STRATEGIES
@@ -51,12 +52,15 @@ class Request:
     thread_id: str | None
     metadata: dict[str, Any]
     candidates: list[ResolvedBackend]
+    options: CallOptions
+    tries: int                        # at most this many provider calls
     turn: int = 0
     estimate: int | None = None
     attempts: list[Attempt] = field(default_factory=list)
     verdicts: list[Verdict] = field(default_factory=list)
     failed: set[str] = field(default_factory=set)
     dropped: set[str] = field(default_factory=set)
+    unsupported: dict[str, str] = field(default_factory=dict)   # backend -> what its provider refused
     last_exc: BaseException | None = None
 
 
@@ -119,10 +123,11 @@ class LLMRouter:
                        agent_id: str | None = None, thread_id: str | None = None,
                        metadata: dict[str, Any] | None = None, **kwargs: Any) -> LLMResponse:
         """One chat completion, retried and failed over by the configured rules."""
-        req = await self._request(model, messages, agent_id, thread_id, metadata, kwargs)
+        options, kwargs = _checked(model, messages, kwargs, streaming=False)
+        req = await self._request(model, messages, agent_id, thread_id, metadata, kwargs, options)
         resp: LLMResponse | None = None
         try:
-            async for attempt in self._retrying():
+            async for attempt in self._retrying(req):
                 with attempt:
                     resp = await self._try(req)
         except _TryFailed:
@@ -134,7 +139,8 @@ class LLMRouter:
                agent_id: str | None = None, thread_id: str | None = None,
                metadata: dict[str, Any] | None = None, **kwargs: Any) -> LLMStream:
         """An async iterator of text deltas; ``.response`` holds the LLMResponse once it ends."""
-        return LLMStream(self, model, messages, agent_id, thread_id, metadata, kwargs)
+        options, kwargs = _checked(model, messages, kwargs, streaming=True)
+        return LLMStream(self, model, messages, agent_id, thread_id, metadata, kwargs, options)
 
     async def _open_stream(self, req: Request) -> tuple[ResolvedBackend, Any, list[Any], bool, float, float]:
         """Open a stream with the same tries as complete(), up to its first content.
@@ -144,24 +150,24 @@ class LLMRouter:
         """
         opened = None
         try:
-            async for attempt in self._retrying():
+            async for attempt in self._retrying(req):
                 with attempt:
                     opened = await self._try(req, stream=True)
         except _TryFailed:
             raise self._final_error(req) from req.last_exc
         return opened  # type: ignore[return-value]
 
-    def _retrying(self) -> AsyncRetrying:
-        return AsyncRetrying(stop=stop_after_attempt(self.config.retries + 1),
+    def _retrying(self, req: Request) -> AsyncRetrying:
+        return AsyncRetrying(stop=stop_after_attempt(req.tries),
                              retry=retry_if_exception_type(_TryFailed), reraise=True)
 
     async def _request(self, model: str, messages: list[dict[str, Any]], agent_id: str | None,
                        thread_id: str | None, metadata: dict[str, Any] | None,
-                       kwargs: dict[str, Any]) -> Request:
-        if not isinstance(messages, list) or not messages:
-            raise BadRequestError("messages: expected a non-empty list of {'role': ..., 'content': ...} dicts")
+                       kwargs: dict[str, Any], options: CallOptions) -> Request:
         bare, candidates = self.route(model)
-        req = Request(bare, messages, kwargs, agent_id, thread_id, dict(metadata or {}), candidates)
+        retries = self.config.retries if options.retries is None else options.retries
+        req = Request(bare, messages, kwargs, agent_id, thread_id, dict(metadata or {}), candidates,
+                      options, retries + 1)
         if self._strategy.rotates:
             req.turn = await self._state.next_turn(bare)
         return req
@@ -214,39 +220,52 @@ class LLMRouter:
             _litellm.register(self.id, self)
         return self._llm
 
-    def _call_meta(self, req: Request, backend: ResolvedBackend) -> dict[str, Any]:
-        return {**req.metadata, "xpl_router": self.id, "xpl_backend": backend.name,
+    def _call_meta(self, req: Request, backend: ResolvedBackend, tag: str) -> dict[str, Any]:
+        return {**req.metadata, "xpl_router": self.id, "xpl_backend": backend.name, "xpl_try": tag,
                 "agent_id": req.agent_id, "thread_id": req.thread_id, "xpl_model": req.model}
 
     async def _try(self, req: Request, stream: bool = False) -> Any:
-        """One provider call on the backend the strategy picks."""
-        backend = await self._choose(req)
-        gate = self._gates[backend.name]
-        taken = await gate.enter(self._reservation(req, backend))
-        llm = self._deployments()
-        start = time.perf_counter()
-        held = False
-        used = 0
-        raw = None
-        try:
-            kwargs = req.kwargs
-            if stream:
-                kwargs = {**kwargs, "stream": True,
-                          "stream_options": {**kwargs.get("stream_options", {}), "include_usage": True}}
-            raw = await llm.acompletion(backend.name, req.model, messages=req.messages,
-                                        metadata=self._call_meta(req, backend), **kwargs)
-            if stream:
-                first, ended = await first_chunks(raw)
-                held = True
-                return backend, raw, first, ended, taken, start
-            used = _litellm.usage_of(raw)["total_tokens"]
-        except Exception as exc:
-            if stream and raw is not None:
-                await _close_quietly(raw)
-            await self._failed(req, backend, exc, (time.perf_counter() - start) * 1000)
-        finally:
-            if not held:
-                gate.leave(taken, used)
+        """One provider call on the backend the strategy picks.
+
+        A backend whose provider refuses a parameter before anything is sent is
+        dropped and the next one is picked at once: that is not a try.
+        """
+        while True:
+            backend = await self._choose(req)
+            gate = self._gates[backend.name]
+            taken = await gate.enter(self._reservation(req, backend))
+            llm = self._deployments()
+            tag = _litellm.new_try()
+            start = time.perf_counter()
+            held = False
+            used = 0
+            raw = None
+            try:
+                kwargs = req.kwargs
+                if stream:
+                    kwargs = {**kwargs, "stream": True,
+                              "stream_options": {**kwargs.get("stream_options", {}), "include_usage": True}}
+                raw = await llm.acompletion(backend.name, req.model, messages=req.messages,
+                                            metadata=self._call_meta(req, backend, tag),
+                                            timeout=req.options.timeout,
+                                            drop_params=req.options.drop_params, **kwargs)
+                if stream:
+                    first, ended = await first_chunks(raw)
+                    held = True
+                    return backend, raw, first, ended, taken, start
+                used = _litellm.usage_of(raw)["total_tokens"]
+            except Exception as exc:
+                if stream and raw is not None:
+                    await _close_quietly(raw)
+                if not _litellm.sent(tag):
+                    self._not_sent(req, backend, exc)
+                    continue
+                await self._failed(req, backend, exc, (time.perf_counter() - start) * 1000)
+            finally:
+                _litellm.forget(tag)
+                if not held:
+                    gate.leave(taken, used)
+            break
         latency = (time.perf_counter() - start) * 1000
         cost_usd = _litellm.response_cost(raw, req.model, backend.provider.litellm_prefix)
         resp = _litellm.to_response(raw, backend.name, latency, cost_usd)
@@ -254,10 +273,29 @@ class LLMRouter:
                                               _litellm.call_id(raw)))
         return resp
 
+    def _not_sent(self, req: Request, backend: ResolvedBackend, exc: Exception) -> None:
+        """LiteLLM failed before sending: not the provider's failure, so no cooldown and no try.
+
+        A parameter the backend's provider does not take drops that backend for
+        this request (the next candidate may take it); anything else is the
+        request's own fault and raises ``BadRequestError``.
+        """
+        verdict = classify(exc, _litellm.cause(exc))
+        if verdict is not None and verdict.action is Action.UNSUPPORTED:
+            req.dropped.add(backend.name)
+            req.unsupported[backend.name] = _unsupported(exc)
+            log.info("%s: %s (%s) does not take %s; nothing sent, trying the next backend", req.model,
+                     backend.name, backend.provider.name, req.unsupported[backend.name])
+            return
+        raise BadRequestError(
+            f"{req.model}: LiteLLM could not build the request for {backend.name} "
+            f"({backend.provider.name}), so nothing was sent: {self._redact(_short(exc))}; check the "
+            f"messages and parameters", req.attempts) from exc
+
     async def _failed(self, req: Request, backend: ResolvedBackend, exc: Exception,
                       latency_ms: float) -> None:
         """Classify a failed try, cool the backend down or drop it, record it, then raise."""
-        verdict = classify(exc)
+        verdict = classify(exc, _litellm.cause(exc))
         if verdict is None:
             await self._ledger.record(self._event(req, backend, None, None, latency_ms, "error:internal"))
             raise exc
@@ -278,12 +316,12 @@ class LLMRouter:
             wait = cooldown(verdict, len(req.attempts) - 1, self.config.retry_base_delay,
                             self.config.retry_max_delay)
             await self._state.cool_down(backend.name, wait)
-        final = (len(req.attempts) > self.config.retries
+        final = (len(req.attempts) >= req.tries
                  or all(b.name in req.dropped for b in req.candidates))
         await self._ledger.record(self._event(req, backend, None, None, latency_ms,
                                               f"{'error' if final else 'retried'}:{verdict.label}"))
         log.info("%s: try %d/%d on %s failed (%s %s)%s; %s", req.model, len(req.attempts),
-                 self.config.retries + 1, backend.name, verdict.kind, verdict.status or "",
+                 req.tries, backend.name, verdict.kind, verdict.status or "",
                  f", cooling down {wait:.2f}s" if wait is not None else ", dropped for this request",
                  "giving up" if final else "trying again")
         raise _TryFailed()
@@ -300,12 +338,24 @@ class LLMRouter:
         tries = "; ".join(str(a) for a in req.attempts) or "none"
         msg = f"{req.model}: all {len(req.attempts)} tries failed ({tries})"
         last = req.verdicts[-1] if req.verdicts else None
+        if req.unsupported and not (last is not None and last.action is Action.RETRY):
+            refused = "; ".join(f"{b} ({next(c.provider.name for c in req.candidates if c.name == b)}) "
+                                f"does not take {what}" for b, what in req.unsupported.items())
+            tried = f" (tries: {tries})" if req.attempts else ""
+            return BadRequestError(
+                f"{req.model}: no backend takes the request's parameters, so nothing was sent to "
+                f"them: {refused}{tried}. Fix: set drop_params: true in the llm: block or on the "
+                f"backend, or pass drop_params=True, to have them dropped; or remove them",
+                req.attempts)
         if last is not None and last.kind == "rate_limit":
             return RateLimitError(msg + "; slow down or raise retries", req.attempts, last.retry_after)
+        if last is not None and last.kind == "unreachable":
+            return ProviderError(msg + "; the backend could not be reached (connection refused or "
+                                 "name not resolved): check its base_url and the network", req.attempts)
         if last is not None and last.action is Action.RETRY:
             return ProviderError(msg + "; the provider is failing, try later", req.attempts, last.status)
-        return BackendError(msg + "; check the backends' keys and models (xml-pipeline-llm check)",
-                            req.attempts)
+        return NoBackendError(msg + "; every backend turned it away: check the backends' keys and "
+                              "models (xml-pipeline-llm check)", req.attempts)
 
     # ------------------------------------------------------------ usage
 
@@ -338,6 +388,10 @@ class LLMRouter:
             latency_ms=latency,
             outcome="ok", call_id=str(kwargs.get("litellm_call_id") or ""))
         self._ledger.record_nowait(event)
+
+    def usage_events(self) -> list[UsageEvent]:
+        """The usage events this router recorded (the newest 100,000), oldest first."""
+        return list(self._ledger.events())
 
     def get_agent_usage(self, agent_id: str | None) -> AgentUsage:
         """Totals for one agent (all zeros for an agent never seen)."""
@@ -381,6 +435,19 @@ async def _close_quietly(wrapper: Any) -> None:
             await close()
         except Exception:
             pass
+
+
+def _checked(model: Any, messages: Any, kwargs: dict[str, Any],
+             streaming: bool) -> tuple[CallOptions, dict[str, Any]]:
+    check_call(model, messages)
+    return split_options(kwargs, streaming=streaming)
+
+
+def _unsupported(exc: BaseException) -> str:
+    """The parameters LiteLLM names in an ``UnsupportedParamsError`` (for the message only)."""
+    text = str(exc)
+    start, end = text.find("parameters: ["), text.find("]")
+    return text[start + len("parameters: "):end + 1] if 0 <= start < end else "a parameter"
 
 
 def _short(exc: BaseException) -> str:

@@ -7,6 +7,7 @@ processes (contract C8) can replace it without touching the router.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -22,13 +23,15 @@ class MemoryState:
         self._gates: dict[str, Gate] = {}
         self._cool_until: dict[str, float] = {}
         self._turns: defaultdict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()     # threads with loops of their own share this state
 
     def gate(self, backend: str, max_concurrent: int, tpm: int | None) -> Gate:
         """The limits of ``backend`` (created on first use)."""
-        gate = self._gates.get(backend)
-        if gate is None:
-            gate = self._gates[backend] = Gate(max_concurrent, tpm)
-        return gate
+        with self._lock:
+            gate = self._gates.get(backend)
+            if gate is None:
+                gate = self._gates[backend] = Gate(max_concurrent, tpm)
+            return gate
 
     async def cooldowns(self, backends: Iterable[str]) -> dict[str, float]:
         """Seconds of cooldown left for each of ``backends`` that is cooling down."""
@@ -43,14 +46,16 @@ class MemoryState:
     async def cool_down(self, backend: str, seconds: float) -> None:
         """Keep ``backend`` out of rotation for ``seconds`` (a longer cooldown already set wins)."""
         until = time.monotonic() + seconds
-        if until > self._cool_until.get(backend, 0.0):
-            self._cool_until[backend] = until
+        with self._lock:
+            if until > self._cool_until.get(backend, 0.0):
+                self._cool_until[backend] = until
 
     async def next_turn(self, model: str) -> int:
         """Round-robin position for ``model``: 0, 1, 2, ... per call."""
-        turn = self._turns[model]
-        self._turns[model] = turn + 1
-        return turn
+        with self._lock:
+            turn = self._turns[model]
+            self._turns[model] = turn + 1
+            return turn
 
     async def close(self) -> None:
         """Nothing to release in memory; the Redis state closes its connection here."""

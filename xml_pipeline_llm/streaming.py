@@ -18,6 +18,7 @@ from .response import LLMResponse
 
 if TYPE_CHECKING:
     from .config import ResolvedBackend
+    from .options import CallOptions
     from .router import LLMRouter, Request
 
 
@@ -26,9 +27,9 @@ class LLMStream:
 
     def __init__(self, router: LLMRouter, model: str, messages: list[dict[str, Any]],
                  agent_id: str | None, thread_id: str | None, metadata: dict[str, Any] | None,
-                 kwargs: dict[str, Any]) -> None:
+                 kwargs: dict[str, Any], options: CallOptions) -> None:
         self._router = router
-        self._args = (model, messages, agent_id, thread_id, metadata, kwargs)
+        self._args = (model, messages, agent_id, thread_id, metadata, kwargs, options)
         self._req: Request | None = None
         self._backend: ResolvedBackend | None = None
         self._wrapper: Any = None

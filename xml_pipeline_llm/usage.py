@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
@@ -105,9 +106,14 @@ class UsageLedger:
         self._totals: dict[str, dict[str, AgentUsage]] = {g: {} for g in GROUPS}
         self._events: deque[UsageEvent] = deque(maxlen=max_events)
         self._seen: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
 
     def _count(self, event: UsageEvent) -> bool:
         """Add ``event`` to the totals unless its call id was counted already."""
+        with self._lock:      # routers are shared by threads running loops of their own
+            return self._count_locked(event)
+
+    def _count_locked(self, event: UsageEvent) -> bool:
         if event.call_id:
             if event.call_id in self._seen:
                 return False

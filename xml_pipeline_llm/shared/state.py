@@ -50,6 +50,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..errors import ConfigError
+from ..limits import wake as _wake
 from ..state import MemoryState
 from .connection import DEFAULT_LEASE, Conn, RedisDown
 from .scripts import COOL, ENTER, LEAVE, ROTATE
@@ -71,11 +72,6 @@ class Ticket(float):
         self = super().__new__(cls, taken)
         self.lease = lease
         return self
-
-
-def _wake(fut: asyncio.Future[None] | None) -> None:
-    if fut is not None and not fut.done():
-        fut.set_result(None)
 
 
 class RedisGate:

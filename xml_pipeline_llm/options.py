@@ -1,0 +1,149 @@
+"""What the caller asked for: the call's shape and its per-call options, checked before anything is sent.
+
+``complete()`` and ``stream()`` take the package's own options (contract C1a)
+beside the provider parameters that go to LiteLLM in OpenAI form:
+
+    timeout=30          seconds for each try of this call (replaces the configured timeout)
+    retries=1           tries after the first, for this call (num_retries= and max_retries= too)
+    drop_params=True    let LiteLLM drop parameters a provider does not support
+
+These are never handed to LiteLLM as LiteLLM options, and LiteLLM's and the
+OpenAI SDK's own retries are always switched off on the call itself
+(``num_retries=0``, ``max_retries=0``), whatever the caller passed, so the
+package's retry rules are the only ones in force.  Arguments that would bypass
+the config (``api_key``, ``api_base``, ``base_url``, ``custom_llm_provider``)
+and ``stream=True`` on ``complete()`` raise ``BadRequestError`` naming the fix.
+A malformed model or message list raises ``BadRequestError`` naming the
+message index and field; nothing is sent or counted for any of these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import BadRequestError
+
+# Arguments that would route around the llm: block, and what to do instead.
+BYPASS = {
+    "api_key": "keys come from the backend's api_key_env in the llm: block",
+    "api_base": "the endpoint is the backend's base_url in the llm: block",
+    "base_url": "the endpoint is the backend's base_url in the llm: block",
+    "custom_llm_provider": "the provider is the backend's provider: in the llm: block, "
+                           "or a prefix on the model name (anthropic/claude-sonnet-4)",
+    "retry_policy": "use retries= (the package's retry rules are the only ones in force)",
+    "context_window_fallback_dict": "the package routes the call itself; name another model instead",
+}
+RETRY_SYNONYMS = ("retries", "num_retries", "max_retries")
+ROLES = frozenset({"system", "user", "assistant", "tool", "function", "developer"})
+NOT_YET = {
+    "fallbacks": "fallbacks across models",
+    "priority": "per-call priorities",
+}
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """The package's own per-call options (None: the configured value)."""
+
+    timeout: float | None = None
+    retries: int | None = None
+    drop_params: bool | None = None
+
+
+def split_options(kwargs: dict[str, Any], *, streaming: bool) -> tuple[CallOptions, dict[str, Any]]:
+    """The call's own options, and the provider parameters that go to LiteLLM unchanged."""
+    for name, fix in BYPASS.items():
+        if name in kwargs:
+            raise BadRequestError(f"{name}= is not accepted per call: {fix}; remove the argument "
+                                  f"(nothing was sent)")
+    for name, what in NOT_YET.items():
+        if name in kwargs:
+            raise BadRequestError(f"{name}= ({what}) is not supported by this version; remove the "
+                                  f"argument (nothing was sent)")
+    if "stream" in kwargs:
+        if kwargs["stream"] and not streaming:
+            raise BadRequestError("stream=True is not accepted by complete(): use stream(...), an async "
+                                  "iterator of text deltas whose .response is the final LLMResponse "
+                                  "(nothing was sent)")
+    if not (kwargs.keys() & {"timeout", "drop_params", "stream", *RETRY_SYNONYMS}):
+        return _NONE, kwargs
+    rest = dict(kwargs)
+    rest.pop("stream", None)
+    return CallOptions(timeout=_timeout(rest.pop("timeout", None)), retries=_retries(rest),
+                       drop_params=_flag("drop_params", rest.pop("drop_params", None))), rest
+
+
+_NONE = CallOptions()
+
+
+def _timeout(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise BadRequestError(f"timeout=: expected a positive number of seconds for each try, got "
+                              f"{value!r} (nothing was sent)")
+    return float(value)
+
+
+def _retries(rest: dict[str, Any]) -> int | None:
+    given = {name: rest.pop(name) for name in RETRY_SYNONYMS if name in rest}
+    values = {v for v in given.values() if v is not None}
+    for name, value in given.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise BadRequestError(f"{name}=: expected a whole number of tries after the first (0 or "
+                                  f"more), got {value!r} (nothing was sent)")
+    if len(values) > 1:
+        shown = ", ".join(f"{k}={v!r}" for k, v in given.items())
+        raise BadRequestError(f"{shown}: these are one option (tries after the first); pass one of them "
+                              f"(nothing was sent)")
+    return values.pop() if values else None
+
+
+def _flag(name: str, value: Any) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise BadRequestError(f"{name}=: expected True or False, got {value!r} (nothing was sent)")
+    return value
+
+
+def check_call(model: Any, messages: Any) -> None:
+    """The model is a non-empty string and the messages a non-empty list in OpenAI form."""
+    if not isinstance(model, str) or not model.strip():
+        raise BadRequestError(f"model: expected a model name such as \"grok-4.1\", got {_show(model)} "
+                              f"(nothing was sent)")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequestError("messages: expected a non-empty list of {'role': ..., 'content': ...} "
+                              f"dicts, got {_show(messages)} (nothing was sent)")
+    for i, message in enumerate(messages):
+        problem = _message_problem(message)
+        if problem:
+            raise BadRequestError(f"messages[{i}]{problem} (nothing was sent)")
+
+
+def _message_problem(message: Any) -> str:
+    if not isinstance(message, Mapping):
+        return f": expected a dict such as {{'role': 'user', 'content': 'hi'}}, got {_show(message)}"
+    role = message.get("role")
+    if not isinstance(role, str) or role not in ROLES:
+        return f".role: expected one of {', '.join(sorted(ROLES))}, got {_show(role)}"
+    content = message.get("content")
+    if content is None:
+        if role == "assistant" and (message.get("tool_calls") or message.get("function_call")):
+            return ""        # an assistant turn that only calls tools
+        return ".content: required; expected a string or a list of content parts"
+    if isinstance(content, str):
+        return ""
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            if not isinstance(part, Mapping) or not isinstance(part.get("type"), str):
+                return (f".content[{j}]: expected a content part such as {{'type': 'text', 'text': ...}}, "
+                        f"got {_show(part)}")
+        return ""
+    return f".content: expected a string or a list of content parts, got {_show(content)}"
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return f"{type(value).__name__} {text}" if not isinstance(value, str) else text
