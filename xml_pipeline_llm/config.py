@@ -282,16 +282,19 @@ def _validate(block: Mapping[str, Any], source: str, base: Path | None) -> Route
         problems = [_describe(e, block) for e in exc.errors()]
         raise ConfigError("\n".join(problems + _unvalidated_problems(block))) from None
     problems: list[str] = []
-    skipped: list[tuple[str, str]] = []
+    skipped: list[tuple[str, str, str]] = []
     backends = _resolve_backends(raw, problems, skipped)
     problems += _check_block(raw)
     if skipped and not backends and not problems:
-        missing = ", ".join(f"{reason.split()[0]} for {name}" for name, reason in skipped)
+        missing = ", ".join(f"{var} for {name}" for _, name, var in skipped)
         problems.append(f"llm.missing_keys: skip left no backend, none has its key set ({missing}); "
                         f"export one of these variables or add it to .env")
     if problems:
         raise ConfigError("\n".join(problems))
-    return RouterConfig(raw, backends, source, skipped, base)
+    for where, name, var in skipped:
+        log.warning("%s (%s): skipped, environment variable %s is not set (llm.missing_keys: skip); "
+                    "export it or add %s=... to .env to use this backend", where, name, var, var)
+    return RouterConfig(raw, backends, source, [(name, f"{var} not set") for _, name, var in skipped], base)
 
 
 def _unvalidated_problems(block: Mapping[str, Any]) -> list[str]:
@@ -334,8 +337,9 @@ def _check_block(raw: LLMConfig) -> list[str]:
 
 
 def _resolve_backends(raw: LLMConfig, problems: list[str],
-                      skipped: list[tuple[str, str]]) -> list[ResolvedBackend]:
-    """The backends ready for the router; with ``missing_keys: skip`` those without a key go to ``skipped``."""
+                      skipped: list[tuple[str, str, str]]) -> list[ResolvedBackend]:
+    """The backends ready for the router; with ``missing_keys: skip`` those without a key go to
+    ``skipped`` as (place, name, variable)."""
     out: list[ResolvedBackend] = []
     seen: dict[str, int] = {}
     for i, cfg in enumerate(raw.backends):
@@ -361,10 +365,7 @@ def _resolve_backends(raw: LLMConfig, problems: list[str],
         missing: list[str] = []
         key, key_source = _resolve_key(where, cfg, provider, missing)
         if missing and raw.missing_keys == "skip" and key_source.endswith("(not set)"):
-            var = key_source.split()[0]
-            log.warning("%s (%s): skipped, environment variable %s is not set (llm.missing_keys: skip); "
-                        "export it or add %s=... to .env to use this backend", where, name, var, var)
-            skipped.append((name, f"{var} not set"))
+            skipped.append((where, name, key_source.split()[0]))
             continue
         problems += missing
         out.append(ResolvedBackend(cfg, i, provider, key, key_source, raw.timeout))
