@@ -115,7 +115,12 @@ async def test_first_call_of_an_unpriced_model_warns_once(sim, caplog):
 
 
 async def test_agent_with_priced_and_unpriced_calls_sums_the_priced_ones(sim):
-    r = make_router([backend(sim, "xai", "cost-mixed")], pricing={"grok-mixpricetest-paid": PRICE})
+    r = make_router([backend(sim, "xai", "cost-mixed")],
+                    pricing={"grok-mixpricetest-paid": PRICE,
+                             "grok-mixpricetest-free": {"input_per_mtok": 0, "output_per_mtok": 0}})
+    free = await r.complete("grok-mixpricetest-free", MESSAGES, agent_id="local")
+    assert free.cost_usd == 0.0 and r.get_agent_usage("local").cost_usd == 0.0     # priced free, not unknown
+    assert r.get_agent_usage("local").unpriced_requests == 0
     paid = [await r.complete("grok-mixpricetest-paid", MESSAGES, agent_id="mixed") for _ in range(2)]
     unpaid = [await r.complete("grok-mixpricetest-unknown", MESSAGES, agent_id="mixed") for _ in range(3)]
     assert all(x.cost_usd is None for x in unpaid)
