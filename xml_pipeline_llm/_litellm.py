@@ -191,9 +191,8 @@ def _price_source(model: str, provider: str) -> str | None:
         source = "litellm" if _in_cost_map(model, provider) else None
         if source is None and model not in _WARNED:
             _WARNED.add(model)
-            log.warning('model %s has no price in LiteLLM\'s cost map (called on %s): its cost is unknown '
-                        '(None, "-" in tables); give it one in llm.pricing, e.g. pricing: {"%s": '
-                        '{input_per_mtok: 3.0, output_per_mtok: 15.0}}', model, provider, model)
+            # short: the CLI prints it on an 80-column line
+            log.warning("no price for %s on %s: cost unknown; set one in llm.pricing", model, provider)
     _PRICED[key] = source
     return source
 
