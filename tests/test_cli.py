@@ -150,6 +150,25 @@ def test_check_prints_the_routing_table_without_secrets(tmp_path):
         other, "check", env={"XML_PIPELINE_LLM_CONFIG": str(cfg)}).stdout
 
 
+def test_check_lists_the_backends_skipped_for_a_missing_key(tmp_path):
+    cfg = write_config(tmp_path / "organism.yaml", [
+        {"provider": "xai", "name": "xai-main", "api_key_env": "XPL_TEST_NEVER_SET"},
+        {"provider": "anthropic", "api_key_env": "TEST_ANTHROPIC_KEY"},
+    ], missing_keys="skip")
+    p = run(tmp_path, "check", "-c", str(cfg))
+    assert p.returncode == 0, p.stderr
+    assert "xai-main: skipped (XPL_TEST_NEVER_SET not set)" in p.stdout and "config OK" in p.stdout
+    table = p.stdout.split("xai-main: skipped")[0]
+    assert "anthropic" in table and "xai-main" not in table      # only the backend with a key routes
+    (warning,) = [line for line in p.stderr.splitlines() if line.startswith("warning: ")]
+    assert "xai-main" in warning and "XPL_TEST_NEVER_SET" in warning
+    assert FAKE_KEYS["TEST_ANTHROPIC_KEY"] not in p.stdout + p.stderr
+    none_left = write_config(tmp_path / "none.yaml", [
+        {"provider": "xai", "name": "xai-main", "api_key_env": "XPL_TEST_NEVER_SET"}], missing_keys="skip")
+    assert_user_error(run(tmp_path, "check", "-c", str(none_left)), "llm.missing_keys: skip left no backend",
+                      "XPL_TEST_NEVER_SET for xai-main")
+
+
 @pytest.mark.parametrize("text, fragments", [
     ("llm:\n  backends:\n    - provider: xai\n      rate_limt_tpm: 5\n      api_key_env: TEST_XAI_KEY\n",
      ["llm.backends[0].rate_limt_tpm", 'did you mean "rate_limit_tpm"']),
@@ -276,8 +295,32 @@ def test_complete_user_mistakes_are_one_line(tmp_path, sim):
     assert_user_error(no_key, "TEST_XAI_KEY is not set")
 
 
+def test_relative_ledger_is_next_to_the_config_file_from_any_directory(tmp_path, sim):
+    project, elsewhere, third = tmp_path / "project", tmp_path / "elsewhere", tmp_path / "third"
+    for d in (project, elsewhere, third):
+        d.mkdir()
+    cfg = write_config(project / "organism.yaml", [
+        {"provider": "xai", "name": "cli-rel", "api_key_env": "TEST_XAI_KEY",
+         "base_url": sim.base_url("cli-rel", "xai")}], usage_store="sqlite:///data/usage.db")
+    done, both = run_many(elsewhere,
+                          ("complete", "-c", "../project/organism.yaml", "-m", "grok-4.1", "--agent", "rel", "hi"),
+                          ("complete", "-c", str(cfg), "-m", "grok-4.1", "--stream", "--json", "hi"))
+    assert done.returncode == 0, done.stderr
+    assert (project / "data" / "usage.db").is_file() and not (elsewhere / "data").exists()
+    assert_user_error(both, "--stream and --json cannot be combined")
+    assert len(both.stderr.splitlines()) == 1
+    p = run(third, "usage", "-c", "../project/organism.yaml")      # the same ledger, found from elsewhere
+    assert p.returncode == 0, p.stderr
+    rows = {line.split()[0]: line.split() for line in p.stdout.splitlines() if line.strip()}
+    assert rows["rel"][4] == "1", p.stdout
+    assert str(project / "data" / "usage.db") in p.stdout
+
+
 def test_usage_mistakes(tmp_path):
-    assert_user_error(run(tmp_path, "usage"), "no usage ledger", "--store")
+    assert_user_error(run(tmp_path, "usage"), "no usage ledger", "--store", "no -c FILE")
+    no_store = write_config(tmp_path / "plain.yaml", [{"provider": "ollama"}])
+    assert_user_error(run(tmp_path, "usage", "-c", str(no_store)),
+                      f"({no_store} has no llm.usage_store or llm.shared_state)")
     assert_user_error(run(tmp_path, "usage", "--store", "sqlite:///missing.db"), "missing.db",
                       "no usage ledger there")
     assert_user_error(run(tmp_path, "usage", "--store", "postgres://x/usage"), "expected sqlite:///")

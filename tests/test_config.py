@@ -162,6 +162,87 @@ def test_keyless_local_providers_need_no_key(clean_env):
     assert [b.name for b in cfg.backends] == ["ollama", "plain-ollama", "openai"]
 
 
+def test_missing_keys_skip_drops_the_backends_without_a_key_with_one_warning_each(clean_env, caplog):
+    clean_env("XPL_TEST_UNSET_KEY", "ANTHROPIC_API_KEY")
+    caplog.set_level(logging.WARNING, logger="xml_pipeline_llm")
+    block = {"missing_keys": "skip", "backends": [
+        {"provider": "xai", "name": "no-key", "api_key_env": "XPL_TEST_UNSET_KEY"},
+        XAI, {"provider": "anthropic"}, {"provider": "ollama"}]}
+    cfg = load_config({"llm": block})
+    assert [b.name for b in cfg.backends] == ["xai", "ollama"]
+    assert cfg.skipped == [("no-key", "XPL_TEST_UNSET_KEY not set"), ("anthropic", "ANTHROPIC_API_KEY not set")]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert "llm.backends[0] (no-key)" in warnings[0] and "XPL_TEST_UNSET_KEY" in warnings[0]
+    assert "llm.backends[2] (anthropic)" in warnings[1] and "ANTHROPIC_API_KEY" in warnings[1]
+    # the default stays an error, and the message says how to skip instead
+    line = one_problem({**block, "missing_keys": "error", "backends": block["backends"][:2]})
+    assert "XPL_TEST_UNSET_KEY is not set" in line and "missing_keys: skip" in line
+    assert load_config({"llm": {"backends": [XAI]}}).skipped == []
+
+
+def test_missing_keys_skip_with_no_backend_left_and_bad_values(clean_env, caplog):
+    clean_env("XPL_TEST_UNSET_KEY", "ANTHROPIC_API_KEY")
+    line = one_problem({"missing_keys": "skip", "backends": [
+        {"provider": "xai", "api_key_env": "XPL_TEST_UNSET_KEY"}, {"provider": "anthropic"}]})
+    assert line.startswith("llm.missing_keys: skip left no backend")
+    assert "XPL_TEST_UNSET_KEY for xai" in line and "ANTHROPIC_API_KEY for anthropic" in line
+    line = one_problem({"missing_keys": "ignore", "backends": [XAI]})
+    assert line.startswith("llm.missing_keys:") and "error" in line and "skip" in line and '"ignore"' in line
+    line = one_problem({"missing_key": "skip", "backends": [XAI]})
+    assert 'did you mean "missing_keys"?' in line
+    # a pasted key in api_key_env is never skipped silently
+    line = one_problem({"missing_keys": "skip", "backends": [XAI, {**XAI, "name": "b", "api_key_env": SECRET}]})
+    assert line.startswith("llm.backends[1].api_key_env:") and SECRET not in line
+
+
+@pytest.mark.parametrize("pricing, says", [
+    ({"grok-4.1": {"input_per_mtok": -1, "output_per_mtok": 15}},
+     ['llm.pricing["grok-4.1"].input_per_mtok: expected a number >= 0', "got -1"]),
+    ({"grok-*": {"input_per_mtok": 3, "outptu_per_mtok": 15}},
+     ['llm.pricing["grok-*"].outptu_per_mtok: unknown key; did you mean "output_per_mtok"?',
+      'llm.pricing["grok-*"].output_per_mtok: required key missing']),
+    ({"grok-4.1": 3.0}, ['llm.pricing["grok-4.1"]: expected a mapping with input_per_mtok and output_per_mtok']),
+    (["grok-4.1"], ["llm.pricing: expected a mapping of model names or patterns to prices"]),
+    ({"grok-4.1": {"input_per_mtok": "cheap", "output_per_mtok": 1, "cached_input_per_mtok": -0.5}},
+     ['llm.pricing["grok-4.1"].input_per_mtok: expected a number', 'got "cheap"',
+      'llm.pricing["grok-4.1"].cached_input_per_mtok: expected a number >= 0']),
+    ({"": {"input_per_mtok": 1, "output_per_mtok": 1}}, ["llm.pricing: an empty model name"]),
+])
+def test_bad_pricing_names_the_place_and_the_fix(pricing, says):
+    text = "\n".join(problems({"pricing": pricing, "backends": [XAI]}))
+    for fragment in says:
+        assert fragment in text, text
+
+
+def test_pricing_is_read_without_importing_litellm():
+    import subprocess
+    import sys
+
+    code = ("import sys; from xml_pipeline_llm import load_config; "
+            "c = load_config({'backends': [{'provider': 'ollama'}], 'pricing': {'grok-*': "
+            "{'input_per_mtok': 3, 'output_per_mtok': 15.0, 'cached_input_per_mtok': 0.75}}}); "
+            "p = c.pricing['grok-*']; assert (p.input_per_mtok, p.output_per_mtok, p.cached_input_per_mtok) "
+            "== (3.0, 15.0, 0.75); assert 'litellm' not in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_relative_usage_store_is_next_to_the_config_file(tmp_path: Path, monkeypatch):
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "run").mkdir()
+    path = tmp_path / "conf" / "organism.yaml"
+    block = {"usage_store": "sqlite:///data/usage.db", "backends": [{"provider": "ollama"}]}
+    path.write_text(__import__("yaml").safe_dump({"llm": block}))
+    monkeypatch.chdir(tmp_path / "run")
+    assert load_config(path).usage_store == f"sqlite:///{tmp_path / 'conf' / 'data' / 'usage.db'}"
+    assert load_config("../conf/organism.yaml").usage_store == load_config(path).usage_store
+    assert load_config({"llm": block}).usage_store == "sqlite:///data/usage.db"   # a dict: the working dir
+    absolute = {**block, "usage_store": f"sqlite:///{tmp_path / 'abs.db'}"}
+    path.write_text(__import__("yaml").safe_dump({"llm": absolute}))
+    assert load_config(path).usage_store == absolute["usage_store"]
+
+
 def test_provider_without_model_rule_requires_supported_models():
     line = one_problem({"backends": [{"provider": "groq", "api_key_env": "TEST_XAI_KEY"}]})
     assert line.startswith("llm.backends[0].supported_models: required for provider groq")

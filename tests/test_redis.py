@@ -668,3 +668,25 @@ def test_fleet_usage_totals_are_exact(sim, redis_server, fleet):
     here.reset_agent_usage("u0")
     after = fleet.ask([(workers[0], {"op": "usage", "llm": block})])[0]
     assert sorted(after) == agents[1:]
+
+
+async def test_fleet_totals_keep_an_unknown_cost_unknown(sim, redis_server):
+    from xml_pipeline_llm.stores import open_store
+
+    p = prefix()
+    r = shared_router(redis_server.url, p, [backend(sim, "xai", "rdx-cost")],
+                      pricing={"grok-rdxpricetest-paid": {"input_per_mtok": 3.0, "output_per_mtok": 15.0}})
+    await r.complete("grok-rdxpricetest-free", MESSAGES, agent_id="unpriced")
+    paid = await r.complete("grok-rdxpricetest-paid", MESSAGES, agent_id="mixed")
+    await r.complete("grok-rdxpricetest-free", MESSAGES, agent_id="mixed")
+    u = r.get_agent_usage("unpriced")
+    assert (u.cost_usd, u.unpriced_requests, u.request_count) == (None, 1, 1)
+    m = r.get_agent_usage("mixed")
+    assert m.cost_usd == pytest.approx(paid.cost_usd) and (m.unpriced_requests, m.request_count) == (1, 2)
+    assert r.get_agent_usage("never-seen").cost_usd is None
+    store = open_store(redis_server.url, p)                # what the CLI reads
+    totals = store.totals("agent")
+    assert totals["unpriced"].cost_usd is None and totals["mixed"].cost_usd == pytest.approx(paid.cost_usd)
+    assert store.totals("model")["grok-rdxpricetest-free"].cost_usd is None
+    await store.close()
+    await r.aclose()

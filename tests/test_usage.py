@@ -181,14 +181,16 @@ async def test_csv_exports_parse_back(sim, tmp_path):
         r.export_usage_csv(path, by=by)
         rows = list(csv.DictReader(path.open()))
         assert list(rows[0]) == [key, "prompt_tokens", "completion_tokens", "total_tokens",
-                                 "request_count", "error_count", "cost_usd"]
+                                 "request_count", "error_count", "cost_usd", "unpriced_requests"]
         assert sum(int(x["request_count"]) for x in rows) == 3
         totals = r.get_all_usage(by)
         for row in rows:
             assert int(row["total_tokens"]) == totals[row[key]].total_tokens
             assert len(row["cost_usd"]) < 16              # no float noise
-    alice = next(x for x in csv.DictReader((tmp_path / "agent.csv").open()) if x["agent_id"] == "alice")
-    assert float(alice["cost_usd"]) == pytest.approx(r.get_agent_usage("alice").cost_usd)
+    agents = {x["agent_id"]: x for x in csv.DictReader((tmp_path / "agent.csv").open())}
+    assert float(agents["alice"]["cost_usd"]) == pytest.approx(r.get_agent_usage("alice").cost_usd)
+    assert agents["alice"]["unpriced_requests"] == "0"
+    assert (agents["bob"]["cost_usd"], agents["bob"]["unpriced_requests"]) == ("", "1")   # grok-4.1: no price
     r.export_usage_csv(tmp_path / "event.csv", by="event")
     events = list(csv.DictReader((tmp_path / "event.csv").open()))
     assert list(events[0]) == ["timestamp", "agent_id", "thread_id", "model", "backend", "provider",

@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,8 @@ from .response import LLMResponse
 
 if TYPE_CHECKING:
     import litellm
+
+log = logging.getLogger("xml_pipeline_llm")
 
 OFFLINE_DEFAULTS = {
     "LITELLM_LOCAL_MODEL_COST_MAP": "True",
@@ -141,7 +143,8 @@ class Deployments:
     over the same model list for anyone who wants one.
     """
 
-    def __init__(self, backends: list[ResolvedBackend]) -> None:
+    def __init__(self, backends: list[ResolvedBackend], pricing: Mapping[str, Any] | None = None) -> None:
+        use_pricing(pricing or {})
         self.model_list = [deployment(b) for b in backends]
         self._params = {d["model_name"][:-2]: d["litellm_params"] for d in self.model_list}
         self._acompletion = load().acompletion
@@ -214,23 +217,77 @@ def token_estimate(model: str, messages: list[dict[str, Any]], tools: Any = None
         return sum(len(str(m.get("content") or "")) for m in messages) // 3 + 3 * len(messages)
 
 
-_PRICED: dict[tuple[str, str], bool] = {}
+# Prices of ``llm.pricing`` (model name or shell pattern -> ModelPrice), of every router in
+# this process: they go into LiteLLM's cost map, which is process-wide.  Later routers win.
+_PRICES: dict[str, Any] = {}
+# (model, provider prefix) -> where its price comes from: "litellm", "llm.pricing" or None (no price).
+_PRICED: dict[tuple[str, str], str | None] = {}
+_WARNED: set[str] = set()   # models whose missing price was logged (once each)
+PER_MTOK = 1e-6
+
+
+def use_pricing(pricing: Mapping[str, Any]) -> None:
+    """Add a router's ``llm.pricing``; each model's price is registered with LiteLLM when it is first priced."""
+    if pricing:
+        _PRICES.update(pricing)
+        _PRICED.clear()
+
+
+def _user_price(model: str) -> Any:
+    """The ``llm.pricing`` entry for ``model``: its own name first, else the first pattern matching it."""
+    from .providers import matches
+
+    exact = next((p for k, p in _PRICES.items() if k.lower() == model.lower()), None)
+    return exact or next((p for k, p in _PRICES.items() if matches(model, (k,))), None)
+
+
+def _price_source(model: str, provider: str) -> str | None:
+    key = (model, provider)
+    if key in _PRICED:
+        return _PRICED[key]
+    price = _user_price(model)
+    if price is not None:
+        # LiteLLM prices a call by the name it was called with, "<prefix>/<model>".
+        entry = {"input_cost_per_token": price.input_per_mtok * PER_MTOK,
+                 "output_cost_per_token": price.output_per_mtok * PER_MTOK,
+                 "litellm_provider": provider, "mode": "chat"}
+        if price.cached_input_per_mtok is not None:
+            entry["cache_read_input_token_cost"] = price.cached_input_per_mtok * PER_MTOK
+        load().register_model({f"{provider}/{model}": entry})
+        source: str | None = "llm.pricing"
+    else:
+        source = "litellm" if _in_cost_map(model, provider) else None
+        if source is None and model not in _WARNED:
+            _WARNED.add(model)
+            # short: the CLI prints it on an 80-column line
+            log.warning("no price for %s on %s: cost unknown; set one in llm.pricing", model, provider)
+    _PRICED[key] = source
+    return source
+
+
+def _in_cost_map(model: str, provider: str) -> bool:
+    """Whether LiteLLM's cost map prices ``model`` called on ``provider`` (asked once per pair).
+
+    LiteLLM answers 0.0 for some unknown models (a generalised fallback), and an
+    entry of the bare name may belong to another provider than the one called
+    (``claude-*`` through an OpenAI-compatible gateway), so the map must have a
+    non-zero price and LiteLLM must be able to apply it on this provider.
+    """
+    lt = load()
+    entries = [lt.model_cost.get(model), lt.model_cost.get(f"{provider}/{model}")]
+    if not any(e and (e.get("input_cost_per_token") or e.get("output_cost_per_token")) for e in entries):
+        return False
+    try:
+        p, c = lt.cost_per_token(model=model, custom_llm_provider=provider,
+                                 prompt_tokens=1000, completion_tokens=1000)
+    except Exception:
+        return False
+    return p + c > 0
 
 
 def priced(model: str, provider: str) -> bool:
-    """True when LiteLLM's cost map really has a price for the model.
-
-    LiteLLM answers 0.0 for some unknown models (a generalised fallback); a
-    cost of 0.0 must mean "free", so we ask the map itself.
-    """
-    key = (model, provider)
-    found = _PRICED.get(key)
-    if found is None:
-        cost_map = load().model_cost
-        entries = [cost_map.get(model), cost_map.get(f"{provider}/{model}")]
-        found = _PRICED[key] = any(
-            e and (e.get("input_cost_per_token") or e.get("output_cost_per_token")) for e in entries)
-    return found
+    """True when the model has a price: in LiteLLM's cost map, or from ``llm.pricing`` (registered there)."""
+    return _price_source(model, provider) is not None
 
 
 def cost(model: str, provider: str, prompt_tokens: int, completion_tokens: int) -> float | None:
@@ -285,10 +342,26 @@ def strip_route(model: str) -> str:
 
 
 def response_cost(resp: Any, model: str, provider: str) -> float | None:
-    """The cost LiteLLM computed for this response, None when the model has no price."""
+    """The cost LiteLLM computed for this response, None when the model has no price.
+
+    A price from ``llm.pricing`` is registered when the model is first priced,
+    after LiteLLM computed that first response's cost; so for those models
+    LiteLLM's ``cost_per_token`` prices the response's usage (cached tokens included).
+    """
+    source = _price_source(model, provider)
+    if source == "llm.pricing":
+        usage = usage_of(resp)
+        try:
+            p, c = load().cost_per_token(model=model, custom_llm_provider=provider,
+                                         prompt_tokens=usage["prompt_tokens"],
+                                         completion_tokens=usage["completion_tokens"],
+                                         usage_object=getattr(resp, "usage", None))
+        except Exception:
+            return None
+        return p + c
     hidden = getattr(resp, "_hidden_params", None) or {}
     value = hidden.get("response_cost")
-    if value is None or not priced(model, provider):
+    if value is None or source is None:
         return None
     return float(value)
 

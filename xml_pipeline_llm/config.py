@@ -50,6 +50,19 @@ class BackendConfig(BaseModel):
     drop_params: bool | None = None
 
 
+class ModelPrice(BaseModel):
+    """One ``llm.pricing`` entry: USD per million tokens, handed to LiteLLM's cost map."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+    cached_input_per_mtok: float | None = Field(default=None, ge=0)
+
+
+MISSING_KEYS = ("error", "skip")
+
+
 class LLMConfig(BaseModel):
     """The whole ``llm:`` block."""
 
@@ -65,6 +78,8 @@ class LLMConfig(BaseModel):
     usage_store: str | None = None
     shared_state: str | None = None
     redis_prefix: str = "xpl"
+    pricing: dict[str, ModelPrice] = Field(default_factory=dict)
+    missing_keys: str = "error"
     backends: list[BackendConfig] = Field(min_length=1)
 
 
@@ -89,6 +104,13 @@ EXPECTED = {
     "usage_store": "memory or sqlite:///path/usage.db",
     "shared_state": "redis://host:port/db",
     "redis_prefix": "a string",
+    "pricing": 'a mapping of model names or patterns to prices, such as '
+               '{"grok-4.1": {input_per_mtok: 3.0, output_per_mtok: 15.0}}',
+    "price": "a mapping with input_per_mtok and output_per_mtok (and optionally cached_input_per_mtok)",
+    "input_per_mtok": "a number >= 0 of USD per million input tokens",
+    "output_per_mtok": "a number >= 0 of USD per million output tokens",
+    "cached_input_per_mtok": "a number >= 0 of USD per million cached input tokens",
+    "missing_keys": "error or skip",
     "backends": "a non-empty list of backends",
 }
 
@@ -139,17 +161,22 @@ class ResolvedBackend:
 class RouterConfig:
     """The validated ``llm:`` block with its backends resolved, as the router uses it."""
 
-    def __init__(self, raw: LLMConfig, backends: list[ResolvedBackend], source: str) -> None:
+    def __init__(self, raw: LLMConfig, backends: list[ResolvedBackend], source: str,
+                 skipped: list[tuple[str, str]] | None = None, base: Path | None = None) -> None:
         self.raw = raw
         self.backends = backends
         self.source = source
+        #: backends dropped by ``missing_keys: skip``: (name, reason such as "XAI_API_KEY not set")
+        self.skipped: list[tuple[str, str]] = list(skipped or [])
+        #: ``llm.pricing``: model name or shell pattern -> price (registered with LiteLLM on first use)
+        self.pricing: dict[str, ModelPrice] = dict(raw.pricing)
         self.strategy = raw.strategy
         self.retries = raw.retries
         self.retry_base_delay = raw.retry_base_delay
         self.retry_max_delay = raw.retry_max_delay
         self.timeout = raw.timeout
         self.default_max_tokens = raw.default_max_tokens
-        self.usage_store = raw.usage_store
+        self.usage_store = resolve_store(raw.usage_store, base)
         self.shared_state = raw.shared_state or os.environ.get(REDIS_ENV) or None
         self.redis_prefix = raw.redis_prefix
 
@@ -169,10 +196,23 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | None = None
     """
     if isinstance(source, Mapping):
         _load_dotenv(None)
-        return _validate(_llm_block(source, "the given mapping"), "<dict>")
-    path = _find_file(source)
+        return _validate(_llm_block(source, "the given mapping"), "<dict>", None)
+    path = config_file(source)
     _load_dotenv(path.parent)
-    return _validate(_llm_block(_read_yaml(path), str(path)), str(path))
+    return _validate(_llm_block(_read_yaml(path), str(path)), str(path), path.parent)
+
+
+def resolve_store(url: str | None, base: Path | None) -> str | None:
+    """``url`` with a relative ``sqlite:///`` path made relative to ``base`` (the config file's directory).
+
+    So the same organism file run from any directory writes one ledger, the one
+    ``xml-pipeline-llm usage -c FILE`` reads; a config given as a dict (no file)
+    keeps paths relative to the working directory.
+    """
+    if base is None or not url or not url.startswith("sqlite:///"):
+        return url
+    path = Path(url[len("sqlite:///"):]).expanduser()
+    return url if path.is_absolute() else f"sqlite:///{(base / path).resolve()}"
 
 
 def read_llm_block(source: str | os.PathLike[str] | None = None) -> dict[str, Any]:
@@ -181,11 +221,12 @@ def read_llm_block(source: str | os.PathLike[str] | None = None) -> dict[str, An
     For tools that adjust a block before validating it, such as
     ``xml-pipeline-llm complete --simulate`` pointing every backend at the simulator.
     """
-    path = _find_file(source)
+    path = config_file(source)
     return dict(_llm_block(_read_yaml(path), str(path)))
 
 
-def _find_file(source: str | os.PathLike[str] | None) -> Path:
+def config_file(source: str | os.PathLike[str] | None = None) -> Path:
+    """The organism file ``load_config`` reads: ``source``, else ``$XML_PIPELINE_LLM_CONFIG``, else ./organism.yaml."""
     if source is None:
         env = os.environ.get(CONFIG_ENV)
         source = env or "organism.yaml"
@@ -236,7 +277,7 @@ def _llm_block(doc: Any, where: str) -> Mapping[str, Any]:
 
 # ------------------------------------------------------------- validation
 
-def _validate(block: Mapping[str, Any], source: str) -> RouterConfig:
+def _validate(block: Mapping[str, Any], source: str, base: Path | None) -> RouterConfig:
     block = dict(block)
     if isinstance(block.get("strategy"), str):
         block["strategy"] = block["strategy"].strip().lower().replace("_", "-")
@@ -246,11 +287,19 @@ def _validate(block: Mapping[str, Any], source: str) -> RouterConfig:
         problems = [_describe(e, block) for e in exc.errors()]
         raise ConfigError("\n".join(problems + _unvalidated_problems(block))) from None
     problems: list[str] = []
-    backends = _resolve_backends(raw, problems)
+    skipped: list[tuple[str, str, str]] = []
+    backends = _resolve_backends(raw, problems, skipped)
     problems += _check_block(raw)
+    if skipped and not backends and not problems:
+        missing = ", ".join(f"{var} for {name}" for _, name, var in skipped)
+        problems.append(f"llm.missing_keys: skip left no backend, none has its key set ({missing}); "
+                        f"export one of these variables or add it to .env")
     if problems:
         raise ConfigError("\n".join(problems))
-    return RouterConfig(raw, backends, source)
+    for where, name, var in skipped:
+        log.warning("%s (%s): skipped, environment variable %s is not set (llm.missing_keys: skip); "
+                    "export it or add %s=... to .env to use this backend", where, name, var, var)
+    return RouterConfig(raw, backends, source, [(name, f"{var} not set") for _, name, var in skipped], base)
 
 
 def _unvalidated_problems(block: Mapping[str, Any]) -> list[str]:
@@ -282,10 +331,20 @@ def _check_block(raw: LLMConfig) -> list[str]:
         problems.append(f'llm.usage_store: expected memory or sqlite:///path/usage.db, got "{raw.usage_store}"')
     if raw.shared_state and not raw.shared_state.startswith(REDIS_SCHEMES):
         problems.append(f'llm.shared_state: expected redis://host:port/db, got "{raw.shared_state}"')
+    if raw.missing_keys not in MISSING_KEYS:
+        problems.append(f'llm.missing_keys: expected error (the default: a backend whose key is not set '
+                        f'is a config error) or skip (run without it), got "{raw.missing_keys}"')
+    for key in raw.pricing:
+        if not key.strip():
+            problems.append('llm.pricing: an empty model name; use a model name such as "grok-4.1" '
+                            'or a pattern such as "grok-*"')
     return problems
 
 
-def _resolve_backends(raw: LLMConfig, problems: list[str]) -> list[ResolvedBackend]:
+def _resolve_backends(raw: LLMConfig, problems: list[str],
+                      skipped: list[tuple[str, str, str]]) -> list[ResolvedBackend]:
+    """The backends ready for the router; with ``missing_keys: skip`` those without a key go to
+    ``skipped`` as (place, name, variable)."""
     out: list[ResolvedBackend] = []
     seen: dict[str, int] = {}
     for i, cfg in enumerate(raw.backends):
@@ -308,7 +367,12 @@ def _resolve_backends(raw: LLMConfig, problems: list[str]) -> list[ResolvedBacke
             problems.append(f"{where}.supported_models: empty list; list at least one model or remove the key")
         if cfg.base_url is not None:
             _check_base_url(f"{where}.base_url", cfg.base_url, problems)
-        key, key_source = _resolve_key(where, cfg, provider, problems)
+        missing: list[str] = []
+        key, key_source = _resolve_key(where, cfg, provider, missing)
+        if missing and raw.missing_keys == "skip" and key_source.endswith("(not set)"):
+            skipped.append((where, name, key_source.split()[0]))
+            continue
+        problems += missing
         out.append(ResolvedBackend(cfg, i, provider, key, key_source, raw.timeout, raw.drop_params))
     return out
 
@@ -357,7 +421,8 @@ def _resolve_key(where: str, cfg: BackendConfig, provider: Provider,
     if provider.keyless:
         return None, f"{var} (not set)"
     problems.append(f"{where}.api_key_env: environment variable {var} is not set; "
-                    f"export it or add {var}=... to .env")
+                    f"export it or add {var}=... to .env (or set llm.missing_keys: skip to run "
+                    f"without the backends that have no key)")
     return None, f"{var} (not set)"
 
 
@@ -371,8 +436,10 @@ def _unknown_provider(where: str, name: str) -> str:
 def _describe(err: Mapping[str, Any], block: Mapping[str, Any]) -> str:
     """One pydantic error as ``llm.backends[1].rate_limit_tpm: expected ..., got ...``."""
     loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list[")))]
-    path = "llm" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
-    field = next((p for p in reversed(loc) if isinstance(p, str)), "")
+    pricing = len(loc) >= 2 and loc[0] == "pricing"
+    path = "llm" + "".join(f'["{p}"]' if pricing and i == 1 else f"[{p}]" if isinstance(p, int) else f".{p}"
+                           for i, p in enumerate(loc))
+    field = "price" if pricing and len(loc) == 2 else next((p for p in reversed(loc) if isinstance(p, str)), "")
     if err["type"] == "extra_forbidden":
         return _unknown_key(path, field, loc)
     if err["type"] == "missing":
@@ -385,7 +452,8 @@ def _describe(err: Mapping[str, Any], block: Mapping[str, Any]) -> str:
 
 
 def _unknown_key(path: str, key: str, loc: list[Any]) -> str:
-    model = BackendConfig if "backends" in loc else LLMConfig
+    model = (ModelPrice if loc[:1] == ["pricing"] else BackendConfig if loc[:1] == ["backends"]
+             else LLMConfig)
     valid = list(model.model_fields)
     hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     did = f'did you mean "{hint[0]}"? ' if hint else ""

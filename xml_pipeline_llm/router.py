@@ -216,7 +216,7 @@ class LLMRouter:
 
     def _deployments(self) -> _litellm.Deployments:
         if self._llm is None:
-            self._llm = _litellm.Deployments(self.backends)
+            self._llm = _litellm.Deployments(self.backends, self.config.pricing)
             _litellm.register(self.id, self)
         return self._llm
 

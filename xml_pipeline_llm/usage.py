@@ -24,21 +24,34 @@ GROUPS = {"agent": "agent_id", "model": "model", "backend": "backend", "thread":
 EXPORTS = (*GROUPS, "event")
 
 
+def check_by(by: str, valid: tuple[str, ...] = tuple(GROUPS)) -> str:
+    """``by`` if it is one of ``valid``, else a ValueError listing them."""
+    if by not in valid:
+        raise ValueError(f"by: expected one of {', '.join(valid)}, got {by!r}")
+    return by
+
+
 @dataclass
 class AgentUsage:
-    """Totals for one key (an agent, a model, a backend or a thread)."""
+    """Totals for one key (an agent, a model, a backend or a thread).
+
+    ``cost_usd`` sums the priced calls; it is None while none had a price (an
+    unknown cost is never 0.0, which would claim "free").  ``unpriced_requests``
+    counts the successful calls without a price, whose cost the sum leaves out.
+    """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     request_count: int = 0
     error_count: int = 0
-    cost_usd: float = 0.0   # sum over priced calls; unpriced calls add nothing
+    cost_usd: float | None = None
+    unpriced_requests: int = 0
 
     def merge(self, other: AgentUsage) -> None:
         """Add another key's totals (a footer row, totals across runs)."""
         for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+            setattr(self, f.name, plus(getattr(self, f.name), getattr(other, f.name)))
 
     def add(self, event: UsageEvent) -> None:
         self.prompt_tokens += event.prompt_tokens
@@ -46,10 +59,18 @@ class AgentUsage:
         self.total_tokens += event.total_tokens
         if event.outcome == "ok":
             self.request_count += 1
+            if event.cost_usd is None:
+                self.unpriced_requests += 1
         elif event.outcome.startswith("error"):
             self.error_count += 1
-        if event.cost_usd:
-            self.cost_usd += event.cost_usd
+        self.cost_usd = plus(self.cost_usd, event.cost_usd)
+
+
+def plus(a: Any, b: Any) -> Any:
+    """``a + b`` where None is "unknown": None only when both are."""
+    if a is None or b is None:
+        return b if a is None else a
+    return a + b
 
 
 @dataclass(frozen=True)
@@ -73,6 +94,7 @@ class UsageEvent:
 
 EVENT_COLUMNS = [f.name for f in fields(UsageEvent) if f.name != "call_id"]
 TOTAL_COLUMNS = [f.name for f in fields(AgentUsage)]
+COUNT_COLUMNS = [c for c in TOTAL_COLUMNS if c != "cost_usd"]   # the whole numbers among them
 
 
 class UsageStore(Protocol):
@@ -146,6 +168,7 @@ class UsageLedger:
                 self.shared.append_nowait(event)
 
     def totals(self, by: str = "agent") -> dict[str, AgentUsage]:
+        check_by(by)
         if self.shared is not None:
             found = self.shared.totals(by)
             if found is not None:
@@ -153,6 +176,7 @@ class UsageLedger:
         return {k: AgentUsage(**asdict(v)) for k, v in self._totals[by].items()}
 
     def get(self, by: str, key: str | None) -> AgentUsage:
+        check_by(by)
         if self.shared is not None:
             shared = self.shared.get(by, key)
             if shared is not None:
@@ -202,7 +226,7 @@ def event_row(event: UsageEvent) -> list[Any]:
 def group_events(events: Iterable[UsageEvent], by: str) -> dict[str, AgentUsage]:
     """Totals per key from a list of events (what the CLI does with a ledger)."""
     out: dict[str, AgentUsage] = {}
-    column = GROUPS[by]
+    column = GROUPS[check_by(by)]
     for event in events:
         key = getattr(event, column) or NO_AGENT
         out.setdefault(key, AgentUsage()).add(event)
@@ -212,8 +236,7 @@ def group_events(events: Iterable[UsageEvent], by: str) -> dict[str, AgentUsage]
 def write_csv(path: str | os.PathLike[str], by: str, *, totals: dict[str, AgentUsage] | None = None,
               events: Iterable[UsageEvent] = ()) -> int:
     """Write a usage CSV (grouped totals, or one row per event); returns the number of rows."""
-    if by not in EXPORTS:
-        raise ValueError(f"by must be one of {', '.join(EXPORTS)}, got {by!r}")
+    check_by(by, EXPORTS)
     rows = 0
     with open(path, "w", newline="", encoding="utf-8") as fh:
         out = csv.writer(fh)

@@ -107,7 +107,8 @@ examples:
   xml-pipeline-llm usage -c organism.yaml --by model --since 24h
   xml-pipeline-llm usage --store usage.db --by event --since 2025-06-01 --csv events.csv
 
-The ledger is the organism file's llm.usage_store (sqlite:///path/usage.db),
+The ledger is the organism file's llm.usage_store (sqlite:///path/usage.db;
+a relative path is next to the organism file),
 else its llm.shared_state (Redis keeps the fleet's totals and recent calls),
 or the one named by --store (a sqlite:/// URL, a plain path, or redis://).
 --since takes a duration back from now (90s, 30m, 24h, 7d, 2w) or an ISO
@@ -173,9 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thread", metavar="T", help="thread id the usage is booked to")
     p.add_argument("--system", metavar="S", help="system prompt")
     p.add_argument("--max-tokens", metavar="N", type=_positive_int, help="cap on the answer's tokens")
-    p.add_argument("--stream", action="store_true", help="print the answer as it arrives")
+    p.add_argument("--stream", action="store_true", help="print the answer as it arrives (not with --json)")
     p.add_argument("--json", action="store_true",
-                   help="print the whole response as JSON (content, model, usage, backend, cost, ...)")
+                   help="print the whole response as JSON once complete (content, model, usage, backend, "
+                        "cost, ...)")
     p.add_argument("--simulate", action="store_true",
                    help="answer from a local provider simulator instead of the real providers")
     p.add_argument("prompt", nargs="+", metavar="PROMPT", help="the user message ('-' reads stdin)")

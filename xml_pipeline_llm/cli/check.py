@@ -38,6 +38,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                       str(b.priority), f"{b.rate_limit_tpm:,}" if b.rate_limit_tpm else "-",
                       str(b.max_concurrent), Text(key, style=key_style))
     show(console, table)
+    for name, reason in cfg.skipped:    # llm.missing_keys: skip
+        console.print(Text(f"{name}: skipped ({reason})", style="yellow"), soft_wrap=True)
     for b in cfg.backends:
         if b.base_url:
             console.print(Text(f"{b.name} base_url: {redact_url(b.base_url)}", style="dim"), soft_wrap=True)

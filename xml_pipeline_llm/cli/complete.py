@@ -34,6 +34,9 @@ def _read_prompt(words: list[str]) -> str:
 
 
 def cmd_complete(args: argparse.Namespace) -> int:
+    if args.stream and args.json:
+        raise CLIError("--stream and --json cannot be combined: --json prints the whole response once it "
+                       "is complete; drop --stream for JSON, or --json to see the answer as it arrives")
     prompt = _read_prompt(args.prompt)
     messages: list[dict[str, Any]] = []
     if args.system:
@@ -68,10 +71,9 @@ async def _complete(router: Any, args: argparse.Namespace, messages: list[dict[s
             wrote = ""
             try:
                 async for delta in s:
-                    if not args.json:
-                        sys.stdout.write(delta)
-                        sys.stdout.flush()
-                        wrote = delta or wrote
+                    sys.stdout.write(delta)
+                    sys.stdout.flush()
+                    wrote = delta or wrote
             finally:   # end the line, also when the stream broke halfway
                 if wrote and not wrote.endswith("\n"):
                     sys.stdout.write("\n")

@@ -87,7 +87,13 @@ def llm_block(sim: Any, strategy: str) -> dict[str, Any]:
             entry["supported_models"] = list(b.models)
         backends.append(entry)
     return {"strategy": strategy, "retries": 3, "retry_base_delay": 0.05, "retry_max_delay": 0.3,
-            "timeout": 10, "backends": backends}
+            "timeout": 10, "pricing": PRICING, "backends": backends}
+
+
+# LiteLLM's map prices these models on xai and anthropic only; llm.pricing gives the
+# gateway (openai-main) the providers' own prices, so that every call has a cost.
+PRICING = {"grok-4.3": {"input_per_mtok": 1.25, "output_per_mtok": 2.5},
+           "claude-sonnet-4-5": {"input_per_mtok": 3.0, "output_per_mtok": 15.0}}
 
 
 @dataclass
@@ -345,16 +351,16 @@ def _report(results: list[StrategyResult], console: Console) -> None:
                                ("Requests", "right", str(total.request_count)),
                                ("Errors", "right", str(total.error_count)),
                                ("Tokens", "right", f"{total.total_tokens:,}"),
-                               ("Cost USD", "right", cost_text(total.cost_usd or None))):
+                               ("Cost USD", "right", cost_text(total.cost_usd))):
         t.add_column(col, justify=justify, footer=foot)  # type: ignore[arg-type]
     for agent in sorted(agents):
         u = agents[agent]
         t.add_row(agent, models.get(agent, ""), str(u.request_count), str(u.error_count),
-                  f"{u.total_tokens:,}", cost_text(u.cost_usd or None))   # no model here is free
+                  f"{u.total_tokens:,}", cost_text(u.cost_usd))
     console.print()
     show(console, t)
-    console.print(Text("Cost: LiteLLM's price map; \"-\" where it has no price for the model on that "
-                       "provider.", style="dim"))
+    console.print(Text("Cost: LiteLLM's price map, plus llm.pricing for the gateway's models; \"-\" where "
+                       "a model has no price.", style="dim"))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

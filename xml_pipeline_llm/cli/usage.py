@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..shared.connection import redact_url
+from ..usage import TOTAL_COLUMNS
 from .output import CLIError, cost_text, make_console, make_table, show, when_text
 
 CONFIG_ENV = "XML_PIPELINE_LLM_CONFIG"   # same as config.CONFIG_ENV (not imported: it pulls in pydantic)
@@ -43,12 +44,13 @@ def parse_since(text: str | None, now: float | None = None) -> float | None:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    url, prefix = (args.store, None) if args.store else _store_from_config(args.config)
+    url, prefix, source = (args.store, None, None) if args.store else _store_from_config(args.config)
     prefix = args.redis_prefix or prefix
     if not url or url == "memory":
-        where = f"{args.config} has" if args.config else "no organism file with"
-        raise CLIError(f"no usage ledger to read ({where} an llm.usage_store); pass --store "
-                       f"sqlite:///path/usage.db or set usage_store: sqlite:///... in the llm: block")
+        why = (f"{source} has no llm.usage_store or llm.shared_state" if source else
+               f"no -c FILE, ${CONFIG_ENV} or ./organism.yaml")
+        raise CLIError(f"no usage ledger to read ({why}); pass --store sqlite:///path/usage.db "
+                       f"or set usage_store: sqlite:///... in the llm: block")
     since = parse_since(args.since)
     from ..config import REDIS_SCHEMES
 
@@ -73,14 +75,9 @@ def cmd_usage(args: argparse.Namespace) -> int:
     if events:
         console.print(f"{where}: {len(events)} provider call{'s' if len(events) != 1 else ''}, "
                       f"{when_text(events[0].timestamp)} .. {when_text(events[-1].timestamp)} UTC", soft_wrap=True)
-        from ..usage import GROUPS, NO_AGENT
-
-        priced = {getattr(e, GROUPS[args.by]) or NO_AGENT for e in events if e.cost_usd is not None} \
-            if args.by != "event" else set()
     else:
         console.print(f"{where}: fleet totals by {args.by}", soft_wrap=True)
-        priced = set(totals or {})
-    table = _event_table(events) if args.by == "event" else _totals_table(args.by, totals or {}, priced)
+    table = _event_table(events) if args.by == "event" else _totals_table(args.by, totals or {})
     show(console, table)
     return 0
 
@@ -110,24 +107,26 @@ def _ledger_path(url: str) -> Path:
     return sqlite_path(url)
 
 
-def _store_from_config(config: str | None) -> tuple[str | None, str | None]:
-    """The usage store of the organism file (-c, $XML_PIPELINE_LLM_CONFIG or ./organism.yaml).
+def _store_from_config(config: str | None) -> tuple[str | None, str | None, str | None]:
+    """The usage store, Redis prefix and path of the organism file (-c, $XML_PIPELINE_LLM_CONFIG or ./organism.yaml).
 
-    ``llm.usage_store``; else ``llm.shared_state`` (Redis keeps the fleet's usage
-    too), with ``llm.redis_prefix``.
+    ``llm.usage_store`` (a relative SQLite path is next to the file, as the router
+    resolves it); else ``llm.shared_state`` (Redis keeps the fleet's usage too),
+    with ``llm.redis_prefix``.
     """
     if config is None and not os.environ.get(CONFIG_ENV) and not Path("organism.yaml").exists():
-        return None, None
-    from ..config import read_llm_block
+        return None, None, None
+    from ..config import config_file, read_llm_block, resolve_store
 
-    block = read_llm_block(config)
+    path = config_file(config)
+    block = read_llm_block(path)
     store = block.get("usage_store")
     if store in (None, "memory") and isinstance(block.get("shared_state"), str):
         store = block["shared_state"]
     if store is not None and not isinstance(store, str):
         raise CLIError(f"llm.usage_store: expected sqlite:///path/usage.db, got {store!r}")
     prefix = block.get("redis_prefix")
-    return store, prefix if isinstance(prefix, str) else None
+    return resolve_store(store, path.parent), prefix if isinstance(prefix, str) else None, str(path)
 
 
 def _usage_csv(target: str, by: str, events: list[Any], totals: Any) -> int:
@@ -146,11 +145,8 @@ def _usage_csv(target: str, by: str, events: list[Any], totals: Any) -> int:
     return 0
 
 
-def _totals_table(by: str, groups: dict[str, Any], priced: set[str]) -> Any:
-    """Totals per key with a totals footer; ``priced``: keys with at least one priced call.
-
-    A cost of 0 would claim "free", so a group with no priced call shows "-".
-    """
+def _totals_table(by: str, groups: dict[str, Any]) -> Any:
+    """Totals per key with a totals footer; an unknown cost (no priced call) shows "-"."""
     from rich.text import Text
 
     from ..usage import AgentUsage
@@ -160,17 +156,21 @@ def _totals_table(by: str, groups: dict[str, Any], priced: set[str]) -> Any:
         total.merge(u)
     table = make_table(footer=True)
     table.add_column(by.capitalize(), overflow="fold", footer="total")
-    for name, foot in zip(("Prompt", "Completion", "Total", "Requests", "Errors", "Cost USD"),
-                          _usage_cells(total, bool(priced))):
-        table.add_column(name, justify="right", footer=foot)
+    for column, foot in zip(TOTAL_COLUMNS, _usage_cells(total)):
+        table.add_column(HEADINGS[column], justify="right", footer=foot)
     for key in sorted(groups):
-        table.add_row(Text(key), *_usage_cells(groups[key], key in priced))
+        table.add_row(Text(key), *_usage_cells(groups[key]))
     return table
 
 
-def _usage_cells(u: Any, priced: bool = True) -> list[str]:
-    return [f"{u.prompt_tokens:,}", f"{u.completion_tokens:,}", f"{u.total_tokens:,}",
-            f"{u.request_count:,}", f"{u.error_count:,}", cost_text(u.cost_usd if priced else None)]
+#: The totals table's heading for each ``AgentUsage`` field (``TOTAL_COLUMNS``, in that order).
+HEADINGS = {"prompt_tokens": "Prompt", "completion_tokens": "Completion", "total_tokens": "Total",
+            "request_count": "Requests", "error_count": "Errors", "cost_usd": "Cost USD",
+            "unpriced_requests": "Unpriced"}
+
+
+def _usage_cells(u: Any) -> list[str]:
+    return [cost_text(u.cost_usd) if c == "cost_usd" else f"{getattr(u, c):,}" for c in TOTAL_COLUMNS]
 
 
 def _event_table(events: list[Any]) -> Any:

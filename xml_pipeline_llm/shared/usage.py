@@ -3,8 +3,10 @@
 Keys (``<p>`` is ``redis_prefix``):
 
 * ``<p>:usage:<group>:<key>`` - a hash of ``prompt_tokens``, ``completion_tokens``,
-  ``total_tokens``, ``request_count``, ``error_count`` (HINCRBY) and ``cost_usd``
-  (HINCRBYFLOAT), for group ``agent``, ``model``, ``backend`` and ``thread``;
+  ``total_tokens``, ``request_count``, ``error_count``, ``unpriced_requests``
+  (HINCRBY) and ``cost_usd`` (HINCRBYFLOAT, only by priced calls: a key with no
+  priced call has no ``cost_usd`` field and reads back as None, never 0), for
+  group ``agent``, ``model``, ``backend`` and ``thread``;
 * ``<p>:usage:<group>`` - the set of keys seen in that group;
 * ``<p>:events`` - a stream of the newest events (about 100,000), one entry per
   provider call, for ``by="event"`` exports and the CLI.
@@ -24,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from ..usage import GROUPS, NO_AGENT, AgentUsage, UsageEvent
+from ..usage import COUNT_COLUMNS, GROUPS, NO_AGENT, AgentUsage, UsageEvent
 from .connection import Conn, RedisDown
 from .scripts import Script
 from .worker import Job
@@ -33,10 +35,11 @@ MAX_EVENTS = 100_000
 
 _EVENT_FIELDS = ("timestamp", "agent_id", "thread_id", "model", "backend", "provider", "prompt_tokens",
                  "completion_tokens", "total_tokens", "cost_usd", "latency_ms", "outcome", "call_id")
-_INT_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens", "request_count", "error_count")
+_INT_FIELDS = COUNT_COLUMNS
 
 # KEYS: 4 total hashes, 4 index sets, the event stream.  ARGV: the 4 group keys, prompt,
-# completion, total, requests, errors, cost ('' when unknown), stream length, event field pairs.
+# completion, total, requests, errors, unpriced, cost ('' when unknown), stream length,
+# event field pairs.
 ADD = Script("""
 for i = 1, 4 do
   local h = KEYS[i]
@@ -45,11 +48,12 @@ for i = 1, 4 do
   redis.call('HINCRBY', h, 'total_tokens', ARGV[7])
   redis.call('HINCRBY', h, 'request_count', ARGV[8])
   redis.call('HINCRBY', h, 'error_count', ARGV[9])
-  if ARGV[10] ~= '' then redis.call('HINCRBYFLOAT', h, 'cost_usd', ARGV[10]) end
+  redis.call('HINCRBY', h, 'unpriced_requests', ARGV[10])
+  if ARGV[11] ~= '' then redis.call('HINCRBYFLOAT', h, 'cost_usd', ARGV[11]) end
   redis.call('SADD', KEYS[i + 4], ARGV[i])
 end
-if tonumber(ARGV[11]) > 0 then
-  redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[11], '*', unpack(ARGV, 12))
+if tonumber(ARGV[12]) > 0 then
+  redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[12], '*', unpack(ARGV, 13))
 end
 return 1
 """)
@@ -90,8 +94,9 @@ class RedisUsageStore:
         for name in _EVENT_FIELDS:
             value = getattr(event, name)
             fields += [name, "" if value is None else repr(value) if isinstance(value, float) else value]
+        unpriced = ok and event.cost_usd is None
         args = [*names, event.prompt_tokens, event.completion_tokens, event.total_tokens, int(ok), int(err),
-                repr(event.cost_usd) if event.cost_usd else "", self.max_events, *fields]
+                int(unpriced), "" if event.cost_usd is None else repr(event.cost_usd), self.max_events, *fields]
         return Job(ADD, keys, args, "usage")
 
     # ---------------------------------------------------------- writes
@@ -178,9 +183,10 @@ class RedisUsageStore:
 
 
 def _usage(h: dict[str, str]) -> AgentUsage:
-    out = AgentUsage(**{k: int(h.get(k) or 0) for k in _INT_FIELDS})
-    out.cost_usd = float(h.get("cost_usd") or 0.0)
-    return out
+    """A totals hash as AgentUsage; no ``cost_usd`` field (no priced call) is None, not 0."""
+    cost = h.get("cost_usd")
+    return AgentUsage(**{k: int(h.get(k) or 0) for k in _INT_FIELDS},
+                      cost_usd=None if cost in (None, "") else float(cost))
 
 
 def _event(f: dict[str, str]) -> UsageEvent:
