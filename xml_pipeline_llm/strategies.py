@@ -1,16 +1,42 @@
-"""The three ways to choose among the backends that can take a try (contract C4).
+"""Which backend takes the next try (contract C4): failover, round-robin, least-loaded.
 
-Each strategy is given the backends ready now (serving the model, not cooling
-down, not dropped for this request) and returns one.  None of them waits or
-keeps state of its own: round-robin's position comes from the shared state so
-that it is exact per model and can be shared across processes.
+A strategy is given the backends that can take the try now (serving the
+model, not cooling down, not dropped for this request) and returns one.
+None of them waits or keeps state of its own: round-robin's position comes
+from the shared state, so that it is exact per model and across processes.
+
+Your own strategy is any object with this shape, passed as
+``configure_router({"llm": {"strategy": MyStrategy(), ...}})``:
+
+    class MyStrategy:
+        rotates = False      # True: the router draws a round-robin turn per request
+        def pick(self, ready, candidates, turn, load): return ready[0]
+
+``ready`` is never empty; ``candidates`` are all of the model's backends in
+file order; ``load(b)`` is (in flight + queued) / max_concurrent.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Literal, Protocol, get_args
 
-from .config import ResolvedBackend
+if TYPE_CHECKING:
+    from .config import ResolvedBackend
+
+StrategyName = Literal["failover", "round-robin", "least-loaded"]
+STRATEGY_NAMES: tuple[str, ...] = get_args(StrategyName)
+
+Load = Callable[["ResolvedBackend"], float]
+
+
+class Strategy(Protocol):
+    """Picks one of the ready backends for a try."""
+
+    rotates: bool   # needs a round-robin turn per request
+
+    def pick(self, ready: Sequence[ResolvedBackend], candidates: Sequence[ResolvedBackend],
+             turn: int, load: Load) -> ResolvedBackend: ...
 
 
 def preference(b: ResolvedBackend) -> tuple[int, int]:
@@ -18,19 +44,13 @@ def preference(b: ResolvedBackend) -> tuple[int, int]:
     return (b.priority, b.index)
 
 
-class Strategy(Protocol):
-    rotates: bool   # needs a round-robin turn per request
-
-    def pick(self, ready: Sequence[ResolvedBackend], candidates: Sequence[ResolvedBackend],
-             turn: int, load: Callable[[ResolvedBackend], float]) -> ResolvedBackend: ...
-
-
 class Failover:
     """The most preferred ready backend."""
 
     rotates = False
 
-    def pick(self, ready, candidates, turn, load):  # type: ignore[no-untyped-def]
+    def pick(self, ready: Sequence[ResolvedBackend], candidates: Sequence[ResolvedBackend],
+             turn: int, load: Load) -> ResolvedBackend:
         return min(ready, key=preference)
 
 
@@ -39,7 +59,8 @@ class RoundRobin:
 
     rotates = True
 
-    def pick(self, ready, candidates, turn, load):  # type: ignore[no-untyped-def]
+    def pick(self, ready: Sequence[ResolvedBackend], candidates: Sequence[ResolvedBackend],
+             turn: int, load: Load) -> ResolvedBackend:
         n = len(candidates)
         for i in range(n):
             backend = candidates[(turn + i) % n]
@@ -53,7 +74,8 @@ class LeastLoaded:
 
     rotates = False
 
-    def pick(self, ready, candidates, turn, load):  # type: ignore[no-untyped-def]
+    def pick(self, ready: Sequence[ResolvedBackend], candidates: Sequence[ResolvedBackend],
+             turn: int, load: Load) -> ResolvedBackend:
         return min(ready, key=lambda b: (load(b), *preference(b)))
 
 
@@ -62,3 +84,9 @@ STRATEGIES: dict[str, Callable[[], Strategy]] = {
     "round-robin": RoundRobin,
     "least-loaded": LeastLoaded,
 }
+assert tuple(STRATEGIES) == STRATEGY_NAMES
+
+
+def is_strategy(value: object) -> bool:
+    """Whether ``value`` is a strategy object (for ``strategy:`` given as an object)."""
+    return callable(getattr(value, "pick", None)) and isinstance(getattr(value, "rotates", None), bool)
