@@ -6,8 +6,10 @@ Every test goes through LiteLLM's real HTTP code to the simulator on
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -56,3 +58,52 @@ def make_router(backends: list[dict[str, Any]], **llm: Any) -> LLMRouter:
 
 MESSAGES = [{"role": "system", "content": "You are terse."},
             {"role": "user", "content": "say hello to the test suite please"}]
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` seconds pass; whether it held."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(interval)
+    return True
+
+
+class SuccessCallbacks:
+    """Counts LiteLLM's success callbacks with a CustomLogger of the test suite's own.
+
+    It is registered once, after the package's own callback (LiteLLM copies its
+    callback lists on first use, so a logger added later may not be called for
+    every kind of call); LiteLLM runs the callbacks of one call in list order,
+    so once this one has seen a call, the package's callback for it has run too.
+    ``count`` is the number seen since this object was made.
+    """
+
+    _seen = 0
+    _registered = False
+
+    def __init__(self) -> None:
+        if not SuccessCallbacks._registered:
+            from litellm.integrations.custom_logger import CustomLogger
+
+            from xml_pipeline_llm import _litellm
+
+            class Counter(CustomLogger):  # type: ignore[misc]
+                async def async_log_success_event(self, kwargs: Any, response_obj: Any,
+                                                  start_time: Any, end_time: Any) -> None:
+                    SuccessCallbacks._seen += 1
+
+            lt = _litellm.load()
+            lt.callbacks = [*lt.callbacks, Counter()]
+            SuccessCallbacks._registered = True
+        self._start = SuccessCallbacks._seen
+
+    @property
+    def count(self) -> int:
+        return SuccessCallbacks._seen - self._start
+
+
+@pytest.fixture
+def success_callbacks() -> SuccessCallbacks:
+    return SuccessCallbacks()

@@ -9,7 +9,7 @@ from xml_pipeline_llm._litellm import token_estimate
 from xml_pipeline_llm.limits import Slots, TokenBucket
 from xml_pipeline_llm.simulator import Fault
 
-from conftest import MESSAGES, backend, make_router
+from conftest import MESSAGES, backend, make_router, until
 
 
 async def test_peak_in_flight_equals_max_concurrent_under_a_burst(sim):
@@ -125,9 +125,8 @@ async def test_cancelling_running_and_waiting_requests_releases_everything(sim):
     r = make_router([backend(sim, "xai", "cx-a", max_concurrent=2, rate_limit_tpm=100000)])
     sim.set_latency("cx-a", 2.0)
     tasks = [asyncio.ensure_future(r.complete("grok-4.1", MESSAGES, max_tokens=10)) for _ in range(3)]
-    await asyncio.sleep(0.3)
     gate = r.gate("cx-a")
-    assert gate.in_flight == 2 and gate.queued == 1
+    assert await until(lambda: gate.in_flight == 2 and gate.queued == 1, timeout=1.8)
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -142,8 +141,8 @@ async def test_a_waiting_request_counts_as_load(sim):
     r = make_router([backend(sim, "xai", "wl-a", max_concurrent=1)], strategy="least-loaded")
     sim.set_latency("wl-a", 0.5)
     tasks = [asyncio.ensure_future(r.complete("grok-4.1", MESSAGES)) for _ in range(3)]
-    await asyncio.sleep(0.2)
-    assert r.gate("wl-a").load == 3.0                # 1 in flight + 2 queued, over 1 slot
+    # 1 in flight + 2 queued, over 1 slot (while the first call is still running)
+    assert await until(lambda: r.gate("wl-a").load == 3.0, timeout=0.45)
     await asyncio.gather(*tasks)
     sim.set_latency("wl-a", 0)
 

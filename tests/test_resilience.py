@@ -19,7 +19,7 @@ from conftest import MESSAGES, backend, make_router
 
 
 def served(router, n: int = 1) -> list[str]:
-    return [e.backend for e in router._ledger.events() if e.outcome == "ok"][-n:]
+    return [e.backend for e in router.usage_events() if e.outcome == "ok"][-n:]
 
 
 async def test_failover_prefers_lowest_priority_then_file_order(sim):
@@ -40,7 +40,7 @@ async def test_failover_moves_on_at_once_while_a_healthy_backend_remains(sim):
     resp = await r.complete("grok-4.1", MESSAGES)
     assert resp.backend == "fn-b"
     assert time.monotonic() - start < 2.5
-    assert [e.outcome for e in r._ledger.events()] == ["retried:503", "ok"]
+    assert [e.outcome for e in r.usage_events()] == ["retried:503", "ok"]
 
 
 async def test_retry_after_keeps_later_requests_off_the_backend(sim):
@@ -104,7 +104,7 @@ async def test_gaps_between_tries_follow_the_jittered_backoff(sim):
     r = make_router([backend(sim, "xai", "bo-a")], retries=3, retry_base_delay=0.1, retry_max_delay=10)
     sim.script("bo-a", [Fault.status(500)] * 3)
     await r.complete("grok-4.1", MESSAGES)
-    events = r._ledger.events()
+    events = r.usage_events()
     assert [e.outcome for e in events] == ["retried:500"] * 3 + ["ok"]
     for k in range(3):
         # a try's event is stamped when it ends; the next one started latency_ms earlier than its end
@@ -154,7 +154,7 @@ async def test_backend_specific_failure_moves_on_without_cooldown(sim, code):
     start = time.monotonic()
     assert (await r.complete("grok-4.1", MESSAGES)).backend == b
     assert time.monotonic() - start < 2.5
-    assert await r._state.cooldowns([a]) == {}
+    assert a not in await r.cooldowns()
     assert (await r.complete("grok-4.1", MESSAGES)).backend == a   # not cooling: preferred again
 
 
@@ -183,7 +183,7 @@ async def test_timeouts_are_retried(sim):
     sim.script("to-a", [Fault.timeout(3)])
     resp = await r.complete("gpt-4o", MESSAGES)
     assert resp.backend == "to-b"
-    assert r._ledger.events()[0].outcome == "retried:timeout"
+    assert r.usage_events()[0].outcome == "retried:timeout"
 
 
 async def test_refused_connection_is_an_unreachable_backend_and_fails_over(sim):
@@ -195,7 +195,7 @@ async def test_refused_connection_is_an_unreachable_backend_and_fails_over(sim):
                      backend(sim, "openai", "cr-b")])
     resp = await r.complete("gpt-4o", MESSAGES)
     assert resp.backend == "cr-b"
-    assert [e.outcome for e in r._ledger.events()] == ["retried:unreachable", "ok"]
+    assert [e.outcome for e in r.usage_events()] == ["retried:unreachable", "ok"]
 
 
 async def test_litellm_retries_are_off(sim):

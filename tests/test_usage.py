@@ -20,12 +20,12 @@ from xml_pipeline_llm import ConfigError, ProviderError
 from xml_pipeline_llm.simulator import Fault
 from xml_pipeline_llm.stores import read_events
 
-from conftest import MESSAGES, backend, make_router
+from conftest import MESSAGES, backend, make_router, until
 
 AGENTS = [f"agent-{i}" for i in range(12)]
 
 
-async def test_totals_are_exact_after_a_concurrent_burst(sim):
+async def test_totals_are_exact_after_a_concurrent_burst(sim, success_callbacks):
     names = ["ex-xai", "ex-openai", "ex-anthropic"]
     r = make_router([backend(sim, "xai", names[0], supported_models=["shared-*"]),
                      backend(sim, "openai", names[1], supported_models=["shared-*"]),
@@ -51,7 +51,7 @@ async def test_totals_are_exact_after_a_concurrent_burst(sim):
         assert u.request_count == len(mine) and u.error_count == 0
     by_backend = r.get_all_usage("backend")
     assert {n: by_backend[n].request_count for n in names} == {n: 120 for n in names}
-    await asyncio.sleep(0.3)                        # LiteLLM's late success callbacks ran by now:
+    assert await until(lambda: success_callbacks.count >= 360)   # LiteLLM's late callbacks ran:
     assert r.get_all_usage() == totals              # nothing was counted twice
 
 
@@ -72,7 +72,7 @@ async def test_failed_tries_are_events_and_failed_requests_count_as_errors(sim):
         await r.complete("grok-4.1", MESSAGES, agent_id="failing")
     u = r.get_agent_usage("failing")
     assert (u.error_count, u.request_count, u.total_tokens) == (1, 0, 0)
-    assert [e.outcome for e in r._ledger.events()] == ["retried:500", "error:503"]
+    assert [e.outcome for e in r.usage_events()] == ["retried:500", "error:503"]
 
 
 async def test_cost_from_the_cost_map_and_none_when_unpriced(sim):
@@ -81,7 +81,7 @@ async def test_cost_from_the_cost_map_and_none_when_unpriced(sim):
     unpriced = await r.complete("grok-4.1", MESSAGES, agent_id="c")
     assert priced.cost_usd and priced.cost_usd > 0
     assert unpriced.cost_usd is None
-    costs = [e.cost_usd for e in r._ledger.events()]
+    costs = [e.cost_usd for e in r.usage_events()]
     assert costs[0] == pytest.approx(priced.cost_usd) and costs[1] is None
     assert r.get_agent_usage("c").cost_usd == pytest.approx(priced.cost_usd)
 
@@ -105,7 +105,7 @@ STREAM_PROVIDERS = [("openai", "gpt-4o"), ("xai", "grok-4.1"), ("anthropic", "cl
 
 
 @pytest.mark.parametrize("provider,model", STREAM_PROVIDERS)
-async def test_stream_read_to_the_end(sim, provider, model):
+async def test_stream_read_to_the_end(sim, provider, model, success_callbacks):
     name = f"st-{provider}"
     r = make_router([backend(sim, provider, name)])
     sim.reset_stats(name)
@@ -120,7 +120,7 @@ async def test_stream_read_to_the_end(sim, provider, model):
     u = r.get_agent_usage("streamer")
     assert (u.total_tokens, u.request_count) == (resp.usage["total_tokens"], 1)
     assert r.gate(name).in_flight == 0
-    await asyncio.sleep(0.3)
+    assert await until(lambda: success_callbacks.count >= 1)
     assert r.get_agent_usage("streamer").request_count == 1   # the callback did not add it again
 
 
@@ -294,7 +294,7 @@ async def test_broken_stream_before_content_is_a_failed_try(sim, provider, model
     s = r.stream(model, MESSAGES, agent_id="retrier")
     text = "".join([d async for d in s])
     assert text.startswith("Hello from") and sim.stats(name).requests == 2
-    outcomes = [e.outcome for e in r._ledger.events()]
+    outcomes = [e.outcome for e in r.usage_events()]
     assert outcomes[0].startswith("retried:") and outcomes[-1] == "ok"
     assert r.get_agent_usage("retrier").request_count == 1
     assert r.gate(name).in_flight == 0

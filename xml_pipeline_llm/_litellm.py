@@ -204,8 +204,14 @@ def _ollama_lookups_to(base_url: str | None) -> Iterator[None]:
             os.environ["OLLAMA_API_BASE"] = old
 
 
-def register(router_id: str, router: Any) -> None:
-    _ROUTERS[router_id] = router
+def register(router_id: str, services: Any) -> None:
+    """Have LiteLLM's success callback hand a router's calls to ``services.record_from_callback``."""
+    _ROUTERS[router_id] = services
+
+
+def text_tokens(model: str, text: str) -> int:
+    """LiteLLM's count of the tokens in ``text`` (a stream's answer abandoned before its usage came)."""
+    return int(load().token_counter(model=model, text=text)) if text else 0
 
 
 def token_estimate(model: str, messages: list[dict[str, Any]], tools: Any = None) -> int:
@@ -391,9 +397,9 @@ def _make_callback() -> Any:
         async def async_log_success_event(self, kwargs: Any, response_obj: Any,
                                           start_time: Any, end_time: Any) -> None:
             meta = (kwargs.get("litellm_params") or {}).get("metadata") or {}
-            router = _ROUTERS.get(meta.get("xpl_router", ""))
-            if router is not None:
-                router._record_from_callback(meta, kwargs, response_obj, start_time, end_time)
+            services = _ROUTERS.get(meta.get("xpl_router", ""))
+            if services is not None:
+                services.record_from_callback(meta, kwargs, response_obj, start_time, end_time)
 
     return UsageCallback()
 
@@ -470,3 +476,10 @@ def cause(exc: BaseException) -> str | None:
         if any(isinstance(e, classes) for e in chain):
             return what
     return None
+
+
+def unsupported_params(exc: BaseException) -> str:
+    """The parameters an ``UnsupportedParamsError`` names, as ``['seed']`` (for messages only)."""
+    text = str(exc)
+    start, end = text.find("parameters: ["), text.find("]")
+    return text[start + len("parameters: "):end + 1] if 0 <= start < end else "a parameter"

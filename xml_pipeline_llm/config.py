@@ -21,11 +21,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from .errors import ConfigError
+from .strategies import STRATEGY_NAMES, Strategy, is_strategy
 from .providers import BUILTIN, LITELLM_PROVIDERS, Provider, lookup
 
 log = logging.getLogger("xml_pipeline_llm")
 
-STRATEGIES = ("failover", "round-robin", "least-loaded")
+STRATEGIES = STRATEGY_NAMES
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 CONFIG_ENV = "XML_PIPELINE_LLM_CONFIG"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")   # what names a Redis server
@@ -96,7 +97,7 @@ EXPECTED = {
     "supported_models": "a list of model names or patterns, such as [llama3, mistral*]",
     "timeout": "a positive number of seconds",
     "drop_params": "true or false",
-    "strategy": "one of failover, round-robin, least-loaded",
+    "strategy": "one of failover, round-robin, least-loaded (or, from code, a strategy object)",
     "retries": "a whole number >= 0",
     "retry_base_delay": "a positive number of seconds",
     "retry_max_delay": "a positive number of seconds",
@@ -171,6 +172,8 @@ class RouterConfig:
         #: ``llm.pricing``: model name or shell pattern -> price (registered with LiteLLM on first use)
         self.pricing: dict[str, ModelPrice] = dict(raw.pricing)
         self.strategy = raw.strategy
+        #: a strategy object given as ``strategy:`` (``configure_router``), else None
+        self.strategy_object: Strategy | None = None
         self.retries = raw.retries
         self.retry_base_delay = raw.retry_base_delay
         self.retry_max_delay = raw.retry_max_delay
@@ -279,6 +282,7 @@ def _llm_block(doc: Any, where: str) -> Mapping[str, Any]:
 
 def _validate(block: Mapping[str, Any], source: str, base: Path | None) -> RouterConfig:
     block = dict(block)
+    custom = block.pop("strategy") if is_strategy(block.get("strategy")) else None
     if isinstance(block.get("strategy"), str):
         block["strategy"] = block["strategy"].strip().lower().replace("_", "-")
     try:
@@ -299,7 +303,10 @@ def _validate(block: Mapping[str, Any], source: str, base: Path | None) -> Route
     for where, name, var in skipped:
         log.warning("%s (%s): skipped, environment variable %s is not set (llm.missing_keys: skip); "
                     "export it or add %s=... to .env to use this backend", where, name, var, var)
-    return RouterConfig(raw, backends, source, [(name, f"{var} not set") for _, name, var in skipped], base)
+    config = RouterConfig(raw, backends, source, [(name, f"{var} not set") for _, name, var in skipped], base)
+    if custom is not None:
+        config.strategy, config.strategy_object = type(custom).__name__, custom
+    return config
 
 
 def _unvalidated_problems(block: Mapping[str, Any]) -> list[str]:

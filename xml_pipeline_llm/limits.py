@@ -26,6 +26,21 @@ import asyncio
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """What a gate's ``enter`` gave a try: the tokens taken from the bucket, and its slot's lease.
+
+    ``lease`` names the slot held in Redis (None: a slot of this process).
+    """
+
+    tokens: float = 0.0
+    lease: str | None = None
+
+
+NO_TOKENS = Reservation()
 
 
 def _set(fut: asyncio.Future[None]) -> None:
@@ -216,8 +231,8 @@ class Gate:
     def load(self) -> float:
         return (self.slots.in_use + self.queued) / self.slots.limit
 
-    async def enter(self, tokens: int) -> float:
-        """Wait for tokens, then for a slot; returns the tokens taken (to settle later)."""
+    async def enter(self, tokens: int) -> Reservation:
+        """Wait for tokens, then for a slot; returns what was taken (to settle at ``leave``)."""
         with self._lock:
             self.queued += 1
         taken = 0.0
@@ -232,10 +247,10 @@ class Gate:
         finally:
             with self._lock:
                 self.queued -= 1
-        return taken
+        return Reservation(taken) if taken else NO_TOKENS
 
-    def leave(self, taken: float, used: int) -> None:
+    def leave(self, reservation: Reservation, used: int) -> None:
         """Free the slot and settle the reservation against the tokens really used."""
         self.slots.release()
         if self.bucket is not None:
-            self.bucket.settle(taken, used)
+            self.bucket.settle(reservation.tokens, used)

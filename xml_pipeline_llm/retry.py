@@ -1,4 +1,12 @@
-"""Which provider errors are worth another try, and how long a backend cools down.
+"""The retry policy: which errors are worth another try, how long to wait, when to stop (C5).
+
+``retrying(req, cooldowns)`` is tenacity's ``AsyncRetrying`` with the three
+policy objects: ``retry`` on ``TryFailed`` (a try that another try may fix),
+``stop`` by the request's one stop rule (``Request.exhausted``: ``retries + 1``
+provider calls, or no candidate left), and ``wait`` that pauses only while
+every candidate still serving the request cools down, until the first
+cooldown ends (``until_ready``).  A failed backend cools down for the
+provider's Retry-After or the jittered backoff (``cooldown``).
 
 Errors are classified by the exception chain's classes first (a refused
 connection, a timeout, an unsupported parameter: ``_litellm.cause``) and then
@@ -14,7 +22,17 @@ import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from enum import Enum
-from typing import Any, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+from tenacity.stop import stop_base
+
+if TYPE_CHECKING:
+    from .config import ResolvedBackend
+    from .request import Request
+
+Cooldowns = Callable[[Iterable[str]], Awaitable[dict[str, float]]]
 
 
 class Action(Enum):
@@ -129,3 +147,47 @@ def cooldown(verdict: Verdict, k: int, base: float, cap: float) -> float:
     if verdict.retry_after is not None:
         return min(cap, verdict.retry_after)
     return backoff(k, base, cap)
+
+
+def outcome(final: bool, verdict: Verdict) -> str:
+    """The ledger's outcome for a failed try: ``error:<label>`` if it ended the request, else ``retried:<label>``."""
+    return f"{'error' if final else 'retried'}:{verdict.label}"
+
+
+class TryFailed(Exception):
+    """A try failed in a way another try may fix (what tenacity retries on)."""
+
+
+class stop_when_exhausted(stop_base):
+    """tenacity stop: the request's own stop rule (``Request.exhausted``)."""
+
+    def __init__(self, req: Request) -> None:
+        self.req = req
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.req.exhausted()
+
+
+def until_ready(cooling: Mapping[str, float], pool: Sequence[ResolvedBackend]) -> float:
+    """Seconds until one of ``pool`` may take a try: 0 while one is not cooling down."""
+    if any(b.name not in cooling for b in pool):
+        return 0.0
+    return min(cooling[b.name] for b in pool)
+
+
+class wait_for_a_ready_backend:
+    """tenacity wait: none while a candidate is ready, else until the earliest cooldown ends."""
+
+    def __init__(self, req: Request, cooldowns: Cooldowns) -> None:
+        self.req = req
+        self.cooldowns = cooldowns
+
+    async def __call__(self, retry_state: RetryCallState) -> float:
+        pool = self.req.pool()
+        return until_ready(await self.cooldowns(b.name for b in pool), pool) if pool else 0.0
+
+
+def retrying(req: Request, cooldowns: Cooldowns) -> AsyncRetrying:
+    """The tries of one request, as tenacity runs them."""
+    return AsyncRetrying(stop=stop_when_exhausted(req), wait=wait_for_a_ready_backend(req, cooldowns),
+                         retry=retry_if_exception_type(TryFailed), reraise=True)

@@ -1,8 +1,11 @@
-"""State that every request of a router shares: limits, cooldowns, rotation.
+"""State that every request of a router shares: limits, cooldowns, rotation (and fleet usage).
 
-``MemoryState`` keeps it in this process.  The methods are the whole interface
-the router uses, so a Redis implementation sharing the same state across
-processes (contract C8) can replace it without touching the router.
+What may differ between one process and a fleet is typed here, once:
+``State`` (the gates, cooldowns and round-robin turns), ``BackendGate`` (one
+backend's limits: ``enter`` returns a ``Reservation`` that ``leave`` takes
+back) and ``SharedUsage`` (fleet-wide usage totals).  ``MemoryState`` keeps
+it in this process; ``shared.state.RedisState`` shares it across processes
+(contract C8).  Either can be passed to ``LLMRouter(config, state=...)``.
 """
 
 from __future__ import annotations
@@ -11,13 +14,56 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
-from .limits import Gate
+from .limits import Gate, Reservation
+
+if TYPE_CHECKING:
+    from .config import RouterConfig
+    from .usage import AgentUsage, UsageEvent
+
+
+class BackendGate(Protocol):
+    """One backend's limits: concurrency slots and (with ``rate_limit_tpm``) a token bucket."""
+
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def queued(self) -> int: ...
+    @property
+    def load(self) -> float: ...        # (in flight + queued) / max_concurrent
+    async def enter(self, tokens: int) -> Reservation: ...
+    def leave(self, reservation: Reservation, used: int) -> None: ...
+
+
+class SharedUsage(Protocol):
+    """Usage totals kept beyond the process (the fleet's, in Redis); None answers: unreachable."""
+
+    async def append(self, event: UsageEvent) -> None: ...
+    def append_nowait(self, event: UsageEvent) -> None: ...
+    def flush(self) -> None: ...
+    async def close(self) -> None: ...
+    def totals(self, by: str = "agent") -> dict[str, AgentUsage] | None: ...
+    def get(self, by: str, key: str | None) -> AgentUsage | None: ...
+    def reset(self, agent_id: str | None = None) -> bool: ...
+
+
+class State(Protocol):
+    """Limits, cooldowns and rotation shared by every request of a router."""
+
+    @property
+    def usage(self) -> SharedUsage | None: ...
+    def gate(self, backend: str, max_concurrent: int, tpm: int | None) -> BackendGate: ...
+    async def cooldowns(self, backends: Iterable[str]) -> dict[str, float]: ...
+    async def cool_down(self, backend: str, seconds: float) -> None: ...
+    async def next_turn(self, model: str) -> int: ...
+    async def close(self) -> None: ...
 
 
 class MemoryState:
     """In-process shared state (the default: nothing to install)."""
+
+    usage: SharedUsage | None = None
 
     def __init__(self) -> None:
         self._gates: dict[str, Gate] = {}
@@ -61,15 +107,14 @@ class MemoryState:
         """Nothing to release in memory; the Redis state closes its connection here."""
 
 
-def make_state(config: Any) -> Any:
+def make_state(config: RouterConfig) -> State:
     """The state for a router: ``RedisState`` with ``shared_state`` set (C8), else ``MemoryState``.
 
     Building a ``RedisState`` checks that Redis answers, raising ``ConfigError``
     (naming the URL without its password) when it does not.
     """
-    url = getattr(config, "shared_state", None)
-    if not url:
+    if not config.shared_state:
         return MemoryState()
     from .shared.state import RedisState
 
-    return RedisState(url, getattr(config, "redis_prefix", "xpl") or "xpl")
+    return RedisState(config.shared_state, config.redis_prefix or "xpl")

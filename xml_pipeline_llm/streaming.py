@@ -9,35 +9,26 @@ recorded exactly once when it ends: read to the end, closed early with
 
 from __future__ import annotations
 
-import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _litellm
 from .errors import ProviderError
 from .response import LLMResponse
+from .usage import OK
 
 if TYPE_CHECKING:
-    from .config import ResolvedBackend
-    from .options import CallOptions
-    from .router import LLMRouter, Request
+    from .lifecycle import OpenStream
 
 
 class LLMStream:
     """Async iterator of text deltas; ``response`` is the final LLMResponse once it ends."""
 
-    def __init__(self, router: LLMRouter, model: str, messages: list[dict[str, Any]],
-                 agent_id: str | None, thread_id: str | None, metadata: dict[str, Any] | None,
-                 kwargs: dict[str, Any], options: CallOptions) -> None:
-        self._router = router
-        self._args = (model, messages, agent_id, thread_id, metadata, kwargs, options)
-        self._req: Request | None = None
-        self._backend: ResolvedBackend | None = None
-        self._wrapper: Any = None
-        self._taken = 0.0
-        self._start = 0.0
+    def __init__(self, open_stream: Callable[[], Awaitable[OpenStream]]) -> None:
+        self._open_stream = open_stream
+        self._opened: OpenStream | None = None
         self._chunks: list[Any] = []
         self._pending: list[Any] = []     # read ahead while opening, not yet given out
-        self._ended = False
         self._text: list[str] = []
         self._done = False
         self.response: LLMResponse | None = None
@@ -51,26 +42,22 @@ class LLMStream:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def _open(self) -> None:
-        self._req = await self._router._request(*self._args)
-        (self._backend, self._wrapper, self._pending, self._ended, self._taken,
-         self._start) = await self._router._open_stream(self._req)
-
     async def __anext__(self) -> str:
         if self._done:
             raise StopAsyncIteration
-        if self._wrapper is None:
-            await self._open()
+        if self._opened is None:
+            self._opened = await self._open_stream()
+            self._pending = list(self._opened.first)
         while True:
             try:
                 chunk = await self._next_chunk()
             except StopAsyncIteration:
-                await self._finish("ok")
+                await self._finish(OK)
                 raise
             except Exception as exc:
                 await self._finish("error:stream")
-                raise ProviderError(f"{self._req.model if self._req else ''}: the stream from "
-                                    f"{self._backend.name if self._backend else '?'} broke: {exc}",
+                t = self._opened.try_
+                raise ProviderError(f"{t.req.model}: the stream from {t.backend.name} broke: {exc}",
                                     status_code=getattr(exc, "status_code", None)) from exc
             self._chunks.append(chunk)
             delta = _delta_text(chunk)
@@ -79,64 +66,54 @@ class LLMStream:
                 return delta
 
     async def _next_chunk(self) -> Any:
+        assert self._opened is not None
         if self._pending:
             return self._pending.pop(0)
-        if self._ended:
+        if self._opened.ended:
             raise StopAsyncIteration
-        return await self._wrapper.__anext__()
+        return await self._opened.wrapper.__anext__()
 
     async def aclose(self) -> None:
         """Stop reading: closes the provider stream and records what was used so far."""
-        if self._wrapper is None or self._done:
+        if self._opened is None or self._done:
             self._done = True
             return
-        close = getattr(self._wrapper, "aclose", None)
-        await self._finish("ok")
-        if close is not None:
-            try:
-                await close()
-            except Exception:
-                pass
+        await self._finish(OK)
+        await close_quietly(self._opened.wrapper)
 
     def __del__(self) -> None:
-        if self._wrapper is not None and not self._done and self._router is not None:
+        if self._opened is not None and not self._done:
             try:
-                self._settle("ok", wait=False)
+                event = self._settle(OK)
+                if event is not None:
+                    self._opened.try_.services.ledger.record_nowait(event)
             except Exception:
                 pass
 
     async def _finish(self, outcome: str) -> None:
-        event = self._settle(outcome, wait=True)
+        event = self._settle(outcome)
         if event is not None:
-            await self._router._ledger.record(event)
+            assert self._opened is not None
+            await self._opened.try_.services.ledger.record(event)
 
-    def _settle(self, outcome: str, wait: bool) -> Any:
-        """Build the response, free the gate and make the usage event (once)."""
-        if self._done:
+    def _settle(self, outcome: str) -> Any:
+        """Build the response and end the try (release, settle); its usage event (once)."""
+        if self._done or self._opened is None:
             return None
         self._done = True
-        assert self._req is not None and self._backend is not None
-        latency = (time.perf_counter() - self._start) * 1000
-        resp = self._build_response(latency)
-        self.response = resp
-        self._router.gate(self._backend.name).leave(self._taken, resp.usage["total_tokens"])
-        event = self._router._event(self._req, self._backend, resp.usage, resp.cost_usd, latency,
-                                    outcome, _stream_call_id(self._wrapper))
-        if not wait:
-            self._router._ledger.record_nowait(event)
-            return None
-        return event
+        t = self._opened.try_
+        self.response = self._build_response(t.latency_ms)
+        return t.finish(self.response, outcome, _stream_call_id(self._opened.wrapper))
 
     def _build_response(self, latency: float) -> LLMResponse:
-        req, backend = self._req, self._backend
-        assert req is not None and backend is not None
+        assert self._opened is not None
+        req, backend = self._opened.try_.req, self._opened.try_.backend
         usage = next((_litellm.usage_of(c) for c in reversed(self._chunks)
                       if getattr(c, "usage", None) and _litellm.usage_of(c)["total_tokens"]), None)
         if usage is None:   # abandoned before the provider reported usage: count what we got
             prompt = req.estimate if req.estimate is not None else \
                 _litellm.token_estimate(req.model, req.messages)
-            completion = _litellm.load().token_counter(model=req.model, text="".join(self._text)) \
-                if self._text else 0
+            completion = _litellm.text_tokens(req.model, "".join(self._text))
             usage = {"prompt_tokens": prompt, "completion_tokens": completion,
                      "total_tokens": prompt + completion}
         cost = _litellm.cost(req.model, backend.provider.litellm_prefix,
@@ -148,6 +125,16 @@ class LLMStream:
         return LLMResponse(content="".join(self._text), model=model, usage=usage,
                            finish_reason=finish or "", raw=self._chunks, backend=backend.name,
                            cost_usd=cost, latency_ms=latency, tool_calls=_tool_calls(self._chunks))
+
+
+async def close_quietly(wrapper: Any) -> None:
+    """Close LiteLLM's stream wrapper, ignoring what a broken stream raises on close."""
+    close = getattr(wrapper, "aclose", None)
+    if close is not None:
+        try:
+            await close()
+        except Exception:
+            pass
 
 
 class EmptyStreamError(Exception):

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -90,6 +90,22 @@ class UsageEvent:
     latency_ms: float
     outcome: str
     call_id: str = field(default="", compare=False)
+
+
+OK = "ok"   # the outcome of a try that served its request; a failed one is retry.outcome()
+
+
+def make_event(*, agent_id: str | None, thread_id: str | None, model: str, backend: str, provider: str,
+               usage: Mapping[str, int] | None, cost_usd: float | None, latency_ms: float, outcome: str,
+               call_id: str = "") -> UsageEvent:
+    """The one way a usage event is made (by a try, and by LiteLLM's success callback)."""
+    usage = usage or {}
+    return UsageEvent(timestamp=time.time(), agent_id=agent_id or "", thread_id=thread_id or "",
+                      model=model, backend=backend, provider=provider,
+                      prompt_tokens=usage.get("prompt_tokens", 0),
+                      completion_tokens=usage.get("completion_tokens", 0),
+                      total_tokens=usage.get("total_tokens", 0), cost_usd=cost_usd,
+                      latency_ms=latency_ms, outcome=outcome, call_id=call_id)
 
 
 EVENT_COLUMNS = [f.name for f in fields(UsageEvent) if f.name != "call_id"]
@@ -198,8 +214,18 @@ class UsageLedger:
         else:
             self._totals["agent"].pop(agent_id, None)
 
-    def events(self) -> Iterable[UsageEvent]:
+    def events(self) -> list[UsageEvent]:
         return list(self._events)
+
+    def flush(self) -> None:
+        """Write what the durable store has queued (outside an event loop)."""
+        if self.store is not None:
+            self.store.flush()
+
+    async def close(self) -> None:
+        """Write what is queued and close the durable store."""
+        if self.store is not None:
+            await self.store.close()
 
 
 # ------------------------------------------------------------------ CSV

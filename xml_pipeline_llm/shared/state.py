@@ -50,7 +50,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..errors import ConfigError
-from ..limits import wake as _wake
+from ..limits import Reservation, wake as _wake
 from ..state import MemoryState
 from .connection import DEFAULT_LEASE, Conn, RedisDown
 from .scripts import COOL, ENTER, LEAVE, ROTATE
@@ -61,17 +61,6 @@ ROTATION_TTL_MS = 7 * 24 * 3600 * 1000
 CLAIM_TTL_MS = 2000          # a waiting request's claim on a bucket, renewed while it waits
 COOLDOWN_READ_EVERY = 0.05   # how stale the fleet's cooldowns may be (this process's own: never)
 TOKEN_POLL_MAX = 0.25        # longest nap between bucket polls (refunds elsewhere are seen this fast)
-
-
-class Ticket(float):
-    """What ``enter`` returns: the tokens taken, plus the lease to give back (None: local gate)."""
-
-    __slots__ = ("lease",)
-
-    def __new__(cls, taken: float, lease: str | None) -> Ticket:
-        self = super().__new__(cls, taken)
-        self.lease = lease
-        return self
 
 
 class RedisGate:
@@ -105,8 +94,8 @@ class RedisGate:
     def load(self) -> float:
         return (self.in_flight + self.queued) / self.limit
 
-    async def enter(self, tokens: int) -> Ticket:
-        """Wait for a slot and the tokens (fleet-wide); returns a ticket for ``leave``."""
+    async def enter(self, tokens: int) -> Reservation:
+        """Wait for a slot and the tokens (fleet-wide); returns the reservation for ``leave``."""
         self.queued += 1
         try:
             if self.state.conn.health.usable():
@@ -114,11 +103,11 @@ class RedisGate:
                     return await self._enter_shared(tokens)
                 except RedisDown:
                     pass
-            return Ticket(await self.local.enter(tokens), None)
+            return await self.local.enter(tokens)
         finally:
             self.queued -= 1
 
-    async def _enter_shared(self, tokens: int) -> Ticket:
+    async def _enter_shared(self, tokens: int) -> Reservation:
         amount = min(float(tokens), self.capacity) if self.capacity else 0.0
         loop = asyncio.get_running_loop()
         me: asyncio.Future[None] = loop.create_future()
@@ -137,7 +126,7 @@ class RedisGate:
                 if ok:
                     self.held += 1
                     self.state.conn.worker.hold(lease, self.keys[1])
-                    return Ticket(amount, lease)
+                    return Reservation(amount, lease)
                 if wait_ms > 0:
                     nap = min(wait_ms / 1000.0, TOKEN_POLL_MAX)
                 else:
@@ -193,16 +182,16 @@ class RedisGate:
         except RuntimeError:
             pass
 
-    def leave(self, taken: float, used: int) -> None:
+    def leave(self, reservation: Reservation, used: int) -> None:
         """Free the slot and settle the tokens; the Redis side runs in the background."""
-        lease = getattr(taken, "lease", None)
+        lease = reservation.lease
         if lease is None:
-            self.local.leave(float(taken), used)
+            self.local.leave(reservation, used)
             return
         self.state.conn.worker.drop(lease)
         self.held = max(0, self.held - 1)
         self.fleet = max(0, self.fleet - 1)
-        self.state.release_later(self, lease, float(taken) - used if self.capacity else 0.0)
+        self.state.release_later(self, lease, reservation.tokens - used if self.capacity else 0.0)
 
 
 class RedisState:

@@ -1,0 +1,163 @@
+"""One provider try, from admission to release: the seam every call goes through.
+
+    async with Try(services, req, backend) as t:   # admitted: a slot and its tokens are held
+        response = await t.complete()              # sent, settled, recorded, released
+
+A stream holds its try past the ``async with``: ``t.open_stream()`` returns
+once the first content arrived, and the stream calls ``t.finish(...)`` when it
+ends (read to the end, closed early or dropped).  On an error the try is
+released by ``__aexit__`` with nothing charged; the router classifies the
+error (``retry.py``) and records it with ``t.record_failure(outcome)``.
+
+``complete()`` and ``stream()`` use it alike, so limits, accounting and (in
+later pieces) budgets and telemetry hook in here once, not per call path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import _litellm
+from .reservation import tokens_to_reserve
+from .response import LLMResponse
+from .usage import OK, UsageEvent, UsageLedger, make_event
+
+if TYPE_CHECKING:
+    from .config import ResolvedBackend
+    from .limits import Reservation
+    from .request import Request
+    from .state import BackendGate
+
+
+@dataclass(eq=False)
+class Services:
+    """What every try of one router uses; built once by the router."""
+
+    router_id: str
+    backends: Mapping[str, ResolvedBackend]
+    gates: Mapping[str, BackendGate]
+    ledger: UsageLedger
+    deployments: Callable[[], _litellm.Deployments]
+    default_max_tokens: int
+
+    def record_from_callback(self, meta: Mapping[str, Any], kwargs: Mapping[str, Any], response: Any,
+                             start: Any, end: Any) -> None:
+        """LiteLLM's success callback: count the call unless the try already did (same call id)."""
+        backend = self.backends.get(meta.get("xpl_backend") or "")
+        if backend is None:
+            return
+        try:
+            latency = (end - start).total_seconds() * 1000
+        except (TypeError, AttributeError):
+            latency = 0.0
+        model = meta.get("xpl_model") or ""
+        self.ledger.record_nowait(make_event(
+            agent_id=meta.get("agent_id"), thread_id=meta.get("thread_id"), model=model,
+            backend=backend.name, provider=backend.provider.name, usage=_litellm.usage_of(response),
+            cost_usd=_litellm.response_cost(response, model, backend.provider.litellm_prefix),
+            latency_ms=latency, outcome=OK, call_id=str(kwargs.get("litellm_call_id") or "")))
+
+
+@dataclass
+class OpenStream:
+    """A stream whose first content arrived: its try (still held), LiteLLM's wrapper, what was read."""
+
+    try_: Try
+    wrapper: Any
+    first: list[Any]
+    ended: bool
+
+
+class Try:
+    """One provider call: admit (slot + tokens), send, settle, record, release."""
+
+    def __init__(self, services: Services, req: Request, backend: ResolvedBackend) -> None:
+        self.services = services
+        self.req = req
+        self.backend = backend
+        self.gate = services.gates[backend.name]
+        self.tag = _litellm.new_try()
+        self.reservation: Reservation | None = None
+        self.start = 0.0
+        self._held = False
+        self._released = False
+
+    async def __aenter__(self) -> Try:
+        tokens = tokens_to_reserve(self.req, self.backend, self.services.default_max_tokens)
+        self.reservation = await self.gate.enter(tokens)
+        self.start = time.perf_counter()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if not self._held:
+            self.release(0)
+
+    @property
+    def latency_ms(self) -> float:
+        return (time.perf_counter() - self.start) * 1000
+
+    def sent(self) -> bool:
+        """Whether LiteLLM got as far as sending this try (an error before that is not the provider's)."""
+        return _litellm.sent(self.tag)
+
+    async def complete(self) -> LLMResponse:
+        """Send the request; settle, record and release; the answer."""
+        raw = await self._send({})
+        req, backend = self.req, self.backend
+        self.release(_litellm.usage_of(raw)["total_tokens"])
+        latency = self.latency_ms
+        cost = _litellm.response_cost(raw, req.model, backend.provider.litellm_prefix)
+        resp = _litellm.to_response(raw, backend.name, latency, cost)
+        await self.services.ledger.record(self.event(resp.usage, cost, latency, OK, _litellm.call_id(raw)))
+        return resp
+
+    async def open_stream(self) -> OpenStream:
+        """Send a streaming request and read up to its first content; the try stays held."""
+        from .streaming import close_quietly, first_chunks
+
+        options = {**self.req.kwargs.get("stream_options", {}), "include_usage": True}
+        wrapper = await self._send({"stream": True, "stream_options": options})
+        try:
+            first, ended = await first_chunks(wrapper)
+        except BaseException:
+            await close_quietly(wrapper)
+            raise
+        self._held = True
+        return OpenStream(self, wrapper, first, ended)
+
+    async def _send(self, extra: dict[str, Any]) -> Any:
+        req, backend = self.req, self.backend
+        meta = {**req.metadata, "xpl_router": self.services.router_id, "xpl_backend": backend.name,
+                "xpl_try": self.tag, "agent_id": req.agent_id, "thread_id": req.thread_id,
+                "xpl_model": req.model}
+        kwargs = {**req.kwargs, **extra} if extra else req.kwargs
+        return await self.services.deployments().acompletion(
+            backend.name, req.model, messages=req.messages, metadata=meta, timeout=req.options.timeout,
+            drop_params=req.options.drop_params, **kwargs)
+
+    def release(self, used: int) -> None:
+        """Free the slot and settle the reservation against ``used`` tokens (once)."""
+        if self._released:
+            return
+        self._released = True
+        _litellm.forget(self.tag)
+        assert self.reservation is not None
+        self.gate.leave(self.reservation, used)
+
+    def event(self, usage: Mapping[str, int] | None, cost_usd: float | None, latency_ms: float,
+              outcome: str, call_id: str = "") -> UsageEvent:
+        req = self.req
+        return make_event(agent_id=req.agent_id, thread_id=req.thread_id, model=req.model,
+                          backend=self.backend.name, provider=self.backend.provider.name, usage=usage,
+                          cost_usd=cost_usd, latency_ms=latency_ms, outcome=outcome, call_id=call_id)
+
+    async def record_failure(self, outcome: str) -> None:
+        await self.services.ledger.record(self.event(None, None, self.latency_ms, outcome))
+
+    def finish(self, resp: LLMResponse, outcome: str, call_id: str) -> UsageEvent:
+        """A held stream ended: release and settle with its usage; the event to record."""
+        self.release(resp.usage["total_tokens"])
+        return self.event(resp.usage, resp.cost_usd, resp.latency_ms, outcome, call_id)

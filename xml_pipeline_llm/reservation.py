@@ -1,0 +1,28 @@
+"""How many tokens a try reserves in its backend's bucket before it is sent (contract C6).
+
+The reservation is the request's worst case: LiteLLM's count of the prompt
+tokens (made once per request) plus ``max_tokens`` (or ``max_completion_tokens``,
+else ``llm.default_max_tokens``).  After the call the gate settles it against
+the tokens the provider reported: the difference is refunded, or the excess
+charged.  A backend without ``rate_limit_tpm`` reserves nothing and counts nothing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import _litellm
+
+if TYPE_CHECKING:
+    from .config import ResolvedBackend
+    from .request import Request
+
+
+def tokens_to_reserve(req: Request, backend: ResolvedBackend, default_max_tokens: int) -> int:
+    """Prompt estimate + the most the answer may take, for a rate-limited backend; else 0."""
+    if backend.rate_limit_tpm is None:
+        return 0
+    if req.estimate is None:
+        req.estimate = _litellm.token_estimate(req.model, req.messages, req.kwargs.get("tools"))
+    out = req.kwargs.get("max_tokens") or req.kwargs.get("max_completion_tokens")
+    return req.estimate + int(out or default_max_tokens)
