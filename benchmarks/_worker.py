@@ -133,7 +133,7 @@ class Variant:
                 return None
             router._ledger.record = record
             router._ledger.record_nowait = lambda event: None
-            router._record_from_callback = lambda *a, **k: None   # the LiteLLM callback's share
+            router._services.record_from_callback = lambda *a, **k: None   # the LiteLLM callback's share
         agents = self.agents
         threads = [f"t-{i}" for i in range(100)]
 

@@ -89,7 +89,7 @@ async def tpm_run(sim: common.SimProcess, args: argparse.Namespace) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
     t_end = time.time()
 
-    events = sorted((e for e in router._ledger.events() if e.outcome == "ok"), key=lambda e: e.timestamp)
+    events = sorted((e for e in router.usage_events() if e.outcome == "ok"), key=lambda e: e.timestamp)
     ts = [e.timestamp for e in events]
     tok = [e.total_tokens for e in events]
     best = best_full = best_steady = 0
@@ -126,9 +126,10 @@ async def tpm_run(sim: common.SimProcess, args: argparse.Namespace) -> None:
     table(["figure", "tokens", "target <=", "x limit", ""], rows,
           title=f"(a) TPM used vs rate_limit_tpm={limit:,} (a bucket of capacity L lets any 60 s window "
                 f"carry up to 2x L: the level at its start plus the refill; targets: contract C6)")
+    served = stats['prompt_tokens'] + stats['completion_tokens']
     print(f"requests ok: {len(events):,}, errors: {len(errors)}; ledger total_tokens {total:,} vs simulator "
-          f"prompt+completion {stats['prompt_tokens'] + stats['completion_tokens']:,} "
-          f"({'equal' if ledger and ledger.total_tokens == stats['prompt_tokens'] + stats['completion_tokens'] else 'DIFFERENT'}); "
+          f"prompt+completion {served:,} "
+          f"({'equal' if ledger and ledger.total_tokens == served else 'DIFFERENT'}); "
           f"simulator requests {stats['requests']:,}")
     if errors:
         print(f"  first error: {errors[0]}")
@@ -215,7 +216,7 @@ async def failover_run(sim: common.SimProcess, args: argparse.Namespace) -> None
         await asyncio.gather(*(worker() for _ in range(inflight)))
         return out
 
-    for i in range(20):                      # warm both backends' connections
+    for _ in range(20):                      # warm both backends' connections
         await router.complete(common.MODEL, common.MESSAGES, max_tokens=16)
     rows = []
     verdicts = []
@@ -224,14 +225,14 @@ async def failover_run(sim: common.SimProcess, args: argparse.Namespace) -> None
         for b in (prim, sec):
             sim.set_latency(b, latency)
         await asyncio.sleep(base_delay * 1.1)   # any cooldown from the previous run is over
-        before = len(router._ledger.events())
+        before = len(router.usage_events())
         healthy = await phase(args.failover_seconds / 2, inflight)
         sim.set_fault_rate(prim, 1.0, [{"kind": "status", "code": 503}])
         sleeps0 = counter.sleeps
         failing = await phase(args.failover_seconds, inflight)
         sleeps = counter.sleeps - sleeps0
         sim.call("reset", backend=prim)
-        events = list(router._ledger.events())[before:]
+        events = list(router.usage_events())[before:]
         failed_tries = [e for e in events if e.backend == prim and e.outcome.startswith(("retried", "error"))]
         hl = [x[1] for x in healthy]
         fl = [x[1] for x in failing]
@@ -251,7 +252,7 @@ async def failover_run(sim: common.SimProcess, args: argparse.Namespace) -> None
     table(["phase", "requests", "p50 ms", "p95 ms", "max ms", "503 tries", "ms per 503 try"], rows,
           title=f"(c) Time to failover: primary answers 503 to every call, retry_base_delay={base_delay}s "
                 f"(smallest backoff {base_delay / 2}s)")
-    for inflight, worst, healthy_max, one_fail, limit_ms, sleeps in verdicts:
+    for inflight, worst, healthy_max, _one_fail, limit_ms, sleeps in verdicts:
         # a request that slept a backoff would take at least the smallest backoff more than a healthy one
         by_latency = worst < healthy_max + limit_ms
         seen = counter.lines > 0       # the router's debug log is there to count sleeps from
@@ -293,7 +294,7 @@ def main() -> int:
         ap.error(f"unknown section(s); choose from {', '.join(SECTIONS)}")
     common.header("bench_limits: TPM, max_concurrent, failover")
     t0 = time.perf_counter()
-    import xml_pipeline_llm._litellm as lit   # import LiteLLM before timing anything
+    import xml_pipeline_llm._litellm as lit  # import LiteLLM before timing anything
     lit.load()
     asyncio.run(amain(args, only))
     print(f"\ntotal run time {time.perf_counter() - t0:.0f}s")

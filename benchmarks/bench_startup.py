@@ -152,9 +152,11 @@ def main() -> int:
     n_lit = max(1, args.n_call)
     walls, outs, _ = median_runs([PY, "-c", IMPORT_LITELLM], n_lit, env={**os.environ, **common.OFFLINE})
     lit = [float(o) for o in outs if o.replace(".", "", 1).isdigit()]
-    rows.append(["import litellm (in process, offline env)", statistics.median(lit) * 1000 if lit else float("nan"),
+    rows.append(["import litellm (in process, offline env)",
+                 statistics.median(lit) * 1000 if lit else float("nan"),
                  min(lit) * 1000 if lit else float("nan"), "", ""])
-    table(["what", "median ms", "min ms", "target ms", ""], rows, title=f"Start-up (median of {args.n} fresh processes)")
+    table(["what", "median ms", "min ms", "target ms", ""], rows,
+          title=f"Start-up (median of {args.n} fresh processes)")
     if pulled:
         print(f"after import xml_pipeline_llm: litellm imported={pulled[0]}, pydantic imported={pulled[1]}")
     if cmd is None:

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile

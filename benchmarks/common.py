@@ -51,7 +51,7 @@ class SimProcess:
         self.port = 0
         self._served_before_reset = 0
 
-    def start(self) -> "SimProcess":
+    def start(self) -> SimProcess:
         self.proc = subprocess.Popen([sys.executable, str(HERE / "_simserver.py")], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, cwd=str(REPO), bufsize=1)
         assert self.proc.stdout is not None
@@ -61,7 +61,7 @@ class SimProcess:
         self.port = json.loads(line)["port"]
         return self
 
-    def __enter__(self) -> "SimProcess":
+    def __enter__(self) -> SimProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -206,7 +206,7 @@ class Worker:
         self.proc.stdin.flush()
         return self._read()
 
-    def handles(self) -> dict[str, "Handle"]:
+    def handles(self) -> dict[str, Handle]:
         return {name: Handle(name, self) for name in self.variants}
 
     def close(self) -> None:
@@ -252,7 +252,7 @@ class Workers:
         for w in self.workers:
             self.h.update(w.handles())
 
-    def __enter__(self) -> "Workers":
+    def __enter__(self) -> Workers:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -143,7 +143,8 @@ def main() -> int:
     ga, gb = by_group(a), by_group(b)
     rows = [[g, ga.get(g, 0.0), gb.get(g, 0.0), ga.get(g, 0.0) - gb.get(g, 0.0)]
             for g in [x for x, _ in GROUPS] + ["other"] if ga.get(g) or gb.get(g)]
-    rows.append(["total (idle epoll excluded)", sum(ga.values()), sum(gb.values()), sum(ga.values()) - sum(gb.values())])
+    total_a, total_b = sum(ga.values()), sum(gb.values())
+    rows.append(["total (idle epoll excluded)", total_a, total_b, total_a - total_b])
     table(["component (self time)", "complete() ms/call", "bare ms/call", "difference"], rows,
           title="Where the CPU goes, by component (self time per call)")
 

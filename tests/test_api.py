@@ -13,13 +13,23 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import MESSAGES, backend, make_router
 
 import xml_pipeline_llm
-from xml_pipeline_llm import (AgentUsage, BackendError, BadRequestError, ConfigError, LLMResponse,
-                              ModelNotFoundError, ProviderError, RateLimitError, complete,
-                              configure_router, get_router, stream)
-
-from conftest import MESSAGES, backend, make_router
+from xml_pipeline_llm import (
+    AgentUsage,
+    BackendError,
+    BadRequestError,
+    ConfigError,
+    LLMResponse,
+    ModelNotFoundError,
+    ProviderError,
+    RateLimitError,
+    complete,
+    configure_router,
+    get_router,
+    stream,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 C1_NAMES = ["complete", "stream", "get_router", "configure_router", "load_config", "LLMResponse",

@@ -13,12 +13,11 @@ import textwrap
 import time
 
 import pytest
+from conftest import MESSAGES, backend, make_router
 
 from xml_pipeline_llm import BadRequestError, NoBackendError, ProviderError
 from xml_pipeline_llm.limits import Slots
 from xml_pipeline_llm.simulator import Fault
-
-from conftest import MESSAGES, backend, make_router
 
 
 def _outcomes(r) -> list[str]:

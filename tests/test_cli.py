@@ -21,10 +21,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import FAKE_KEYS
 
 from xml_pipeline_llm.simulator import Fault
-
-from conftest import FAKE_KEYS
 
 CLI = [sys.executable, "-m", "xml_pipeline_llm.cli"]
 ANSI = "\x1b["

@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import FAKE_KEYS, MESSAGES, backend, make_router
 
 import xml_pipeline_llm
 from xml_pipeline_llm import BackendError, ConfigError, LLMRouter, get_router, load_config
 from xml_pipeline_llm.config import CONFIG_ENV
-
-from conftest import FAKE_KEYS, MESSAGES, backend, make_router
 
 XAI = {"provider": "xai", "api_key_env": "TEST_XAI_KEY"}
 SECRET = "sk-live-9f8e7d6c5b4a-TOPSECRET"

@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import MESSAGES, backend, make_router
 
 from xml_pipeline_llm import AgentUsage
-
-from conftest import MESSAGES, backend, make_router
 
 CLI = [sys.executable, "-m", "xml_pipeline_llm.cli"]
 PRICE = {"input_per_mtok": 3.0, "output_per_mtok": 15.0}

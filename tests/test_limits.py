@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 
+from conftest import MESSAGES, backend, make_router, until
+
 from xml_pipeline_llm._litellm import token_estimate
 from xml_pipeline_llm.limits import Slots, TokenBucket
 from xml_pipeline_llm.simulator import Fault
-
-from conftest import MESSAGES, backend, make_router, until
 
 
 async def test_peak_in_flight_equals_max_concurrent_under_a_burst(sim):

@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import FAKE_KEYS, MESSAGES, backend, make_router
 
 from xml_pipeline_llm import LLMResponse
-
-from conftest import FAKE_KEYS, MESSAGES, backend, make_router
 
 USER_TEXT = MESSAGES[-1]["content"]
 SYSTEM_TEXT = MESSAGES[0]["content"]

@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import FAKE_KEYS, MESSAGES, backend, until
 
 from xml_pipeline_llm import ConfigError, LLMRouter, load_config
 from xml_pipeline_llm.simulator import Fault
-
-from conftest import FAKE_KEYS, MESSAGES, backend, until
 
 REDIS_SERVER = shutil.which("redis-server")
 # Skipped only where redis-server is missing; under CI (.ci/run installs it) that is an error.

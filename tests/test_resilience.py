@@ -10,12 +10,11 @@ import asyncio
 import time
 
 import pytest
+from conftest import MESSAGES, backend, make_router
 
-from xml_pipeline_llm import BackendError, BadRequestError, NoBackendError, ProviderError, RateLimitError
+from xml_pipeline_llm import BadRequestError, NoBackendError, ProviderError, RateLimitError
 from xml_pipeline_llm.retry import backoff, parse_retry_after
 from xml_pipeline_llm.simulator import Fault
-
-from conftest import MESSAGES, backend, make_router
 
 
 def served(router, n: int = 1) -> list[str]:

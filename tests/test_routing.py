@@ -7,10 +7,9 @@ show that a request for an unserved model never reaches any backend.
 from __future__ import annotations
 
 import pytest
-
-from xml_pipeline_llm import BackendError, ModelNotFoundError
-
 from conftest import MESSAGES, backend, make_router
+
+from xml_pipeline_llm import BackendError, ConfigError, ModelNotFoundError
 
 
 def compat(sim, provider: str, name: str, **extra):
@@ -153,3 +152,26 @@ def test_no_candidate_from_route_itself(sim):
     r = make_router([backend(sim, "xai", "nf2-xai")])
     with pytest.raises(ModelNotFoundError, match=r'"claude-sonnet-4".*nf2-xai \(xai\): grok-\*'):
         r.route("claude-sonnet-4")
+
+
+async def test_a_strategy_object_from_code_picks_the_backend(sim):
+    class LastReady:
+        rotates = False
+
+        def __init__(self) -> None:
+            self.seen: list[list[str]] = []
+
+        def pick(self, ready, candidates, turn, load):
+            self.seen.append([b.name for b in ready])
+            return ready[-1]
+
+    mine = LastReady()
+    r = make_router([backend(sim, "xai", "so-a"), backend(sim, "xai", "so-b")], strategy=mine)
+    assert (await r.complete("grok-4.1", MESSAGES)).backend == "so-b"
+    assert mine.seen == [["so-a", "so-b"]]
+    assert "LastReady" in repr(r)
+
+
+def test_a_strategy_that_is_neither_a_name_nor_an_object_is_a_config_error(sim):
+    with pytest.raises(ConfigError, match="llm.strategy"):
+        make_router([backend(sim, "xai", "so-c")], strategy=42)

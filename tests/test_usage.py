@@ -15,12 +15,11 @@ import threading
 import time
 
 import pytest
+from conftest import MESSAGES, backend, make_router, until
 
 from xml_pipeline_llm import ConfigError, ProviderError
 from xml_pipeline_llm.simulator import Fault
 from xml_pipeline_llm.stores import read_events
-
-from conftest import MESSAGES, backend, make_router, until
 
 AGENTS = [f"agent-{i}" for i in range(12)]
 
@@ -160,8 +159,8 @@ async def test_stream_fails_over_before_the_first_byte(sim):
 
 async def test_stream_tool_calls_are_assembled(sim):
     r = make_router([backend(sim, "openai", "stc-oa")])
-    tools = [{"type": "function", "function": {"name": "lookup", "description": "d",
-                                               "parameters": {"type": "object", "properties": {"input": {"type": "string"}}}}}]
+    schema = {"type": "object", "properties": {"input": {"type": "string"}}}
+    tools = [{"type": "function", "function": {"name": "lookup", "description": "d", "parameters": schema}}]
     s = r.stream("gpt-4o", MESSAGES, tools=tools)
     async for _ in s:
         pass

@@ -15,8 +15,15 @@ from collections.abc import Mapping
 from os import PathLike
 from typing import TYPE_CHECKING, Any
 
-from .errors import (BackendError, BadRequestError, ConfigError, ModelNotFoundError, NoBackendError,
-                     ProviderError, RateLimitError)
+from .errors import (
+    BackendError,
+    BadRequestError,
+    ConfigError,
+    ModelNotFoundError,
+    NoBackendError,
+    ProviderError,
+    RateLimitError,
+)
 from .response import LLMResponse
 from .usage import AgentUsage, UsageEvent
 

@@ -18,13 +18,10 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .config import ResolvedBackend
 from .response import LLMResponse
-
-if TYPE_CHECKING:
-    import litellm
 
 log = logging.getLogger("xml_pipeline_llm")
 
@@ -36,12 +33,12 @@ OFFLINE_DEFAULTS = {
 }
 
 # Routers that want the callback's events, by id (weak: a dropped router is forgotten).
-_ROUTERS: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
+_ROUTERS: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 _callback: Any = None
 _module: Any = None
 
 
-def load() -> "litellm":  # type: ignore[valid-type]
+def load() -> Any:
     """Import LiteLLM with the offline defaults and our callback registered (once)."""
     global _callback, _module
     if _module is not None:        # the per-call path: no environment or import lookups
@@ -109,7 +106,7 @@ def _logging_worker_per_loop() -> None:
     from litellm.litellm_core_utils import logging_worker
 
     if not isinstance(logging_worker.GLOBAL_LOGGING_WORKER, _LoopWorkers):
-        logging_worker.GLOBAL_LOGGING_WORKER = _LoopWorkers(  # type: ignore[misc]
+        logging_worker.GLOBAL_LOGGING_WORKER = _LoopWorkers(  # type: ignore[assignment,misc]
             logging_worker.GLOBAL_LOGGING_WORKER, logging_worker.LoggingWorker)
 
 
@@ -288,7 +285,7 @@ def _in_cost_map(model: str, provider: str) -> bool:
                                  prompt_tokens=1000, completion_tokens=1000)
     except Exception:
         return False
-    return p + c > 0
+    return bool(p + c > 0)
 
 
 def priced(model: str, provider: str) -> bool:
@@ -306,7 +303,7 @@ def cost(model: str, provider: str, prompt_tokens: int, completion_tokens: int) 
                                  prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
     except Exception:
         return None
-    return p + c
+    return float(p + c)
 
 
 def usage_of(resp: Any) -> dict[str, int]:
@@ -364,7 +361,7 @@ def response_cost(resp: Any, model: str, provider: str) -> float | None:
                                          usage_object=getattr(resp, "usage", None))
         except Exception:
             return None
-        return p + c
+        return float(p + c)
     hidden = getattr(resp, "_hidden_params", None) or {}
     value = hidden.get("response_cost")
     if value is None or source is None:
@@ -387,7 +384,7 @@ def _make_callback() -> Any:
     """
     from litellm.integrations.custom_logger import CustomLogger
 
-    class UsageCallback(CustomLogger):  # type: ignore[misc]
+    class UsageCallback(CustomLogger):
         def log_pre_api_call(self, model: Any, messages: Any, kwargs: Any) -> None:
             meta = (kwargs.get("litellm_params") or {}).get("metadata") or {}
             tag = meta.get("xpl_try")

@@ -21,8 +21,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from .errors import ConfigError
-from .strategies import STRATEGY_NAMES, Strategy, is_strategy
 from .providers import BUILTIN, LITELLM_PROVIDERS, Provider, lookup
+from .redact import redact_mapping
+from .strategies import STRATEGY_NAMES, Strategy, is_strategy
 
 log = logging.getLogger("xml_pipeline_llm")
 
@@ -288,8 +289,8 @@ def _validate(block: Mapping[str, Any], source: str, base: Path | None) -> Route
     try:
         raw = LLMConfig.model_validate(block)
     except ValidationError as exc:
-        problems = [_describe(e, block) for e in exc.errors()]
-        raise ConfigError("\n".join(problems + _unvalidated_problems(block))) from None
+        found = [_describe(e, block) for e in exc.errors()]
+        raise ConfigError("\n".join(found + _unvalidated_problems(block))) from None
     problems: list[str] = []
     skipped: list[tuple[str, str, str]] = []
     backends = _resolve_backends(raw, problems, skipped)
@@ -386,7 +387,7 @@ def _resolve_backends(raw: LLMConfig, problems: list[str],
 
 def _check_base_url(where: str, url: str, problems: list[str]) -> None:
     """An http(s) URL with a host and no credentials, caught here rather than at the first call."""
-    from .shared.connection import redact_url
+    from .redact import redact_url
 
     try:
         parts = urlsplit(url)
@@ -467,20 +468,11 @@ def _unknown_key(path: str, key: str, loc: list[Any]) -> str:
     return f"{path}: unknown key; {did}valid keys are {', '.join(valid)}"
 
 
-def _redact(value: Any) -> Any:
-    """``value`` with every ``api_key`` entry of a mapping (at any depth) hidden."""
-    if isinstance(value, Mapping):
-        return {k: ("***" if k == "api_key" else _redact(v)) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_redact(v) for v in value]
-    return value
-
-
 def _show(value: Any) -> str:
     """A found value for an error message (YAML-ish, never a secret: keys are not echoed)."""
     if isinstance(value, SecretStr):
         return "a secret"
-    value = _redact(value)
+    value = redact_mapping(value)
     try:
         text = json.dumps(value)
     except (TypeError, ValueError):

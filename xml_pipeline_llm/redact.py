@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 
 def mask(text: str, secrets: Iterable[str]) -> str:
@@ -31,3 +32,40 @@ def redact_mapping(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [redact_mapping(v) for v in value]
     return value
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for messages and logs)."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            creds, host = netloc.rsplit("@", 1)
+            user = creds.split(":", 1)[0]
+            netloc = f"{user}:***@{host}"
+        elif "@" in netloc:          # redis://secret@host (a bare password)
+            creds, host = netloc.rsplit("@", 1)
+            netloc = f"***@{host}"
+        query = parts.query
+        if query:
+            query = urlencode([(k, "***" if _secret_key(k) else v)
+                               for k, v in parse_qsl(query, keep_blank_values=True)])
+        return urlunsplit(parts._replace(netloc=netloc, query=query))
+    except ValueError:
+        return "(unparseable URL)"
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secrets in a URL (its password, secret query values), to mask wherever they could show."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    found = [parts.password] if parts.password else []
+    found += [v for k, v in parse_qsl(parts.query) if v and _secret_key(k)]
+    return found
+
+
+def _secret_key(name: str) -> bool:
+    """Whether a URL query parameter holds a secret (password=..., token=...)."""
+    return "pass" in name.lower() or "token" in name.lower()

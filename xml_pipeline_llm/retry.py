@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from enum import Enum
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.stop import stop_base
+from tenacity.wait import wait_base
 
 if TYPE_CHECKING:
     from .config import ResolvedBackend
@@ -139,7 +140,7 @@ def parse_retry_after(ms: str | None, value: str | None, now: float | None = Non
 def backoff(k: int, base: float, cap: float, rand: Callable[[], float] = random.random) -> float:
     """The jittered delay after try ``k``: uniform in ``[d/2, d]`` with ``d = min(cap, base * 2**k)``."""
     d = min(cap, base * (2 ** min(k, 62)))
-    return d / 2 + rand() * d / 2
+    return float(d / 2 + rand() * d / 2)
 
 
 def cooldown(verdict: Verdict, k: int, base: float, cap: float) -> float:
@@ -189,5 +190,7 @@ class wait_for_a_ready_backend:
 
 def retrying(req: Request, cooldowns: Cooldowns) -> AsyncRetrying:
     """The tries of one request, as tenacity runs them."""
-    return AsyncRetrying(stop=stop_when_exhausted(req), wait=wait_for_a_ready_backend(req, cooldowns),
+    # AsyncRetrying awaits a coroutine ``wait`` (tenacity's annotation only names sync ones)
+    wait = cast("wait_base", wait_for_a_ready_backend(req, cooldowns))
+    return AsyncRetrying(stop=stop_when_exhausted(req), wait=wait,
                          retry=retry_if_exception_type(TryFailed), reraise=True)

@@ -23,8 +23,8 @@ from .options import CallOptions, check_call, split_options
 from .redact import short
 from .request import Request
 from .response import LLMResponse
-from .routing import Routes
 from .retry import Action, TryFailed, classify, cooldown, outcome, retrying, until_ready
+from .routing import Routes
 from .state import BackendGate, State, make_state
 from .stores import open_store
 from .strategies import STRATEGIES, Strategy

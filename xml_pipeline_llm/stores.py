@@ -24,12 +24,11 @@ from typing import Any
 
 from .config import REDIS_SCHEMES
 from .errors import ConfigError
-from .usage import UsageEvent
+from .usage import EVENT_FIELDS, UsageEvent
 
 log = logging.getLogger("xml_pipeline_llm")
 
-_COLUMNS = ("timestamp", "agent_id", "thread_id", "model", "backend", "provider", "prompt_tokens",
-            "completion_tokens", "total_tokens", "cost_usd", "latency_ms", "outcome", "call_id")
+_COLUMNS = EVENT_FIELDS
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -17,7 +17,10 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from .state import SharedUsage
 
 NO_AGENT = "(none)"
 GROUPS = {"agent": "agent_id", "model": "model", "backend": "backend", "thread": "thread_id"}
@@ -57,11 +60,11 @@ class AgentUsage:
         self.prompt_tokens += event.prompt_tokens
         self.completion_tokens += event.completion_tokens
         self.total_tokens += event.total_tokens
-        if event.outcome == "ok":
+        if event.succeeded:
             self.request_count += 1
             if event.cost_usd is None:
                 self.unpriced_requests += 1
-        elif event.outcome.startswith("error"):
+        elif event.ended_in_error:
             self.error_count += 1
         self.cost_usd = plus(self.cost_usd, event.cost_usd)
 
@@ -71,6 +74,9 @@ def plus(a: Any, b: Any) -> Any:
     if a is None or b is None:
         return b if a is None else a
     return a + b
+
+
+OK = "ok"   # the outcome of a try that served its request; a failed one is retry.outcome()
 
 
 @dataclass(frozen=True)
@@ -91,8 +97,15 @@ class UsageEvent:
     outcome: str
     call_id: str = field(default="", compare=False)
 
+    @property
+    def succeeded(self) -> bool:
+        """The try served its request (a request counted in ``request_count``)."""
+        return self.outcome == OK
 
-OK = "ok"   # the outcome of a try that served its request; a failed one is retry.outcome()
+    @property
+    def ended_in_error(self) -> bool:
+        """The try was the last of a request that failed (counted in ``error_count``)."""
+        return self.outcome.startswith("error:")
 
 
 def make_event(*, agent_id: str | None, thread_id: str | None, model: str, backend: str, provider: str,
@@ -108,18 +121,31 @@ def make_event(*, agent_id: str | None, thread_id: str | None, model: str, backe
                       latency_ms=latency_ms, outcome=outcome, call_id=call_id)
 
 
-EVENT_COLUMNS = [f.name for f in fields(UsageEvent) if f.name != "call_id"]
+EVENT_FIELDS = tuple(f.name for f in fields(UsageEvent))       # what the stores keep
+EVENT_COLUMNS = [name for name in EVENT_FIELDS if name != "call_id"]   # what an event CSV shows
 TOTAL_COLUMNS = [f.name for f in fields(AgentUsage)]
 COUNT_COLUMNS = [c for c in TOTAL_COLUMNS if c != "cost_usd"]   # the whole numbers among them
 
 
 class UsageStore(Protocol):
-    """Where events go besides the in-memory totals (SQLite ledger, Redis)."""
+    """Where events go besides the in-memory totals (the SQLite ledger, Redis)."""
 
     async def append(self, event: UsageEvent) -> None: ...
     def append_nowait(self, event: UsageEvent) -> None: ...
     def events(self, since: float | None = None) -> Iterator[UsageEvent]: ...
+    def flush(self) -> None: ...
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class SharedUsageStore(Protocol):
+    """A usage store that is also the fleet's totals (Redis): reads come from it while it answers."""
+
+    ident: tuple[str, str]
+
+    def totals(self, by: str = "agent") -> dict[str, AgentUsage] | None: ...
+    def get(self, by: str, key: str | None) -> AgentUsage | None: ...
+    def reset(self, agent_id: str | None = None) -> bool: ...
 
 
 class UsageLedger:
@@ -131,16 +157,17 @@ class UsageLedger:
     """
 
     def __init__(self, store: UsageStore | None = None, max_events: int = 100_000,
-                 shared: Any = None) -> None:
+                 shared: SharedUsage | None = None) -> None:
         # ``shared``: fleet-wide totals (``RedisUsageStore``) that reads come from
         # while it answers; the totals kept here are this process's fallback.
-        if shared is None and getattr(store, "shared_totals", False):
+        if shared is None and isinstance(store, SharedUsageStore):
             shared = store
-        if (shared is not None and store is not None and store is not shared
-                and getattr(store, "ident", None) == getattr(shared, "ident", ())):
+        if (isinstance(store, SharedUsageStore) and store is not shared
+                and store.ident == getattr(shared, "ident", ())):
             store = shared          # the same Redis totals: write them once
-        self.store = store
-        self.shared = shared
+        self.store: UsageStore | None = store
+        self.shared: SharedUsage | None = shared
+        self._also_shared = shared is not None and id(shared) != id(store)   # a second place to write
         self._totals: dict[str, dict[str, AgentUsage]] = {g: {} for g in GROUPS}
         self._events: deque[UsageEvent] = deque(maxlen=max_events)
         self._seen: OrderedDict[str, None] = OrderedDict()
@@ -172,7 +199,7 @@ class UsageLedger:
         if self._count(event):
             if self.store is not None:
                 await self.store.append(event)
-            if self.shared is not None and self.shared is not self.store:
+            if self.shared is not None and self._also_shared:
                 await self.shared.append(event)
 
     def record_nowait(self, event: UsageEvent) -> None:
@@ -180,7 +207,7 @@ class UsageLedger:
         if self._count(event):
             if self.store is not None:
                 self.store.append_nowait(event)
-            if self.shared is not None and self.shared is not self.store:
+            if self.shared is not None and self._also_shared:
                 self.shared.append_nowait(event)
 
     def totals(self, by: str = "agent") -> dict[str, AgentUsage]:

@@ -21,12 +21,12 @@ import os
 import sys
 from typing import Any
 
+from ..usage import EXPORTS
 from .check import cmd_check
 from .complete import cmd_complete
 from .demo import STRATEGY_NAMES, cmd_demo
 from .output import describe, print_error, setup_logging, terminal_columns
 from .simulate import cmd_simulate
-from ..usage import EXPORTS
 from .usage import CONFIG_ENV, cmd_usage
 
 __all__ = ["build_parser", "main"]
@@ -140,7 +140,7 @@ anthropic, openai); xai-main answers some calls with 429 + Retry-After or 500.
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     # SUPPRESS: given after the subcommand, these must not overwrite the main parser's value.
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show debug logs and the full traceback of an error")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..shared.connection import redact_url
+from ..redact import redact_url
 from .output import make_console, make_table, num, show
 
 

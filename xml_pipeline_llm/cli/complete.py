@@ -16,6 +16,7 @@ from .output import CLIError, make_console
 if TYPE_CHECKING:
     from ..config import RouterConfig
     from ..response import LLMResponse
+    from ..router import LLMRouter
 
 
 #: Fake key variable for backends that point at the simulator (never a real secret).
@@ -60,7 +61,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _complete(router: Any, args: argparse.Namespace, messages: list[dict[str, Any]],
+async def _complete(router: LLMRouter, args: argparse.Namespace, messages: list[dict[str, Any]],
                     kwargs: dict[str, Any]) -> LLMResponse:
     try:
         if not args.stream:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..strategies import STRATEGY_NAMES as STRATEGY_NAMES
 from .complete import SIM_KEY_ENV, SIM_KEY_VALUE
 from .output import CLIError, cost_text, make_console, make_table, show
 
@@ -36,9 +37,6 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from ..usage import AgentUsage
-
-
-STRATEGY_NAMES = ("failover", "round-robin", "least-loaded")
 
 
 @dataclass(frozen=True)
@@ -286,7 +284,7 @@ class _Display:
         table = make_table(f"Backends now ({result.strategy})")
         for name, justify in (("Backend", "left"), ("In flight", "right"), ("Queued", "right"),
                               ("Calls", "right"), ("Failed", "right"), ("State", "left")):
-            table.add_column(name, justify=justify)  # type: ignore[arg-type]
+            table.add_column(name, justify=justify)
         for b in BACKENDS:
             gate = router.gate(b.name)
             st = sim.stats(b.name)
@@ -330,7 +328,7 @@ def _report(results: list[StrategyResult], console: Console) -> None:
     t = make_table(f"Backends (provider calls, {scope})")
     for col, justify in (("Backend", "left"), ("Provider", "left"), ("Calls", "right"),
                          ("Failures", "right"), ("Peak in flight", "right"), ("Served", "right")):
-        t.add_column(col, justify=justify)  # type: ignore[arg-type]
+        t.add_column(col, justify=justify)
     for b in BACKENDS:
         calls = sum(r.backends.get(b.name, BackendTotals()).calls for r in results)
         faults = sum(r.backends.get(b.name, BackendTotals()).faults for r in results)
@@ -352,7 +350,7 @@ def _report(results: list[StrategyResult], console: Console) -> None:
                                ("Errors", "right", str(total.error_count)),
                                ("Tokens", "right", f"{total.total_tokens:,}"),
                                ("Cost USD", "right", cost_text(total.cost_usd))):
-        t.add_column(col, justify=justify, footer=foot)  # type: ignore[arg-type]
+        t.add_column(col, justify=justify, footer=foot)
     for agent in sorted(agents):
         u = agents[agent]
         t.add_row(agent, models.get(agent, ""), str(u.request_count), str(u.error_count),

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..shared.connection import redact_url
+from ..redact import redact_url
 from ..usage import TOTAL_COLUMNS
 from .output import CLIError, cost_text, make_console, make_table, show, when_text
 
@@ -189,7 +189,7 @@ def _event_table(events: list[Any]) -> Any:
     table.add_column("ms", justify="right")
     table.add_column("Outcome", no_wrap=True)
     for e in events:
-        style = "" if e.outcome == "ok" else "yellow" if e.outcome.startswith("retried") else "red"
+        style = "" if e.succeeded else "red" if e.ended_in_error else "yellow"
         table.add_row(when_text(e.timestamp)[5:], Text(e.agent_id or "(none)"), Text(e.model), Text(e.backend),
                       f"{e.total_tokens:,}", cost_text(e.cost_usd), f"{e.latency_ms:.0f}",
                       Text(e.outcome, style=style))

@@ -16,55 +16,21 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from typing import Any, TypeVar
 
 from ..errors import ConfigError
+from ..redact import redact_url
+from ..redact import url_secrets as _secrets
 from .scripts import Script
 
 log = logging.getLogger("xml_pipeline_llm")
 
 DEFAULT_LEASE = 10.0
+T = TypeVar("T")
 
 
 class RedisDown(Exception):
     """Redis did not answer; the caller falls back to local state."""
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for messages and logs)."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if parts.password is not None:
-            creds, host = netloc.rsplit("@", 1)
-            user = creds.split(":", 1)[0]
-            netloc = f"{user}:***@{host}"
-        elif "@" in netloc:          # redis://secret@host (a bare password)
-            creds, host = netloc.rsplit("@", 1)
-            netloc = f"***@{host}"
-        query = parts.query
-        if query:
-            query = urlencode([(k, "***" if _secret_key(k) else v)
-                               for k, v in parse_qsl(query, keep_blank_values=True)])
-        return urlunsplit(parts._replace(netloc=netloc, query=query))
-    except ValueError:
-        return "(unparseable URL)"
-
-
-def _secrets(url: str) -> list[str]:
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return []
-    found = [parts.password] if parts.password else []
-    found += [v for k, v in parse_qsl(parts.query) if v and _secret_key(k)]
-    return found
-
-
-def _secret_key(name: str) -> bool:
-    """Whether a URL query parameter holds a secret (password=..., token=...)."""
-    return "pass" in name.lower() or "token" in name.lower()
 
 
 def _errors() -> tuple[type[BaseException], ...]:
@@ -228,7 +194,7 @@ class Conn:
 
     # ---------------------------------------------------------- sync side
 
-    def sync_call(self, fn: Callable[[Any], Any]) -> Any:
+    def sync_call(self, fn: Callable[[Any], T]) -> T:
         """``fn(sync client)``; RedisDown (after noting it) when Redis does not answer."""
         if not self.health.usable():
             raise RedisDown()
@@ -272,7 +238,8 @@ class LoopClient:
             task.add_done_callback(self.tasks.discard)
 
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        from redis.exceptions import ConnectionError as Lost, NoScriptError
+        from redis.exceptions import ConnectionError as Lost
+        from redis.exceptions import NoScriptError
 
         try:
             ops = [op for op, _ in batch]

@@ -50,7 +50,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..errors import ConfigError
-from ..limits import Reservation, wake as _wake
+from ..limits import Reservation
+from ..limits import wake as _wake
 from ..state import MemoryState
 from .connection import DEFAULT_LEASE, Conn, RedisDown
 from .scripts import COOL, ENTER, LEAVE, ROTATE

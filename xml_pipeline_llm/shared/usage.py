@@ -23,18 +23,18 @@ answers from this process's own totals.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
-from ..usage import COUNT_COLUMNS, GROUPS, NO_AGENT, AgentUsage, UsageEvent
+from ..usage import COUNT_COLUMNS, EVENT_FIELDS, GROUPS, NO_AGENT, AgentUsage, UsageEvent
 from .connection import Conn, RedisDown
 from .scripts import Script
 from .worker import Job
 
 MAX_EVENTS = 100_000
+T = TypeVar("T")
 
-_EVENT_FIELDS = ("timestamp", "agent_id", "thread_id", "model", "backend", "provider", "prompt_tokens",
-                 "completion_tokens", "total_tokens", "cost_usd", "latency_ms", "outcome", "call_id")
+_EVENT_FIELDS = EVENT_FIELDS
 _INT_FIELDS = COUNT_COLUMNS
 
 # KEYS: 4 total hashes, 4 index sets, the event stream.  ARGV: the 4 group keys, prompt,
@@ -88,8 +88,8 @@ class RedisUsageStore:
         keys = [self._hash(g, k) for g, k in zip(GROUPS, names)]
         keys += [self._index(g) for g in GROUPS]
         keys.append(f"{self.prefix}:events")
-        ok = event.outcome == "ok"
-        err = event.outcome.startswith("error")
+        ok = event.succeeded
+        err = event.ended_in_error
         fields: list[Any] = []
         for name in _EVENT_FIELDS:
             value = getattr(event, name)
@@ -126,7 +126,7 @@ class RedisUsageStore:
 
     # ---------------------------------------------------------- reads (sync)
 
-    def _read(self, fn: Any) -> Any:
+    def _read(self, fn: Callable[[Any], T]) -> T | None:
         if not self.conn.health.usable():
             return None
         self.conn.worker.drain(2.0)
@@ -172,9 +172,12 @@ class RedisUsageStore:
         """The newest events kept in Redis (oldest first), optionally since a UNIX time."""
         start = f"{int(since * 1000)}-0" if since is not None else "-"
         key = f"{self.prefix}:events"
+        def page(since_id: str) -> Callable[[Any], list[Any]]:
+            return lambda c: c.xrange(key, min=since_id, max="+", count=1000)
+
         while True:
-            batch = self.conn.sync_call(lambda c: c.xrange(key, min=start, max="+", count=1000))
-            for entry_id, fields in batch:
+            batch = self.conn.sync_call(page(start))
+            for _, fields in batch:
                 yield _event(fields)
             if len(batch) < 1000:
                 return

@@ -217,7 +217,8 @@ class Worker:
                     pipe = client.pipeline(transaction=False)
                     for job in batch:
                         pipe.eval(job.script.src, len(job.keys), *job.keys, *job.args)
-                    return pipe.execute(raise_on_error=False)
+                    results: list[Any] = pipe.execute(raise_on_error=False)
+                    return results
 
                 results = self.conn.sync_call(send)
                 ok = True
