@@ -124,6 +124,8 @@ class Variant:
         llm: dict[str, Any] = {"strategy": self.spec.get("strategy", "round-robin")}
         if self.spec.get("sqlite"):
             llm["usage_store"] = f"sqlite:///{self.spec['sqlite']}"
+        if self.spec.get("budgets"):
+            llm["budgets"] = self.spec["budgets"]
         return common.make_router(backends, **llm)
 
     async def _setup_router(self) -> None:

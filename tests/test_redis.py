@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from collections.abc import Iterator
@@ -688,3 +689,42 @@ async def test_fleet_totals_keep_an_unknown_cost_unknown(sim, redis_server):
     assert store.totals("model")["grok-rdxpricetest-free"].cost_usd is None
     await store.close()
     await r.aclose()
+
+
+# ------------------------------------------------------------------ budgets for a fleet (C11)
+
+def test_two_processes_on_one_redis_budget_never_spend_more_than_it_together(sim, redis_server):
+    from xml_pipeline_llm._litellm import token_estimate
+
+    worst = token_estimate("grok-4.1", MESSAGES) + 20
+    p = prefix()
+    sim.reset_stats("rdb-a")
+    block = llm_block(redis_server.url, p, [backend(sim, "xai", "rdb-a")],
+                      budgets=[{"scope": "agent", "max_tokens": 30 * worst, "window": "1d"}])
+    code = textwrap.dedent(f"""
+        import asyncio, json
+        from xml_pipeline_llm import BudgetExceededError, LLMRouter, load_config
+        r = LLMRouter(load_config({{"llm": json.loads({json.dumps(json.dumps(block))})}}))
+        async def go():
+            res = await asyncio.gather(*(r.complete("grok-4.1", {MESSAGES!r}, agent_id="fleet", max_tokens=20)
+                                         for _ in range(40)), return_exceptions=True)
+            bad = [repr(x) for x in res if isinstance(x, BaseException) and not isinstance(x, BudgetExceededError)]
+            print(json.dumps({{"ok": sum(not isinstance(x, BaseException) for x in res), "bad": bad}}))
+            await r.aclose()
+        asyncio.run(go())
+    """)
+    env = {**os.environ, **FAKE_KEYS}
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    outs = [proc.communicate(timeout=120) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [err[-2000:] for _, err in outs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert all(not r["bad"] for r in results), results
+    stats = sim.stats("rdb-a")
+    assert stats.requests == sum(r["ok"] for r in results) >= 30          # the pair: what fits, no more
+    assert stats.prompt_tokens + stats.completion_tokens <= 30 * worst
+    r = shared_router(redis_server.url, p, [backend(sim, "xai", "rdb-a")],
+                      budgets=[{"scope": "agent", "max_tokens": 30 * worst, "window": "1d"}])
+    status = r.budget_status("agent", "fleet")                           # a third process sees the spend
+    assert status.used_tokens == stats.prompt_tokens + stats.completion_tokens
+    assert status.reserved_tokens == 0 and status.resets_at is not None

@@ -28,6 +28,7 @@ from .response import LLMResponse
 from .usage import AgentUsage, UsageEvent
 
 if TYPE_CHECKING:
+    from .budgets import BudgetEvent, BudgetExceededError, BudgetStatus
     from .config import RouterConfig
     from .router import LLMRouter
     from .streaming import LLMStream
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
 # Imported on first use: pydantic, YAML and tenacity cost more than the rest of
 # the package together, and LiteLLM (seconds) is only imported by a first call.
 _LAZY = {"load_config": "config", "RouterConfig": "config", "LLMRouter": "router",
-         "LLMStream": "streaming"}
+         "LLMStream": "streaming", "BudgetExceededError": "budgets", "BudgetStatus": "budgets",
+         "BudgetEvent": "budgets"}
 
 
 def __getattr__(name: str) -> Any:
@@ -54,6 +56,9 @@ __all__ = [
     "AgentUsage",
     "BackendError",
     "BadRequestError",
+    "BudgetEvent",
+    "BudgetExceededError",
+    "BudgetStatus",
     "ConfigError",
     "LLMResponse",
     "LLMRouter",

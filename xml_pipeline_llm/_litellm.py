@@ -306,6 +306,18 @@ def cost(model: str, provider: str, prompt_tokens: int, completion_tokens: int) 
     return float(p + c)
 
 
+_UNIT_PRICES: dict[tuple[str, str], tuple[float, float] | None] = {}
+
+
+def unit_prices(model: str, provider: str) -> tuple[float, float] | None:
+    """USD per input token and per output token (LiteLLM's cost map or ``llm.pricing``); None: no price."""
+    key = (model, provider)
+    if key not in _UNIT_PRICES:
+        per_in, per_out = cost(model, provider, 1_000_000, 0), cost(model, provider, 0, 1_000_000)
+        _UNIT_PRICES[key] = None if per_in is None or per_out is None else (per_in / 1e6, per_out / 1e6)
+    return _UNIT_PRICES[key]
+
+
 def usage_of(resp: Any) -> dict[str, int]:
     usage = getattr(resp, "usage", None)
     p = int(getattr(usage, "prompt_tokens", 0) or 0)

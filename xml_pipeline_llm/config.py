@@ -63,6 +63,21 @@ class ModelPrice(BaseModel):
 
 
 MISSING_KEYS = ("error", "skip")
+BUDGET_SCOPES = ("agent", "thread", "global", "metadata.<key>")
+BUDGET_WINDOWS = ("none", "1h", "1d", "7d", "30d")
+
+
+class BudgetConfig(BaseModel):
+    """One ``llm.budgets[i]`` entry: a spending limit for the agents, threads or tenants it matches."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    scope: str
+    match: str = "*"
+    max_tokens: int | None = Field(default=None, gt=0)
+    max_usd: float | None = Field(default=None, gt=0)
+    window: str = "none"
+    warn_at: list[int] = Field(default_factory=lambda: [75, 90, 95])
 
 
 class LLMConfig(BaseModel):
@@ -82,6 +97,8 @@ class LLMConfig(BaseModel):
     redis_prefix: str = "xpl"
     pricing: dict[str, ModelPrice] = Field(default_factory=dict)
     missing_keys: str = "error"
+    budgets: list[BudgetConfig] = Field(default_factory=list)
+    max_tokens_per_thread: int | None = Field(default=None, gt=0)
     backends: list[BackendConfig] = Field(min_length=1)
 
 
@@ -113,6 +130,14 @@ EXPECTED = {
     "output_per_mtok": "a number >= 0 of USD per million output tokens",
     "cached_input_per_mtok": "a number >= 0 of USD per million cached input tokens",
     "missing_keys": "error or skip",
+    "budgets": "a list of budgets such as [{scope: agent, match: researcher, max_usd: 2.5, window: 1d}]",
+    "max_tokens_per_thread": "a positive integer (a lifetime token budget for every thread)",
+    "scope": "agent, thread, global or metadata.<key> (such as metadata.org_id)",
+    "match": "an agent id, thread id or metadata value, or a shell pattern such as research-*",
+    "max_tokens": "a positive integer",
+    "max_usd": "a positive number of US dollars",
+    "window": "none (a lifetime budget), 1h, 1d, 7d or 30d",
+    "warn_at": "a list of percentages from 1 to 100, such as [75, 90, 95]",
     "backends": "a non-empty list of backends",
 }
 
@@ -183,6 +208,10 @@ class RouterConfig:
         self.usage_store = resolve_store(raw.usage_store, base)
         self.shared_state = raw.shared_state or os.environ.get(REDIS_ENV) or None
         self.redis_prefix = raw.redis_prefix
+        #: ``llm.budgets`` with ``max_tokens_per_thread`` as a thread budget of its own (first)
+        self.budgets: list[BudgetConfig] = list(raw.budgets)
+        if raw.max_tokens_per_thread is not None:
+            self.budgets.insert(0, BudgetConfig(scope="thread", max_tokens=raw.max_tokens_per_thread))
 
     def __repr__(self) -> str:
         return f"RouterConfig(strategy={self.strategy!r}, backends={self.backends!r})"
@@ -342,10 +371,33 @@ def _check_block(raw: LLMConfig) -> list[str]:
     if raw.missing_keys not in MISSING_KEYS:
         problems.append(f'llm.missing_keys: expected error (the default: a backend whose key is not set '
                         f'is a config error) or skip (run without it), got "{raw.missing_keys}"')
+    problems += _budget_problems(raw.budgets)
     for key in raw.pricing:
         if not key.strip():
             problems.append('llm.pricing: an empty model name; use a model name such as "grok-4.1" '
                             'or a pattern such as "grok-*"')
+    return problems
+
+
+def _budget_problems(budgets: list[BudgetConfig]) -> list[str]:
+    problems = []
+    for i, b in enumerate(budgets):
+        where = f"llm.budgets[{i}]"
+        if b.scope not in ("agent", "thread", "global") and not (
+                b.scope.startswith("metadata.") and b.scope[len("metadata."):].strip()):
+            hint = " (name the key: metadata.org_id)" if b.scope.startswith("metadata") else ""
+            problems.append(f'{where}.scope: unknown scope "{b.scope}"{hint}; expected one of '
+                            f"{', '.join(BUDGET_SCOPES)}")
+        if b.window not in BUDGET_WINDOWS:
+            problems.append(f'{where}.window: unknown window "{b.window}"; expected one of '
+                            f"{', '.join(BUDGET_WINDOWS)}")
+        if b.max_tokens is None and b.max_usd is None:
+            problems.append(f"{where}: no limit; set max_tokens, max_usd or both")
+        bad = [p for p in b.warn_at if not 1 <= p <= 100]
+        if bad:
+            problems.append(f"{where}.warn_at: {bad} outside 1..100; use percentages such as [75, 90, 95]")
+        if b.scope == "global" and b.match != "*":
+            problems.append(f"{where}.match: a global budget matches every call; remove match")
     return problems
 
 
@@ -461,7 +513,7 @@ def _describe(err: Mapping[str, Any], block: Mapping[str, Any]) -> str:
 
 def _unknown_key(path: str, key: str, loc: list[Any]) -> str:
     model = (ModelPrice if loc[:1] == ["pricing"] else BackendConfig if loc[:1] == ["backends"]
-             else LLMConfig)
+             else BudgetConfig if loc[:1] == ["budgets"] else LLMConfig)
     valid = list(model.model_fields)
     hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     did = f'did you mean "{hint[0]}"? ' if hint else ""

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import _litellm
-from .reservation import tokens_to_reserve
+from .budgets import Budgets, Hold, keys_for
+from .reservation import tokens_to_reserve, worst_case, worst_cost
 from .response import LLMResponse
 from .usage import OK, UsageEvent, UsageLedger, make_event
 
@@ -42,6 +43,7 @@ class Services:
     ledger: UsageLedger
     deployments: Callable[[], _litellm.Deployments]
     default_max_tokens: int
+    budgets: Budgets
 
     def record_from_callback(self, meta: Mapping[str, Any], kwargs: Mapping[str, Any], response: Any,
                              start: Any, end: Any) -> None:
@@ -81,15 +83,37 @@ class Try:
         self.gate = services.gates[backend.name]
         self.tag = _litellm.new_try()
         self.reservation: Reservation | None = None
+        self.hold: Hold | None = None
         self.start = 0.0
         self._held = False
         self._released = False
 
     async def __aenter__(self) -> Try:
+        budgets = self.services.budgets
+        if budgets.scopes:          # before the limits: a call over budget fails at once
+            self.hold = await self._reserve_budgets(budgets)
         tokens = tokens_to_reserve(self.req, self.backend, self.services.default_max_tokens)
-        self.reservation = await self.gate.enter(tokens)
+        try:
+            self.reservation = await self.gate.enter(tokens)
+        except BaseException:
+            self._settle_budgets(0, 0.0)
+            raise
         self.start = time.perf_counter()
         return self
+
+    async def _reserve_budgets(self, budgets: Budgets) -> Hold | None:
+        req = self.req
+        keys = keys_for(req.agent_id, req.thread_id, req.metadata, budgets.scopes)
+        if not keys:
+            return None
+        default = self.services.default_max_tokens
+        usd = worst_cost(req, self.backend, default) if budgets.usd else 0.0
+        return await budgets.reserve(keys, sum(worst_case(req, default)), usd, req.model)
+
+    def _settle_budgets(self, tokens: int, usd: float | None) -> None:
+        hold, self.hold = self.hold, None
+        if hold is not None:
+            self.services.budgets.settle(hold, tokens, usd)
 
     async def __aexit__(self, *exc_info: object) -> None:
         if not self._held:
@@ -107,9 +131,9 @@ class Try:
         """Send the request; settle, record and release; the answer."""
         raw = await self._send({})
         req, backend = self.req, self.backend
-        self.release(_litellm.usage_of(raw)["total_tokens"])
-        latency = self.latency_ms
         cost = _litellm.response_cost(raw, req.model, backend.provider.litellm_prefix)
+        self.release(_litellm.usage_of(raw)["total_tokens"], cost)
+        latency = self.latency_ms
         resp = _litellm.to_response(raw, backend.name, latency, cost)
         await self.services.ledger.record(self.event(resp.usage, cost, latency, OK, _litellm.call_id(raw)))
         return resp
@@ -138,14 +162,15 @@ class Try:
             backend.name, req.model, messages=req.messages, metadata=meta, timeout=req.options.timeout,
             drop_params=req.options.drop_params, **kwargs)
 
-    def release(self, used: int) -> None:
-        """Free the slot and settle the reservation against ``used`` tokens (once)."""
+    def release(self, used: int, cost_usd: float | None = 0.0) -> None:
+        """Free the slot; settle the limits and budgets against ``used`` tokens and ``cost_usd`` (once)."""
         if self._released:
             return
         self._released = True
         _litellm.forget(self.tag)
         assert self.reservation is not None
         self.gate.leave(self.reservation, used)
+        self._settle_budgets(used, cost_usd)
 
     def event(self, usage: Mapping[str, int] | None, cost_usd: float | None, latency_ms: float,
               outcome: str, call_id: str = "") -> UsageEvent:
@@ -159,5 +184,5 @@ class Try:
 
     def finish(self, resp: LLMResponse, outcome: str, call_id: str) -> UsageEvent:
         """A held stream ended: release and settle with its usage; the event to record."""
-        self.release(resp.usage["total_tokens"])
+        self.release(resp.usage["total_tokens"], resp.cost_usd)
         return self.event(resp.usage, resp.cost_usd, resp.latency_ms, outcome, call_id)

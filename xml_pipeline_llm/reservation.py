@@ -5,6 +5,7 @@ tokens (made once per request) plus ``max_tokens`` (or ``max_completion_tokens``
 else ``llm.default_max_tokens``).  After the call the gate settles it against
 the tokens the provider reported: the difference is refunded, or the excess
 charged.  A backend without ``rate_limit_tpm`` reserves nothing and counts nothing.
+Budgets (``budgets.py``) reserve the same worst case, and its price in dollars.
 """
 
 from __future__ import annotations
@@ -18,11 +19,25 @@ if TYPE_CHECKING:
     from .request import Request
 
 
+def worst_case(req: Request, default_max_tokens: int) -> tuple[int, int]:
+    """(prompt tokens, the most the answer may take): LiteLLM's count of the prompt, made once per request."""
+    if req.estimate is None:
+        req.estimate = _litellm.token_estimate(req.model, req.messages, req.kwargs.get("tools"))
+    out = req.kwargs.get("max_tokens") or req.kwargs.get("max_completion_tokens")
+    return req.estimate, int(out or default_max_tokens)
+
+
 def tokens_to_reserve(req: Request, backend: ResolvedBackend, default_max_tokens: int) -> int:
     """Prompt estimate + the most the answer may take, for a rate-limited backend; else 0."""
     if backend.rate_limit_tpm is None:
         return 0
-    if req.estimate is None:
-        req.estimate = _litellm.token_estimate(req.model, req.messages, req.kwargs.get("tools"))
-    out = req.kwargs.get("max_tokens") or req.kwargs.get("max_completion_tokens")
-    return req.estimate + int(out or default_max_tokens)
+    return sum(worst_case(req, default_max_tokens))
+
+
+def worst_cost(req: Request, backend: ResolvedBackend, default_max_tokens: int) -> float | None:
+    """The most a try may cost at the backend's prices (budgets in dollars); None: no price."""
+    prices = _litellm.unit_prices(req.model, backend.provider.litellm_prefix)
+    if prices is None:
+        return None
+    prompt, out = worst_case(req, default_max_tokens)
+    return prompt * prices[0] + out * prices[1]

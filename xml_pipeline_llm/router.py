@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from . import _litellm
+from .budgets import BudgetMethods, Budgets
 from .config import ResolvedBackend, RouterConfig
 from .errors import BadRequestError
 from .lifecycle import OpenStream, Services, Try
@@ -29,29 +32,36 @@ from .state import BackendGate, State, make_state
 from .stores import open_store
 from .strategies import STRATEGIES, Strategy
 from .streaming import LLMStream
-from .usage import EXPORTS, AgentUsage, UsageEvent, UsageLedger, check_by, write_csv
+from .usage import UsageLedger, UsageMethods
 
 log = logging.getLogger("xml_pipeline_llm")
 
 
-class LLMRouter:
-    """Routes ``complete()`` and ``stream()`` calls over the configured backends."""
+class LLMRouter(UsageMethods, BudgetMethods):
+    """Routes ``complete()`` and ``stream()`` calls over the configured backends.
 
-    def __init__(self, config: RouterConfig, state: State | None = None) -> None:
+    ``state`` replaces the shared state the config names (``MemoryState`` or
+    Redis); ``clock`` (UNIX seconds) is what budget windows are reckoned by.
+    """
+
+    def __init__(self, config: RouterConfig, state: State | None = None, *,
+                 clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.backends = config.backends
         self._strategy: Strategy = config.strategy_object or STRATEGIES[config.strategy]()
         self._state: State = state if state is not None else make_state(config)
         self._gates: dict[str, BackendGate] = {
             b.name: self._state.gate(b.name, b.max_concurrent, b.rate_limit_tpm) for b in self.backends}
-        self._ledger = UsageLedger(open_store(config.usage_store, config.redis_prefix),
-                                   shared=self._state.usage)
+        _litellm.use_pricing(config.pricing)     # prices are known before the first call (budgets)
+        store = open_store(config.usage_store, config.redis_prefix)
+        self._ledger = UsageLedger(store, shared=self._state.usage)
+        self._budgets: Budgets = self._state.budgets(config.budgets, clock, getattr(store, "spend", None))
         self._routes = Routes(self.backends, config.skipped)
         self._llm: _litellm.Deployments | None = None
         self._secrets = [b.api_key.get_secret_value() for b in self.backends if b.api_key is not None]
         self.id = uuid.uuid4().hex
         self._services = Services(self.id, {b.name: b for b in self.backends}, self._gates, self._ledger,
-                                  self._deployments, config.default_max_tokens)
+                                  self._deployments, config.default_max_tokens, self._budgets)
 
     def __repr__(self) -> str:
         names = ", ".join(b.name for b in self.backends)
@@ -211,30 +221,6 @@ class LLMRouter:
         ``complete()`` does not use it (see ``_litellm.Deployments``); calls through it are not accounted.
         """
         return _litellm.build_router(self.backends, self.config.timeout)
-
-    # ------------------------------------------------------------ usage
-
-    def usage_events(self) -> list[UsageEvent]:
-        """The usage events this router recorded (the newest 100,000), oldest first."""
-        return list(self._ledger.events())
-
-    def get_agent_usage(self, agent_id: str | None) -> AgentUsage:
-        """Totals for one agent (all zeros for an agent never seen)."""
-        return self._ledger.get("agent", agent_id)
-
-    def get_all_usage(self, by: str = "agent") -> dict[str, AgentUsage]:
-        """Totals per agent (or per ``model``, ``backend``, ``thread``)."""
-        return self._ledger.totals(check_by(by))
-
-    def reset_agent_usage(self, agent_id: str | None = None) -> None:
-        """Forget one agent's totals, or all totals; a durable ledger keeps its rows."""
-        self._ledger.reset(agent_id)
-
-    def export_usage_csv(self, path: str, by: str = "agent") -> int:
-        """Write usage as CSV grouped ``by`` agent, model, backend, thread, or one row per ``event``."""
-        if check_by(by, EXPORTS) == "event":
-            return write_csv(path, by, events=self._ledger.events())
-        return write_csv(path, by, totals=self._ledger.totals(by))
 
     async def aclose(self) -> None:
         """Flush and close the usage store and the shared-state connection."""

@@ -16,10 +16,11 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol
 
+from .budgets import Budgets, Clock, Restore
 from .limits import Gate, Reservation
 
 if TYPE_CHECKING:
-    from .config import RouterConfig
+    from .config import BudgetConfig, RouterConfig
     from .usage import AgentUsage, UsageEvent
 
 
@@ -57,6 +58,7 @@ class State(Protocol):
     async def cooldowns(self, backends: Iterable[str]) -> dict[str, float]: ...
     async def cool_down(self, backend: str, seconds: float) -> None: ...
     async def next_turn(self, model: str) -> int: ...
+    def budgets(self, rules: Iterable[BudgetConfig], clock: Clock, restore: Restore | None) -> Budgets: ...
     async def close(self) -> None: ...
 
 
@@ -102,6 +104,10 @@ class MemoryState:
             turn = self._turns[model]
             self._turns[model] = turn + 1
             return turn
+
+    def budgets(self, rules: Iterable[BudgetConfig], clock: Clock, restore: Restore | None) -> Budgets:
+        """This process's budgets (restored from a durable ledger's spend, if it has one)."""
+        return Budgets(rules, clock, restore)
 
     async def close(self) -> None:
         """Nothing to release in memory; the Redis state closes its connection here."""

@@ -223,6 +223,33 @@ class SqliteStore:
         """Every event in the ledger (oldest first), optionally since a UNIX time."""
         return read_events(self.path, since)
 
+    def spend(self, scope: str, key: str | None, since: float | None) -> tuple[int, float]:
+        """Tokens and dollars the ledger holds for a budget's key since a time (budgets after a restart).
+
+        Scopes ``agent``, ``thread`` and ``global``; a ``metadata.<key>`` budget starts from zero.
+        """
+        column = {"agent": "agent_id", "thread": "thread_id", "global": None}.get(scope, "")
+        if column == "":
+            return 0, 0.0
+        self.flush()
+        sql = "SELECT COALESCE(SUM(total_tokens), 0), COALESCE(SUM(cost_usd), 0) FROM usage_events"
+        args: list[str | float | None] = []
+        where = []
+        if column is not None:
+            where.append(f"{column} = ?")
+            args.append(key)
+        if since is not None:
+            where.append("timestamp >= ?")
+            args.append(since)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        conn = _connect(self.path)
+        try:
+            tokens, usd = conn.execute(sql, args).fetchone()
+        finally:
+            conn.close()
+        return int(tokens), float(usd)
+
 
 def read_events(path: Path, since: float | None = None) -> Iterator[UsageEvent]:
     if not path.exists():

@@ -22,6 +22,7 @@ import sys
 from typing import Any
 
 from ..usage import EXPORTS
+from .budgets import cmd_budgets
 from .check import cmd_check
 from .complete import cmd_complete
 from .demo import STRATEGY_NAMES, cmd_demo
@@ -114,6 +115,16 @@ or the one named by --store (a sqlite:/// URL, a plain path, or redis://).
 --since takes a duration back from now (90s, 30m, 24h, 7d, 2w) or an ISO
 date/time (UTC unless it names a zone).
 """,
+    "budgets": """\
+examples:
+  xml-pipeline-llm budgets                   # ./organism.yaml or $XML_PIPELINE_LLM_CONFIG
+  xml-pipeline-llm budgets -c organism.yaml --csv budgets.csv
+
+Every budget of llm.budgets (and max_tokens_per_thread) that a recorded call
+falls under: the global one, and those of the agents and threads the usage
+store (llm.usage_store, or the fleet's Redis) has seen, with what is spent in
+the current window, what calls in flight hold (Redis), and when it resets.
+""",
     "simulate": """\
 examples:
   xml-pipeline-llm simulate --port 8099
@@ -193,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", metavar="WHEN", help="only calls since WHEN: 24h, 7d, or 2025-06-01T12:00")
     p.add_argument("--csv", metavar="FILE", help="write CSV to FILE ('-' for stdout) instead of a table")
     p.set_defaults(func=cmd_usage)
+
+    p = command("budgets", "show every budget: spent / limit, reserved, when it resets")
+    p.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
+    p.add_argument("--csv", metavar="FILE", help="write CSV to FILE ('-' for stdout) instead of a table")
+    p.set_defaults(func=cmd_budgets)
 
     p = command("simulate", "run the provider simulator in the foreground")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

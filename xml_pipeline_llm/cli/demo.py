@@ -141,7 +141,9 @@ def run_demo(requests: int = 60, concurrency: int = 8, strategy: str = "all",
         for b in BACKENDS:
             sim.set_latency(b.name, b.latency)
         results = asyncio.run(_run_all(sim, strategies, requests, concurrency, console))
+        budgets = asyncio.run(_run_budget(sim))
     _report(results, console)
+    _report_budget(budgets, console)
     agents = _sum_agents(results)
     from ..usage import write_csv
 
@@ -152,6 +154,51 @@ def run_demo(requests: int = 60, concurrency: int = 8, strategy: str = "all",
     console.print(f"Done in {time.perf_counter() - started:.1f} s. Next: write an organism.yaml "
                   f"(see organism.example.yaml) and run `xml-pipeline-llm check`.")
     return 0
+
+
+RUNAWAY = "runaway"
+RUNAWAY_BUDGET = 250     # tokens a day: a few calls, then it is stopped
+
+
+async def _run_budget(sim: Any) -> tuple[int, str, list[Any]]:
+    """An agent that loops on calls until its daily token budget stops it (before anything is sent)."""
+    from ..budgets import BudgetExceededError
+    from ..config import load_config
+    from ..router import LLMRouter
+
+    block = {**llm_block(sim, "failover"),
+             "budgets": [{"scope": "agent", "match": RUNAWAY, "max_tokens": RUNAWAY_BUDGET, "window": "1d"}]}
+    router = LLMRouter(load_config({"llm": block}))
+    sent, stopped = 0, ""
+    try:
+        for _ in range(50):
+            try:
+                await router.complete("claude-sonnet-4-5", [{"role": "user", "content": "keep going"}],
+                                      agent_id=RUNAWAY, max_tokens=100)
+                sent += 1
+            except BudgetExceededError as exc:
+                stopped = str(exc)
+                break
+        return sent, stopped, router.budgets()
+    finally:
+        await router.aclose()
+
+
+def _report_budget(outcome: tuple[int, str, list[Any]], console: Console) -> None:
+    sent, stopped, statuses = outcome
+    console.print(f"Budget: agent {RUNAWAY!r} may spend {RUNAWAY_BUDGET} tokens a day; it made {sent} "
+                  f"calls, then was stopped before sending:")
+    console.print(f"BudgetExceededError: {stopped}", style="yellow")
+    table = make_table(title="Budgets")
+    for name, justify in (("Scope", "left"), ("Key", "left"), ("Used / limit", "right"),
+                          ("Reserved", "right"), ("Resets (UTC)", "left")):
+        table.add_column(name, justify=justify)
+    from .output import when_text
+
+    for b in statuses:
+        table.add_row(b.scope, b.key or "-", f"{b.used_tokens:,} / {b.limit_tokens:,} tokens",
+                      f"{b.reserved_tokens:,}", when_text(b.resets_at) if b.resets_at else "never")
+    show(console, table)
 
 
 async def _warm_up(sim: Any) -> None:

@@ -47,8 +47,12 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    from ..config import BudgetConfig
+
+from ..budgets import Budgets, Clock, Restore
 from ..errors import ConfigError
 from ..limits import Reservation
 from ..limits import wake as _wake
@@ -299,6 +303,12 @@ class RedisState:
             return int(await self.conn.eval(ROTATE, [self.key("rr", model)], [ROTATION_TTL_MS]))
         except RedisDown:
             return await self._local.next_turn(model)
+
+    def budgets(self, rules: Iterable[BudgetConfig], clock: Clock, restore: Restore | None) -> Budgets:
+        """The fleet's budgets: one spend per budget in Redis, atomic across processes."""
+        from .budgets import RedisBudgets
+
+        return RedisBudgets(self.conn, self.prefix, rules, clock)
 
     async def close(self) -> None:
         """Close this loop's connections and write what usage is still queued."""
