@@ -28,7 +28,10 @@ log = logging.getLogger("xml_pipeline_llm")
 STRATEGIES = ("failover", "round-robin", "least-loaded")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 CONFIG_ENV = "XML_PIPELINE_LLM_CONFIG"
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")   # what names a Redis server
+# what names a Redis server: one (TLS with rediss://, a socket with unix://) or a Redis Cluster
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+REDIS_EXPECTED = ("redis://host:port/db, rediss://host:port/db (TLS), redis+cluster://host:port "
+                  "(a Redis Cluster) or rediss+cluster://host:port")
 REDIS_ENV = "XML_PIPELINE_LLM_REDIS_URL"
 
 
@@ -87,8 +90,8 @@ EXPECTED = {
     "retry_max_delay": "a positive number of seconds",
     "default_max_tokens": "a positive integer",
     "usage_store": "memory or sqlite:///path/usage.db",
-    "shared_state": "redis://host:port/db",
-    "redis_prefix": "a string",
+    "shared_state": "redis://host:port/db (or rediss://, redis+cluster://, rediss+cluster://)",
+    "redis_prefix": "a string without { or }",
     "backends": "a non-empty list of backends",
 }
 
@@ -281,7 +284,12 @@ def _check_block(raw: LLMConfig) -> list[str]:
     if raw.usage_store and not (raw.usage_store == "memory" or raw.usage_store.startswith("sqlite:///")):
         problems.append(f'llm.usage_store: expected memory or sqlite:///path/usage.db, got "{raw.usage_store}"')
     if raw.shared_state and not raw.shared_state.startswith(REDIS_SCHEMES):
-        problems.append(f'llm.shared_state: expected redis://host:port/db, got "{raw.shared_state}"')
+        from .shared.connection import redact_url
+
+        problems.append(f'llm.shared_state: expected {REDIS_EXPECTED}, got "{redact_url(raw.shared_state)}"')
+    if "{" in raw.redis_prefix or "}" in raw.redis_prefix:
+        problems.append(f'llm.redis_prefix: "{raw.redis_prefix}" holds {{ or }}, which would change the '
+                        f"Redis Cluster hash tags of the keys; use letters, digits, '.', '_', '-' or ':'")
     return problems
 
 
