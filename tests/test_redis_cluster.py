@@ -334,15 +334,15 @@ def test_tls_cluster(sim, tls, tmp_path_factory, tmp_path, caplog):
             return await asyncio.wait_for(asyncio.gather(
                 *(r.complete("grok-4.1", MESSAGES, agent_id="tc") for _ in range(9))), 30)
 
-        out = asyncio.run(calls())
-        assert sorted(o.backend for o in out) == sorted(names * 3)
-        assert r.get_agent_usage("tc").request_count == 9
+        out = asyncio.run(calls()) + asyncio.run(calls())      # a new loop: a new client follows
+        assert sorted(o.backend for o in out) == sorted(names * 6)
+        assert r.get_agent_usage("tc").request_count == 18
         db = tc.client()
         assert all(db.exists(f"{p}:{{{n}}}:bucket") for n in names)
         shown = usage_cli(tmp_path, tc.url, p, "--by", "agent", "--csv", "-")
         assert shown.returncode == 0, shown.stderr
         assert [(x["agent_id"], x["request_count"]) for x in csv.DictReader(shown.stdout.splitlines())] == \
-            [("tc", "9")]
+            [("tc", "18")]
         asyncio.run(r.aclose())
         no_redirects(caplog)
         assert not any(rec.levelno >= logging.WARNING for rec in caplog.records

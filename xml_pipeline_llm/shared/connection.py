@@ -327,9 +327,17 @@ class Conn:
                 pipe.execute_command("EVAL", script.src, len(keys), *keys, *args)
             return list(pipe.execute(raise_on_error=False))
 
-        results = self.sync_call(send)
+        if not self.health.usable():
+            raise RedisDown()
+        try:
+            results = send(self.sync)
+        except _errors() as exc:
+            self.health.failed(exc)
+            raise RedisDown() from None
         lost = next((r for r in results if isinstance(r, Exception) and unreachable(r)), None)
-        if lost is not None:
+        if lost is None:
+            self.health.ok()
+        else:
             self.health.failed(lost)
         return results
 
