@@ -34,8 +34,9 @@ from xml_pipeline_llm import ConfigError, load_config
 from xml_pipeline_llm.simulator import Fault
 
 from conftest import MESSAGES, backend
-from test_redis import (REDIS_SERVER, Fleet, _free_port, fleet_holds_max_concurrent_and_one_token_bucket,
-                        fleet_usage_totals_are_exact, llm_block, prefix, shared_router)
+from test_redis import (REDIS_SERVER, Fleet, RedisServer, _free_port,
+                        fleet_holds_max_concurrent_and_one_token_bucket, fleet_usage_totals_are_exact,
+                        llm_block, prefix, shared_router)
 
 REDIS_CLI = shutil.which("redis-cli")
 OPENSSL = shutil.which("openssl")
@@ -268,6 +269,13 @@ def test_cluster_url_mistakes_are_config_errors(cluster):
     with pytest.raises(ConfigError) as err:                        # nothing there
         RedisState(f"redis+cluster://:secret-pw@127.0.0.1:{_free_port()}", "x")
     assert "cannot reach Redis" in str(err.value) and "secret-pw" not in str(err.value)
+    server = RedisServer().start()                                 # one server named as a cluster
+    try:
+        with pytest.raises(ConfigError) as err:
+            RedisState(f"redis+cluster://127.0.0.1:{server.port}", "x")
+        assert "use redis:// for a single server" in str(err.value), str(err.value)
+    finally:
+        server.stop()
 
 
 # ------------------------------------------------------------------ TLS
