@@ -212,7 +212,7 @@ class Worker:
 class Fleet:
     """Worker processes forked from one zygote that imported LiteLLM once."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, stderr: Any = None) -> None:
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(count)
@@ -224,10 +224,11 @@ class Fleet:
         self.count = count
         self.zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(self.listener.getsockname()[1]),
                                         str(count), json.dumps(MESSAGES)],
-                                       stdin=subprocess.PIPE, env=env, cwd=str(Path(__file__).parent))
+                                       stdin=subprocess.PIPE, stderr=stderr, env=env,
+                                       cwd=str(Path(__file__).parent))
         self._workers: list[Worker] = []
 
-    def workers(self, sim: Any, redis_server: RedisServer) -> list[Worker]:
+    def workers(self, sim: Any, redis_server: Any) -> list[Worker]:
         if len(self._workers) < self.count:
             while len(self._workers) < self.count:
                 conn, _ = self.listener.accept()
@@ -432,15 +433,15 @@ async def test_keys_are_namespaced_expire_and_hold_no_secret(sim, redis_server):
         await asyncio.sleep(0.01)
     db = redis_server.client()
     keys = set(db.keys(f"{p}:*"))
-    assert {f"{p}:cool:rdx-ky-a", f"{p}:rr:grok-4.1", f"{p}:bucket:rdx-ky-a", f"{p}:slots:rdx-ky-b"} <= keys
-    for k in (f"{p}:cool:rdx-ky-a", f"{p}:rr:grok-4.1", f"{p}:bucket:rdx-ky-a", f"{p}:slots:rdx-ky-b"):
+    assert {f"{p}:{{rdx-ky-a}}:cool", f"{p}:rr:grok-4.1", f"{p}:{{rdx-ky-a}}:bucket", f"{p}:{{rdx-ky-b}}:slots"} <= keys
+    for k in (f"{p}:{{rdx-ky-a}}:cool", f"{p}:rr:grok-4.1", f"{p}:{{rdx-ky-a}}:bucket", f"{p}:{{rdx-ky-b}}:slots"):
         assert db.pttl(k) > 0, k                   # everything but the usage totals expires
     await call
     sim.set_latency("rdx-ky-b", 0)
     dump = json.dumps({k: _value(db, k) for k in db.keys(f"{p}:*")})
     assert all(secret not in dump for secret in FAKE_KEYS.values())
     assert all(k.startswith(f"{p}:") for k in db.keys(f"{p}*"))
-    assert db.hget(f"{p}:usage:agent:keys", "request_count") == "1"
+    assert db.hget(f"{p}:usage:{{{p}}}:agent:keys", "request_count") == "1"
 
 
 def _value(db: Any, key: str) -> Any:
@@ -513,10 +514,10 @@ async def test_redis_stopped_and_restarted_during_a_run(sim, caplog):
         await burst(2)
         after += 2
         db = server.client()
-        assert db.exists(f"{p}:bucket:rdx-rs-a")
+        assert db.exists(f"{p}:{{rdx-rs-a}}:bucket")
         assert not r._state.conn.health.down, [m for m in caplog.messages if "Redis" in m]
         assert r.get_agent_usage("restart").request_count == 12 + after
-        assert db.xlen(f"{p}:events") == 12 + after
+        assert db.xlen(f"{p}:usage:{{{p}}}:events") == 12 + after
     finally:
         server.stop()
 
@@ -559,6 +560,11 @@ async def test_usage_kept_while_redis_was_away_is_written_before_the_next_read()
 
 
 def test_fleet_holds_max_concurrent_and_one_token_bucket(sim, redis_server, fleet):
+    fleet_holds_max_concurrent_and_one_token_bucket(sim, redis_server, fleet)
+
+
+def fleet_holds_max_concurrent_and_one_token_bucket(sim: Any, redis_server: Any, fleet: Fleet) -> None:
+    """The test above, on any Redis with a ``url`` (test_redis_cluster.py runs it on a cluster)."""
     workers = fleet.workers(sim, redis_server)[:4]
     p = prefix()
     tpm = 2400                                          # 40 tokens a second
@@ -600,7 +606,7 @@ def test_slots_of_a_killed_process_come_back_after_the_lease(sim, redis_server, 
         time.sleep(0.02)                         # both calls reached the provider (and sleep there)
     sim.set_latency("rdx-mp-kill", 0)
     db = redis_server.client()
-    assert db.zcard(f"{p}:slots:rdx-mp-kill") == 2
+    assert db.zcard(f"{p}:{{rdx-mp-kill}}:slots") == 2
 
     async def scenario() -> tuple[float, float]:
         r = LLMRouter(load_config({"llm": block}), state=RedisState(redis_server.url, p, lease=LEASE))
@@ -615,9 +621,9 @@ def test_slots_of_a_killed_process_come_back_after_the_lease(sim, redis_server, 
     waited, _ = asyncio.run(scenario())
     assert 0.3 < waited < LEASE + 2.5, waited
     deadline = time.monotonic() + 3
-    while db.zcard(f"{p}:slots:rdx-mp-kill") and time.monotonic() < deadline:
+    while db.zcard(f"{p}:{{rdx-mp-kill}}:slots") and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert db.zcard(f"{p}:slots:rdx-mp-kill") == 0        # nothing leaked for good
+    assert db.zcard(f"{p}:{{rdx-mp-kill}}:slots") == 0        # nothing leaked for good
 
 
 def test_retry_after_seen_by_one_process_steers_the_others(sim, redis_server, fleet):
@@ -635,6 +641,11 @@ def test_retry_after_seen_by_one_process_steers_the_others(sim, redis_server, fl
 
 
 def test_fleet_usage_totals_are_exact(sim, redis_server, fleet):
+    fleet_usage_totals_are_exact(sim, redis_server, fleet)
+
+
+def fleet_usage_totals_are_exact(sim: Any, redis_server: Any, fleet: Fleet) -> None:
+    """The test above, on any Redis with a ``url`` (test_redis_cluster.py runs it on a cluster)."""
     workers = fleet.workers(sim, redis_server)[:4]
     p = prefix()
     block = llm_block(redis_server.url, p, [backend(sim, "xai", "rdx-mp-use", max_concurrent=50)])

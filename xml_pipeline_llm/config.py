@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from .errors import ConfigError
 from .providers import BUILTIN, LITELLM_PROVIDERS, Provider, lookup
-from .redact import redact_mapping
+from .redact import redact_mapping, redact_url
 from .strategies import STRATEGY_NAMES, Strategy, is_strategy
 
 log = logging.getLogger("xml_pipeline_llm")
@@ -30,7 +30,10 @@ log = logging.getLogger("xml_pipeline_llm")
 STRATEGIES = STRATEGY_NAMES
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 CONFIG_ENV = "XML_PIPELINE_LLM_CONFIG"
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")   # what names a Redis server
+# what names a Redis server: one (TLS with rediss://, a socket with unix://) or a Redis Cluster
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+REDIS_EXPECTED = ("redis://host:port/db, rediss://host:port/db (TLS), redis+cluster://host:port "
+                  "(a Redis Cluster) or rediss+cluster://host:port")
 REDIS_ENV = "XML_PIPELINE_LLM_REDIS_URL"
 
 
@@ -121,8 +124,8 @@ EXPECTED = {
     "retry_max_delay": "a positive number of seconds",
     "default_max_tokens": "a positive integer",
     "usage_store": "memory or sqlite:///path/usage.db",
-    "shared_state": "redis://host:port/db",
-    "redis_prefix": "a string",
+    "shared_state": "redis://host:port/db (or rediss://, redis+cluster://, rediss+cluster://)",
+    "redis_prefix": "a string without { or }",
     "pricing": 'a mapping of model names or patterns to prices, such as '
                '{"grok-4.1": {input_per_mtok: 3.0, output_per_mtok: 15.0}}',
     "price": "a mapping with input_per_mtok and output_per_mtok (and optionally cached_input_per_mtok)",
@@ -367,7 +370,7 @@ def _check_block(raw: LLMConfig) -> list[str]:
     if raw.usage_store and not (raw.usage_store == "memory" or raw.usage_store.startswith("sqlite:///")):
         problems.append(f'llm.usage_store: expected memory or sqlite:///path/usage.db, got "{raw.usage_store}"')
     if raw.shared_state and not raw.shared_state.startswith(REDIS_SCHEMES):
-        problems.append(f'llm.shared_state: expected redis://host:port/db, got "{raw.shared_state}"')
+        problems.append(f'llm.shared_state: expected {REDIS_EXPECTED}, got "{redact_url(raw.shared_state)}"')
     if raw.missing_keys not in MISSING_KEYS:
         problems.append(f'llm.missing_keys: expected error (the default: a backend whose key is not set '
                         f'is a config error) or skip (run without it), got "{raw.missing_keys}"')
@@ -376,6 +379,9 @@ def _check_block(raw: LLMConfig) -> list[str]:
         if not key.strip():
             problems.append('llm.pricing: an empty model name; use a model name such as "grok-4.1" '
                             'or a pattern such as "grok-*"')
+    if "{" in raw.redis_prefix or "}" in raw.redis_prefix:
+        problems.append(f'llm.redis_prefix: "{raw.redis_prefix}" holds {{ or }}, which would change the '
+                        f"Redis Cluster hash tags of the keys; use letters, digits, '.', '_', '-' or ':'")
     return problems
 
 
@@ -439,7 +445,6 @@ def _resolve_backends(raw: LLMConfig, problems: list[str],
 
 def _check_base_url(where: str, url: str, problems: list[str]) -> None:
     """An http(s) URL with a host and no credentials, caught here rather than at the first call."""
-    from .redact import redact_url
 
     try:
         parts = urlsplit(url)

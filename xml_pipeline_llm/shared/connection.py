@@ -5,6 +5,13 @@ client (with its own small connection pool) is kept per running loop; a
 router thus works across ``asyncio.run()`` calls and per-test loops.  Every
 failure to reach Redis becomes ``RedisDown`` after ``Health`` has noted it, and
 the callers fall back to this process's own state.
+
+``rediss://`` is TLS (redis-py's own; ``ssl_ca_certs=...`` and the other ``ssl_*``
+query parameters pass through).  ``redis+cluster://host:port`` (``rediss+cluster://``
+with TLS) is a Redis Cluster, reached through redis-py's cluster clients, which
+follow MOVED and ASK themselves; each Lua script is given keys of one hash tag,
+so it runs on one node.  A loop's batch goes out as one pipeline per node, so a
+node that is away fails its own commands only.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ log = logging.getLogger("xml_pipeline_llm")
 
 DEFAULT_LEASE = 10.0
 T = TypeVar("T")
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 
 
 class RedisDown(Exception):
@@ -35,8 +43,27 @@ class RedisDown(Exception):
 
 def _errors() -> tuple[type[BaseException], ...]:
     import redis
+    from redis.exceptions import RedisClusterException
 
-    return (redis.RedisError, OSError, asyncio.TimeoutError)
+    return (redis.RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether a command's error means "Redis (or that cluster node) is not there now", not a bad script."""
+    from redis.exceptions import AskError, ClusterError, RedisClusterException, TryAgainError
+    from redis.exceptions import ConnectionError as Lost
+    from redis.exceptions import TimeoutError as Slow
+
+    return isinstance(exc, (Lost, Slow, ClusterError, TryAgainError, AskError, RedisClusterException,
+                            OSError, asyncio.TimeoutError))
+
+
+def _cluster_url(url: str) -> str | None:
+    """The redis:// (or rediss://) URL redis-py's cluster client takes for a ``redis+cluster://`` one."""
+    if not url.startswith(CLUSTER_SCHEMES):
+        return None
+    scheme, rest = url.split("://", 1)
+    return scheme.replace("+cluster", "") + "://" + rest
 
 
 class Health:
@@ -51,6 +78,7 @@ class Health:
         self.down = False
         self.retry_at = 0.0
         self.last_warn = -math.inf
+        self.warned = False          # an "unreachable" WARNING was shown and no "answers again" yet
         self.lock = threading.Lock()
 
     def usable(self) -> bool:
@@ -71,6 +99,7 @@ class Health:
             warn = now - self.last_warn >= self.WARN_EVERY
             if warn:
                 self.last_warn = now
+                self.warned = True
         if warn:
             log.warning("shared state: Redis at %s is unreachable (%s); limits, cooldowns, rotation and "
                         "usage totals continue in this process only until it answers again "
@@ -83,9 +112,12 @@ class Health:
         if self.down:
             with self.lock:
                 was, self.down = self.down, False
-            if was:
+                warned, self.warned = self.warned and was, self.warned and not was
+            if warned:
                 log.warning("shared state: Redis at %s answers again; shared limits, cooldowns and "
                             "usage resumed", self.shown)
+            elif was:      # one cluster node away while others answer: no WARNING each time
+                log.debug("shared state: Redis at %s answers again", self.shown)
 
 
 class Conn:
@@ -108,23 +140,52 @@ class Conn:
         self.lease = float(lease)
         self.renew_every = float(renew_every or lease / 3)
         self.max_connections = max_connections
+        cluster = _cluster_url(url)
+        self.cluster = cluster is not None
+        self._client_url = cluster or url
         # Our own rules decide what happens when Redis fails: no client-side retries.
         self._opts: dict[str, Any] = dict(decode_responses=True, socket_connect_timeout=connect_timeout,
                                           socket_timeout=socket_timeout, retry=Retry(NoBackoff(), 0))
+        self._sync: Any = None
+        self._sync_lock = threading.Lock()
         try:
-            self.sync = redis.Redis.from_url(url, max_connections=max_connections, **self._opts)
+            if self.cluster:      # the cluster client connects when made: made on first use
+                from redis.connection import parse_url
+
+                db = parse_url(self._client_url).get("db")  # type: ignore[no-untyped-call]
+                if db:
+                    raise ConfigError(f'{place}: "{self.shown}": a Redis Cluster has only database 0; '
+                                      f"remove /{db} from the URL")
+            else:
+                self._sync = redis.Redis.from_url(url, max_connections=max_connections, **self._opts)
+        except ConfigError:
+            raise
         except ValueError as exc:
             raise ConfigError(f'{place}: "{self.shown}" is not a Redis URL ({self.health.reason(exc)}); '
-                              "expected redis://host:port/db") from None
+                              "expected redis://host:port/db, rediss://host:port/db (TLS) or "
+                              "redis+cluster://host:port (a Redis Cluster)") from None
         self._aclients: dict[int, LoopClient] = {}
         from .worker import Worker
 
         self.worker = Worker(self)
 
+    @property
+    def sync(self) -> Any:
+        """The sync client (the worker thread's and the reads'); a cluster's is made on first use."""
+        if self._sync is None:
+            with self._sync_lock:
+                if self._sync is None:
+                    from redis.cluster import RedisCluster
+
+                    self._sync = RedisCluster.from_url(self._client_url, max_connections=self.max_connections,
+                                                       **self._opts)
+        return self._sync
+
     def check(self) -> None:
         """Start-up check: a clear ConfigError when Redis does not answer."""
         try:
             self.sync.ping()
+            single_on_cluster = not self.cluster and _cluster_enabled(self.sync)
         except Exception as exc:  # noqa: BLE001 - any failure means "cannot use it"
             if self.place == "llm.shared_state":
                 from ..config import REDIS_ENV
@@ -133,9 +194,16 @@ class Conn:
                        f"to keep limits and usage in this process only")
             else:
                 fix = f"or correct the {self.place} URL"
+            start = ("Start the cluster there (redis-server --cluster-enabled yes on each node, then "
+                     "redis-cli --cluster create), use redis:// for a single server, "
+                     if self.cluster else "Start Redis there (for example: redis-server --port 6379), ")
             raise ConfigError(
                 f"{self.place}: cannot reach Redis at {self.shown} ({self.health.reason(exc)}). "
-                f"Start Redis there (for example: redis-server --port 6379), {fix}") from None
+                f"{start}{fix}") from None
+        if single_on_cluster:
+            raise ConfigError(f"{self.place}: {self.shown} is a node of a Redis Cluster; use "
+                              f"redis+cluster://{self.shown.split('://', 1)[1].split('/', 1)[0]} "
+                              f"(rediss+cluster:// with TLS) so that every key reaches its node")
 
     # ---------------------------------------------------------- asyncio side
 
@@ -150,6 +218,12 @@ class Conn:
             if old_loop is None or old_loop.is_closed() or key == id(loop):
                 del self._aclients[key]
                 _abandon(old.client)
+        if self.cluster:
+            from redis.asyncio.cluster import RedisCluster
+
+            client = RedisCluster.from_url(self._client_url, max_connections=self.max_connections, **self._opts)
+            entry = self._aclients[id(loop)] = ClusterLoopClient(loop, client, self.max_connections)
+            return entry
         import redis.asyncio as aredis
 
         pool = aredis.BlockingConnectionPool.from_url(self.url, max_connections=self.max_connections,
@@ -206,6 +280,33 @@ class Conn:
         self.health.ok()
         return result
 
+    def sync_scripts(self, calls: list[tuple[Script, list[str], list[Any]]]) -> list[Any]:
+        """Run scripts in one pipeline (one per node on a cluster); a result per call, errors in place.
+
+        RedisDown when none could be sent.  On a cluster some may fail while others
+        went through (a node away): those results are errors for which ``unreachable``
+        holds, and the health notes it.
+        """
+        def send(client: Any) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for script, keys, args in calls:
+                pipe.execute_command("EVAL", script.src, len(keys), *keys, *args)
+            return list(pipe.execute(raise_on_error=False))
+
+        if not self.health.usable():
+            raise RedisDown()
+        try:
+            results = send(self.sync)
+        except _errors() as exc:
+            self.health.failed(exc)
+            raise RedisDown() from None
+        lost = next((r for r in results if isinstance(r, Exception) and unreachable(r)), None)
+        if lost is None:
+            self.health.ok()
+        else:
+            self.health.failed(lost)
+        return results
+
 
 class LoopClient:
     """One event loop's client, sending what the loop asks for in one pipeline per loop iteration.
@@ -238,22 +339,14 @@ class LoopClient:
             task.add_done_callback(self.tasks.discard)
 
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        from redis.exceptions import ConnectionError as Lost
         from redis.exceptions import NoScriptError
 
         try:
             ops = [op for op, _ in batch]
-            try:
-                results = await self._pipeline(ops, use_sha=True)
-            except Lost:
-                # Most often a connection kept in the pool from before Redis restarted: the
-                # server closed it without seeing these commands.  Drop the idle connections
-                # (the rest are as stale) and send once more; a real outage fails again.
-                await self.client.connection_pool.disconnect(inuse_connections=False)
-                results = await self._pipeline(ops, use_sha=True)
+            results = await self._attempt(ops, use_sha=True)
             missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
             if missing:        # Redis does not know a script yet (or restarted): send its text
-                again = await self._pipeline([batch[i][0] for i in missing], use_sha=False)
+                again = await self._attempt([batch[i][0] for i in missing], use_sha=False)
                 for i, r in zip(missing, again):
                     results[i] = r
         except BaseException as exc:
@@ -274,18 +367,112 @@ class LoopClient:
             else:
                 fut.set_result(result)
 
+    async def _attempt(self, ops: list[tuple[Any, ...]], use_sha: bool) -> list[Any]:
+        """Send ``ops`` in one pipeline: a result per op (errors in place), or raise."""
+        from redis.exceptions import ConnectionError as Lost
+
+        try:
+            return await self._pipeline(ops, use_sha)
+        except Lost:
+            # Most often a connection kept in the pool from before Redis restarted: the
+            # server closed it without seeing these commands.  Drop the idle connections
+            # (the rest are as stale) and send once more; a real outage fails again.
+            await self.client.connection_pool.disconnect(inuse_connections=False)
+            return await self._pipeline(ops, use_sha)
+
     async def _pipeline(self, ops: list[tuple[Any, ...]], use_sha: bool) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)
         for op in ops:
-            if op[0] == "eval":
+            if op[0] == "eval":       # execute_command: a cluster pipeline has no evalsha()
                 _, script, keys, args = op
                 if use_sha:
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
                 else:
-                    pipe.eval(script.src, len(keys), *keys, *args)
+                    pipe.execute_command("EVAL", script.src, len(keys), *keys, *args)
             else:
                 pipe.execute_command(*op[1])
         return list(await pipe.execute(raise_on_error=False))
+
+
+class ClusterLoopClient(LoopClient):
+    """A loop's client of a Redis Cluster: one pipeline per node, so a node away fails its own ops only.
+
+    redis-py's cluster pipeline follows MOVED and ASK, but when one node cannot
+    be reached it raises for the whole pipeline, hiding what the other nodes
+    already did (a usage record written, then written again when replayed).
+    Each node's share is therefore sent on its own, and a failure is that share's.
+    The cluster client raises instead of waiting when a node's pool is full, so
+    the pipelines in flight are limited to the pool size.
+    """
+
+    REFRESH_EVERY = 1.0      # seconds between topology refreshes while a node fails
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, client: Any, limit: int) -> None:
+        super().__init__(loop, client)
+        self.limit = asyncio.Semaphore(limit)
+        self.next_refresh = 0.0
+
+    async def _attempt(self, ops: list[tuple[Any, ...]], use_sha: bool) -> list[Any]:
+        await self.client.initialize()
+        shares: dict[str, tuple[Any, list[int]]] = {}
+        for i, op in enumerate(ops):
+            node = self.client.get_node_from_key(op[2][0] if op[0] == "eval" else op[1][1])
+            shares.setdefault(node.name, (node, []))[1].append(i)
+        results: list[Any] = [None] * len(ops)
+        await asyncio.gather(*(self._share(node, [ops[i] for i in idx], idx, results, use_sha)
+                               for node, idx in shares.values()))
+        return results
+
+    async def _share(self, node: Any, ops: list[tuple[Any, ...]], idx: list[int], results: list[Any],
+                     use_sha: bool) -> None:
+        from redis.exceptions import ConnectionError as Lost
+
+        async with self.limit:
+            try:
+                try:
+                    out = await self._pipeline(ops, use_sha)
+                except Lost:
+                    out = [Lost()] * len(ops)
+                again = [j for j, r in enumerate(out) if isinstance(r, Lost)]
+                if again:       # stale connections from before the node restarted: as in LoopClient
+                    await node.disconnect_free_connections()
+                    for j, r in zip(again, await self._pipeline([ops[j] for j in again], use_sha)):
+                        out[j] = r
+            except Exception as exc:  # noqa: BLE001 - this node's ops fail, the others stand
+                out = [exc] * len(ops)
+            if any(isinstance(r, Exception) and unreachable(r) for r in out):
+                self._refresh_soon()
+        for i, r in zip(idx, out):
+            results[i] = r
+
+    def _refresh_soon(self) -> None:
+        """Ask the cluster for its nodes again (a replica may have taken over), at most once a second.
+
+        redis-py's own command path does so after a connection error; its pipelines
+        (with no client-side retries, as here) do not.
+        """
+        now = time.monotonic()
+        if now < self.next_refresh:
+            return
+        self.next_refresh = now + self.REFRESH_EVERY
+
+        async def refresh() -> None:
+            try:
+                await self.client.nodes_manager.initialize()
+            except Exception as exc:  # noqa: BLE001 - still away: the next try says so
+                log.debug("shared state: Redis Cluster topology not refreshed (%s)", type(exc).__name__)
+
+        task = asyncio.get_running_loop().create_task(refresh())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+def _cluster_enabled(client: Any) -> bool:
+    """Whether a single-server client is talking to a cluster node (INFO may be refused: then no)."""
+    try:
+        return str(client.info("cluster").get("cluster_enabled", "0")) == "1"
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _abandon(client: Any) -> None:
@@ -293,6 +480,9 @@ def _abandon(client: Any) -> None:
     pool = getattr(client, "connection_pool", None)
     conns = list(getattr(pool, "_available_connections", []) or []) + \
         list(getattr(pool, "_in_use_connections", []) or [])
+    manager = getattr(client, "nodes_manager", None)        # a cluster client: each node's connections
+    for node in list(getattr(manager, "nodes_cache", {}).values()) if manager is not None else []:
+        conns += list(getattr(node, "_connections", []) or [])
     for conn in conns:
         writer = getattr(conn, "_writer", None)
         if writer is None:

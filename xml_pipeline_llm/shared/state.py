@@ -3,19 +3,24 @@
 ``shared_state: redis://host:port/db`` (or ``$XML_PIPELINE_LLM_REDIS_URL``) makes
 every process using the same Redis and ``redis_prefix`` share:
 
-* the token bucket of each rate-limited backend (hash ``<p>:bucket:<backend>``),
+* the token bucket of each rate-limited backend (hash ``<p>:{<backend>}:bucket``),
   kept by Lua scripts on Redis server time, so N processes share one
   ``rate_limit_tpm`` instead of using N times it;
-* the concurrency slots of each backend (sorted set ``<p>:slots:<backend>``:
+* the concurrency slots of each backend (sorted set ``<p>:{<backend>}:slots``:
   one member per call in flight, scored by its lease expiry).  A process
   renews the leases it holds every ``lease / 3`` seconds from a background
   thread; the slots of a process that dies (SIGKILL included) come back when
   their lease runs out (10 s by default, ``$XML_PIPELINE_LLM_REDIS_LEASE``);
-* cooldowns (``<p>:cool:<backend>``, a key that expires when the cooldown ends;
+* cooldowns (``<p>:{<backend>}:cool``, a key that expires when the cooldown ends;
   a longer cooldown is never shortened; read at most every 50 ms per process);
 * the round-robin position per model (``<p>:rr:<model>``, an INCR counter that
   expires after a week unused);
 * the usage totals (``shared/usage.py``).
+
+A backend's keys share the hash tag ``{<backend>}``, so on a Redis Cluster they
+live on one node and a script may touch them together (ENTER and LEAVE touch
+the bucket and the slots; the cooldown is there too).  No script or command
+touches keys of two tags at once.
 
 Within one process waiters for a backend are served first come, first served
 (one "head" waiter per backend polls Redis, the others wait behind it, exactly
@@ -224,7 +229,10 @@ class RedisState:
         return f"RedisState({self.conn.shown!r}, prefix={self.prefix!r})"
 
     def key(self, kind: str, name: str) -> str:
-        return f"{self.prefix}:{kind}:{name}"
+        """``<p>:rr:<model>``, or a backend's ``<p>:{<backend>}:<kind>`` (one hash tag per backend)."""
+        if kind == "rr":
+            return f"{self.prefix}:rr:{name}"
+        return f"{self.prefix}:{{{name}}}:{kind}"
 
     def gate(self, backend: str, max_concurrent: int, tpm: int | None) -> RedisGate:
         gate = self._gates.get(backend)

@@ -2,17 +2,19 @@
 
 Keys (``<p>`` is ``redis_prefix``):
 
-* ``<p>:usage:<group>:<key>`` - a hash of ``prompt_tokens``, ``completion_tokens``,
+* ``<p>:usage:{<p>}:<group>:<key>`` - a hash of ``prompt_tokens``, ``completion_tokens``,
   ``total_tokens``, ``request_count``, ``error_count``, ``unpriced_requests``
   (HINCRBY) and ``cost_usd`` (HINCRBYFLOAT, only by priced calls: a key with no
   priced call has no ``cost_usd`` field and reads back as None, never 0), for
   group ``agent``, ``model``, ``backend`` and ``thread``;
-* ``<p>:usage:<group>`` - the set of keys seen in that group;
-* ``<p>:events`` - a stream of the newest events (about 100,000), one entry per
-  provider call, for ``by="event"`` exports and the CLI.
+* ``<p>:usage:{<p>}:<group>`` - the set of keys seen in that group;
+* ``<p>:usage:{<p>}:events`` - a stream of the newest events (about 100,000), one
+  entry per provider call, for ``by="event"`` exports and the CLI.
 
 One Lua script adds an event to all of them at once, so totals are exact
-however many processes write.  ``append`` is awaited before ``complete()``
+however many processes write.  They share the hash tag ``{<p>}``, so on a Redis
+Cluster all of a prefix's usage lives on one slot (one node): the script needs
+its nine keys together.  ``append`` is awaited before ``complete()``
 returns (read-your-writes); ``append_nowait`` (LiteLLM callbacks, stream
 finalisers) goes through a background thread, and a read first waits for what
 this process queued.  Totals do not expire: they are the fleet's spend.
@@ -67,6 +69,7 @@ class RedisUsageStore:
     def __init__(self, url: str, prefix: str = "xpl", *, conn: Conn | None = None,
                  max_events: int = MAX_EVENTS, check: bool = True) -> None:
         self.prefix = prefix
+        self._base = f"{prefix}:usage:{{{prefix}}}"      # one hash tag: one cluster slot for all of it
         self.max_events = max_events
         self.ident = (url, prefix)
         self._own = conn is None
@@ -78,16 +81,16 @@ class RedisUsageStore:
         return f"RedisUsageStore({self.conn.shown!r}, prefix={self.prefix!r})"
 
     def _hash(self, group: str, key: str) -> str:
-        return f"{self.prefix}:usage:{group}:{key}"
+        return f"{self._base}:{group}:{key}"
 
     def _index(self, group: str) -> str:
-        return f"{self.prefix}:usage:{group}"
+        return f"{self._base}:{group}"
 
     def _job(self, event: UsageEvent) -> Job:
         names = [getattr(event, column) or NO_AGENT for column in GROUPS.values()]
         keys = [self._hash(g, k) for g, k in zip(GROUPS, names)]
         keys += [self._index(g) for g in GROUPS]
-        keys.append(f"{self.prefix}:events")
+        keys.append(f"{self._base}:events")
         ok = event.succeeded
         err = event.ended_in_error
         fields: list[Any] = []
@@ -171,7 +174,7 @@ class RedisUsageStore:
     def events(self, since: float | None = None) -> Iterator[UsageEvent]:
         """The newest events kept in Redis (oldest first), optionally since a UNIX time."""
         start = f"{int(since * 1000)}-0" if since is not None else "-"
-        key = f"{self.prefix}:events"
+        key = f"{self._base}:events"
         def page(since_id: str) -> Callable[[Any], list[Any]]:
             return lambda c: c.xrange(key, min=since_id, max="+", count=1000)
 

@@ -16,7 +16,7 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from .connection import RedisDown
+from .connection import RedisDown, unreachable
 from .scripts import RENEW, Script
 
 if TYPE_CHECKING:
@@ -176,10 +176,8 @@ class Worker:
             held = list(self.leases.items())
         if not held:
             return
-        keys = [key for _, key in held]
-        args = [int(self.conn.lease * 1000), 0, *(lease for lease, _ in held)]
         try:
-            missing = self.conn.sync_call(lambda c: c.eval(RENEW.src, len(keys), *keys, *args))
+            missing = self._renew_leases(held, readd=False)
         except RedisDown:
             return
         if not missing:
@@ -188,19 +186,34 @@ class Worker:
         # Redis restarted or was away longer than the lease: put back those still held, since
         # their calls really are in flight.
         with self.cond:
-            lost = [held[i - 1] for i in missing if held[i - 1][0] in self.leases]
+            lost = [pair for pair in missing if pair[0] in self.leases]
         if not lost:
             return
-        keys = [key for _, key in lost]
-        args = [int(self.conn.lease * 1000), 1, *(lease for lease, _ in lost)]
         try:
-            self.conn.sync_call(lambda c: c.eval(RENEW.src, len(keys), *keys, *args))
+            self._renew_leases(lost, readd=True)
         except RedisDown:
             return
-        if lost:
-            log.warning("shared state: %d concurrency lease(s) of this process had expired in Redis "
-                        "(Redis restarted or was unreachable for longer than the %.1fs lease); "
-                        "they were put back", len(lost), self.conn.lease)
+        log.warning("shared state: %d concurrency lease(s) of this process had expired in Redis "
+                    "(Redis restarted or was unreachable for longer than the %.1fs lease); "
+                    "they were put back", len(lost), self.conn.lease)
+
+    def _renew_leases(self, held: list[tuple[str, str]], readd: bool) -> list[tuple[str, str]]:
+        """Extend (or put back) leases: one RENEW per backend, since each has its own cluster slot.
+
+        Returns the (lease, key) pairs that were missing in Redis.
+        """
+        by_key: dict[str, list[str]] = {}
+        for lease, key in held:
+            by_key.setdefault(key, []).append(lease)
+        calls = [(RENEW, [key] * len(leases), [int(self.conn.lease * 1000), int(readd), *leases])
+                 for key, leases in by_key.items()]
+        results = self.conn.sync_scripts(calls)
+        missing: list[tuple[str, str]] = []
+        for (_, keys, args), result in zip(calls, results):
+            if isinstance(result, Exception):    # that node is away: tried again next round
+                continue
+            missing += [(args[i + 1], keys[0]) for i in result]
+        return missing
 
     def _execute(self, jobs: list[Job]) -> None:
         with self.cond:
@@ -210,29 +223,24 @@ class Worker:
             self.retry, self.backlog = [], deque(maxlen=self.BACKLOG)
             batch = retry + backlog + jobs
             self.sending = sum(1 for j in batch if j.kind == "usage")
-        ok = False
+        again = batch
         if batch and self.conn.health.usable():
             try:
-                def send(client: Any) -> list[Any]:
-                    pipe = client.pipeline(transaction=False)
-                    for job in batch:
-                        pipe.eval(job.script.src, len(job.keys), *job.keys, *job.args)
-                    results: list[Any] = pipe.execute(raise_on_error=False)
-                    return results
-
-                results = self.conn.sync_call(send)
-                ok = True
-                bad = [r for r in results if isinstance(r, Exception)]
+                results = self.conn.sync_scripts([(j.script, j.keys, j.args) for j in batch])
+                # on a cluster a node may be away while the others took their scripts: only
+                # the jobs of that node are kept for later (the others must not run twice)
+                again = [j for j, r in zip(batch, results) if isinstance(r, Exception) and unreachable(r)]
+                bad = [r for r in results if isinstance(r, Exception) and not unreachable(r)]
                 if bad:
                     log.warning("shared state: %d Redis script(s) failed: %s", len(bad), bad[0])
             except RedisDown:
                 pass
         with self.cond:
             self.sending = 0
-            if not ok:
+            if again:
                 now = time.monotonic()
-                self.retry.extend(j for j in batch if j.kind != "usage" and j.deadline > now)
-                self.backlog.extend(j for j in batch if j.kind == "usage")
+                self.retry.extend(j for j in again if j.kind != "usage" and j.deadline > now)
+                self.backlog.extend(j for j in again if j.kind == "usage")
             seqs = [j.seq for j in jobs if j.seq]
             if seqs:
                 self.seq_done = max(self.seq_done, max(seqs))
