@@ -70,6 +70,14 @@ BUDGET_SCOPES = ("agent", "thread", "global", "metadata.<key>")
 BUDGET_WINDOWS = ("none", "1h", "1d", "7d", "30d")
 
 
+class AgentConfig(BaseModel):
+    """One ``llm.agents`` entry: the agent's share when backends are saturated (fairness.py)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    weight: float = Field(default=1.0, gt=0)
+
+
 class BudgetConfig(BaseModel):
     """One ``llm.budgets[i]`` entry: a spending limit for the agents, threads or tenants it matches."""
 
@@ -101,6 +109,8 @@ class LLMConfig(BaseModel):
     pricing: dict[str, ModelPrice] = Field(default_factory=dict)
     missing_keys: str = "error"
     budgets: list[BudgetConfig] = Field(default_factory=list)
+    agents: dict[str, AgentConfig] = Field(default_factory=dict)
+    priority_aging: float = Field(default=30.0, gt=0)
     max_tokens_per_thread: int | None = Field(default=None, gt=0)
     backends: list[BackendConfig] = Field(min_length=1)
 
@@ -133,6 +143,9 @@ EXPECTED = {
     "output_per_mtok": "a number >= 0 of USD per million output tokens",
     "cached_input_per_mtok": "a number >= 0 of USD per million cached input tokens",
     "missing_keys": "error or skip",
+    "agents": "a mapping of agent ids to {weight: N}, such as {researcher: {weight: 3}}",
+    "weight": "a positive number (the agent's share of a saturated backend; default 1)",
+    "priority_aging": "a positive number of seconds after which a waiting low-priority call is served as normal",
     "budgets": "a list of budgets such as [{scope: agent, match: researcher, max_usd: 2.5, window: 1d}]",
     "max_tokens_per_thread": "a positive integer (a lifetime token budget for every thread)",
     "scope": "agent, thread, global or metadata.<key> (such as metadata.org_id)",
@@ -211,6 +224,9 @@ class RouterConfig:
         self.usage_store = resolve_store(raw.usage_store, base)
         self.shared_state = raw.shared_state or os.environ.get(REDIS_ENV) or None
         self.redis_prefix = raw.redis_prefix
+        #: ``llm.agents``: agent id -> weight for fair shares (others: 1)
+        self.weights: dict[str, float] = {name: a.weight for name, a in raw.agents.items()}
+        self.priority_aging = raw.priority_aging
         #: ``llm.budgets`` with ``max_tokens_per_thread`` as a thread budget of its own (first)
         self.budgets: list[BudgetConfig] = list(raw.budgets)
         if raw.max_tokens_per_thread is not None:
@@ -518,7 +534,8 @@ def _describe(err: Mapping[str, Any], block: Mapping[str, Any]) -> str:
 
 def _unknown_key(path: str, key: str, loc: list[Any]) -> str:
     model = (ModelPrice if loc[:1] == ["pricing"] else BackendConfig if loc[:1] == ["backends"]
-             else BudgetConfig if loc[:1] == ["budgets"] else LLMConfig)
+             else BudgetConfig if loc[:1] == ["budgets"] else AgentConfig if loc[:1] == ["agents"]
+             else LLMConfig)
     valid = list(model.model_fields)
     hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     did = f'did you mean "{hint[0]}"? ' if hint else ""

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import _litellm
 from .budgets import Budgets, Hold, keys_for
-from .reservation import tokens_to_reserve, worst_case, worst_cost
+from .fairness import ANONYMOUS, Turn
+from .reservation import fair_cost, tokens_to_reserve, worst_case, worst_cost
 from .response import LLMResponse
 from .usage import OK, UsageEvent, UsageLedger, make_event
 
@@ -44,6 +45,7 @@ class Services:
     deployments: Callable[[], _litellm.Deployments]
     default_max_tokens: int
     budgets: Budgets
+    weights: Mapping[str, float]
 
     def record_from_callback(self, meta: Mapping[str, Any], kwargs: Mapping[str, Any], response: Any,
                              start: Any, end: Any) -> None:
@@ -93,8 +95,12 @@ class Try:
         if budgets.scopes:          # before the limits: a call over budget fails at once
             self.hold = await self._reserve_budgets(budgets)
         tokens = tokens_to_reserve(self.req, self.backend, self.services.default_max_tokens)
+        req = self.req
+        agent = req.agent_id or ANONYMOUS
+        turn = Turn(agent, self.services.weights.get(agent, 1.0),
+                    fair_cost(req, tokens, self.services.default_max_tokens), req.options.priority)
         try:
-            self.reservation = await self.gate.enter(tokens)
+            self.reservation = await self.gate.enter(tokens, turn)
         except BaseException:
             self._settle_budgets(0, 0.0)
             raise

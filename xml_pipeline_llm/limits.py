@@ -1,9 +1,10 @@
 """Per-backend limits: a token bucket for ``rate_limit_tpm`` and exact concurrency slots.
 
-Both are strictly first-come first-served: a waiter is never overtaken, so a
-large request cannot be starved by a stream of small ones, and ``max_concurrent``
-is exact because a freed slot is handed straight to the next waiter instead of
-being raced for (contract C6).
+Waiters are served in the fair order of ``fairness.py`` (priorities, then
+fair shares by tokens across agents, then arrival order within an agent), and
+the waiter at the head is never overtaken, so a large request cannot be starved
+by a stream of small ones; ``max_concurrent`` is exact because a freed slot is
+handed straight to the next waiter instead of being raced for (contract C6, C15).
 
 Neither holds an asyncio primitive: futures are made on the loop of the task
 that waits, and a waiter is woken on its own loop (``call_soon_threadsafe``
@@ -25,8 +26,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
+
+from .fairness import NO_TURN, FairQueue, Turn, Waiter
 
 
 @dataclass(frozen=True)
@@ -66,16 +68,6 @@ def wake(fut: asyncio.Future[None] | None) -> None:
             pass
 
 
-class _Waiter:
-    """One task waiting for a limit: the future it sleeps on, and whether a slot was handed to it."""
-
-    __slots__ = ("fut", "granted")
-
-    def __init__(self) -> None:
-        self.fut: asyncio.Future[None] | None = None
-        self.granted = False
-
-
 class TokenBucket:
     """A token bucket of ``capacity`` tokens refilled at ``capacity / period`` per second.
 
@@ -90,12 +82,12 @@ class TokenBucket:
     above its capacity.
     """
 
-    def __init__(self, capacity: float, period: float = 60.0) -> None:
+    def __init__(self, capacity: float, period: float = 60.0, aging: float = 30.0) -> None:
         self.capacity = float(capacity)
         self.rate = self.capacity / period
         self._tokens = self.capacity
         self._stamp = time.monotonic()
-        self._waiters: deque[_Waiter] = deque()
+        self._waiters = FairQueue(aging)
         self._lock = threading.Lock()
 
     @property
@@ -121,20 +113,22 @@ class TokenBucket:
             return True
         return False
 
-    async def acquire(self, amount: float) -> float:
-        """Take ``min(amount, capacity)`` tokens, waiting first-come first-served; returns what was taken."""
+    async def acquire(self, amount: float, turn: Turn = NO_TURN) -> float:
+        """Take ``min(amount, capacity)`` tokens, waiting in fair order; returns what was taken."""
         amount = min(float(amount), self.capacity)
-        me = _Waiter()
+        me = Waiter(turn)
         with self._lock:
             if not self._waiters and self._try_take(amount):
                 return amount
-            self._waiters.append(me)
+            self._waiters.push(me)
         loop = asyncio.get_running_loop()
+        taken = False
         try:
             while True:
                 with self._lock:
-                    head = self._waiters[0] is me
+                    head = self._waiters.peek() is me
                     if head and self._try_take(amount):
+                        taken = True
                         return amount
                     fut = me.fut = loop.create_future()
                     delay = (amount - self._tokens) / self.rate if head else None
@@ -146,17 +140,17 @@ class TokenBucket:
                         handle.cancel()
         finally:        # taken, cancelled or timed out: the next in line may go now
             with self._lock:
-                self._waiters.remove(me)
-                nxt = self._waiters[0].fut if self._waiters else None
-            wake(nxt)
+                (self._waiters.served if taken else self._waiters.remove)(me)
+                nxt = self._waiters.peek()
+            wake(nxt.fut if nxt else None)
 
     def settle(self, taken: float, used: float) -> None:
         """Refund ``taken - used`` (or charge the excess) once the real usage is known."""
         with self._lock:
             self._refill()
             self._tokens = min(self.capacity, self._tokens + taken - used)
-            nxt = self._waiters[0].fut if self._waiters else None
-        wake(nxt)
+            nxt = self._waiters.peek()
+        wake(nxt.fut if nxt else None)
 
 
 class Slots:
@@ -166,24 +160,24 @@ class Slots:
     slip in between and the count never exceeds ``limit``, not even by one.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, aging: float = 30.0) -> None:
         self.limit = limit
         self.in_use = 0
-        self._waiters: deque[_Waiter] = deque()
+        self._waiters = FairQueue(aging)
         self._lock = threading.Lock()
 
     @property
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self) -> None:
+    async def acquire(self, turn: Turn = NO_TURN) -> None:
         with self._lock:
             if self.in_use < self.limit and not self._waiters:
                 self.in_use += 1
                 return
-            me = _Waiter()
+            me = Waiter(turn)
             me.fut = asyncio.get_running_loop().create_future()
-            self._waiters.append(me)
+            self._waiters.push(me)
         try:
             await me.fut      # the releaser counted us in before waking us
         except BaseException:
@@ -198,15 +192,15 @@ class Slots:
     def release(self) -> None:
         """Give the slot to the oldest waiter whose loop still runs, or free it."""
         with self._lock:
-            while self._waiters:
-                w = self._waiters.popleft()
+            while True:
+                w = self._waiters.pop()
+                if w is None:
+                    self.in_use -= 1
+                    return
                 assert w.fut is not None
                 if not w.fut.get_loop().is_closed():
                     w.granted = True
                     break
-            else:
-                self.in_use -= 1
-                return
         wake(w.fut)
 
 
@@ -217,9 +211,9 @@ class Gate:
     for this backend, relative to ``max_concurrent`` (contract C4, C6).
     """
 
-    def __init__(self, max_concurrent: int, tpm: int | None) -> None:
-        self.slots = Slots(max_concurrent)
-        self.bucket = TokenBucket(tpm) if tpm else None
+    def __init__(self, max_concurrent: int, tpm: int | None, aging: float = 30.0) -> None:
+        self.slots = Slots(max_concurrent, aging)
+        self.bucket = TokenBucket(tpm, aging=aging) if tpm else None
         self.queued = 0
         self._lock = threading.Lock()
 
@@ -231,15 +225,15 @@ class Gate:
     def load(self) -> float:
         return (self.slots.in_use + self.queued) / self.slots.limit
 
-    async def enter(self, tokens: int) -> Reservation:
-        """Wait for tokens, then for a slot; returns what was taken (to settle at ``leave``)."""
+    async def enter(self, tokens: int, turn: Turn = NO_TURN) -> Reservation:
+        """Wait for tokens, then for a slot, in fair order; returns what was taken (to settle at ``leave``)."""
         with self._lock:
             self.queued += 1
         taken = 0.0
         try:
             if self.bucket is not None:
-                taken = await self.bucket.acquire(tokens)
-            await self.slots.acquire()
+                taken = await self.bucket.acquire(tokens, turn)
+            await self.slots.acquire(turn)
         except BaseException:
             if self.bucket is not None and taken:
                 self.bucket.settle(taken, 0)

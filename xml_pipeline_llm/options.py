@@ -6,6 +6,7 @@ beside the provider parameters that go to LiteLLM in OpenAI form:
     timeout=30          seconds for each try of this call (replaces the configured timeout)
     retries=1           tries after the first, for this call (num_retries= and max_retries= too)
     drop_params=True    let LiteLLM drop parameters a provider does not support
+    priority="high"     high, normal (default) or low: the order among waiters (fairness.py)
 
 These are never handed to LiteLLM as LiteLLM options, and LiteLLM's and the
 OpenAI SDK's own retries are always switched off on the call itself
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import BadRequestError
+from .fairness import PRIORITIES, Priority
 
 # Arguments that would route around the llm: block, and what to do instead.
 BYPASS = {
@@ -39,7 +41,6 @@ RETRY_SYNONYMS = ("retries", "num_retries", "max_retries")
 ROLES = frozenset({"system", "user", "assistant", "tool", "function", "developer"})
 NOT_YET = {
     "fallbacks": "fallbacks across models",
-    "priority": "per-call priorities",
 }
 
 
@@ -50,6 +51,7 @@ class CallOptions:
     timeout: float | None = None
     retries: int | None = None
     drop_params: bool | None = None
+    priority: Priority = "normal"
 
 
 def split_options(kwargs: dict[str, Any], *, streaming: bool) -> tuple[CallOptions, dict[str, Any]]:
@@ -67,12 +69,13 @@ def split_options(kwargs: dict[str, Any], *, streaming: bool) -> tuple[CallOptio
             raise BadRequestError("stream=True is not accepted by complete(): use stream(...), an async "
                                   "iterator of text deltas whose .response is the final LLMResponse "
                                   "(nothing was sent)")
-    if not (kwargs.keys() & {"timeout", "drop_params", "stream", *RETRY_SYNONYMS}):
+    if not (kwargs.keys() & {"timeout", "drop_params", "stream", "priority", *RETRY_SYNONYMS}):
         return _NONE, kwargs
     rest = dict(kwargs)
     rest.pop("stream", None)
     return CallOptions(timeout=_timeout(rest.pop("timeout", None)), retries=_retries(rest),
-                       drop_params=_flag("drop_params", rest.pop("drop_params", None))), rest
+                       drop_params=_flag("drop_params", rest.pop("drop_params", None)),
+                       priority=_priority(rest.pop("priority", "normal"))), rest
 
 
 _NONE = CallOptions()
@@ -99,6 +102,13 @@ def _retries(rest: dict[str, Any]) -> int | None:
         raise BadRequestError(f"{shown}: these are one option (tries after the first); pass one of them "
                               f"(nothing was sent)")
     return values.pop() if values else None
+
+
+def _priority(value: Any) -> Priority:
+    if value not in PRIORITIES:
+        raise BadRequestError(f"priority=: expected one of {', '.join(PRIORITIES)}, got {value!r} "
+                              f"(nothing was sent)")
+    return value  # type: ignore[no-any-return]
 
 
 def _flag(name: str, value: Any) -> bool | None:

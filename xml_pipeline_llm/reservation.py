@@ -34,6 +34,16 @@ def tokens_to_reserve(req: Request, backend: ResolvedBackend, default_max_tokens
     return sum(worst_case(req, default_max_tokens))
 
 
+def fair_cost(req: Request, reserved: int, default_max_tokens: int) -> float:
+    """A try's size in the fair order of waiters: its reservation, else a cheap estimate (no tokenizer)."""
+    if reserved:
+        return float(reserved)
+    prompt = req.estimate if req.estimate is not None else sum(
+        len(str(m.get("content") or "")) for m in req.messages) // 4
+    out = req.kwargs.get("max_tokens") or req.kwargs.get("max_completion_tokens")
+    return float(prompt + int(out or default_max_tokens))
+
+
 def worst_cost(req: Request, backend: ResolvedBackend, default_max_tokens: int) -> float | None:
     """The most a try may cost at the backend's prices (budgets in dollars); None: no price."""
     prices = _litellm.unit_prices(req.model, backend.provider.litellm_prefix)

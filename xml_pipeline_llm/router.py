@@ -61,7 +61,8 @@ class LLMRouter(UsageMethods, BudgetMethods):
         self._secrets = [b.api_key.get_secret_value() for b in self.backends if b.api_key is not None]
         self.id = uuid.uuid4().hex
         self._services = Services(self.id, {b.name: b for b in self.backends}, self._gates, self._ledger,
-                                  self._deployments, config.default_max_tokens, self._budgets)
+                                  self._deployments, config.default_max_tokens, self._budgets,
+                                  config.weights)
 
     def __repr__(self) -> str:
         names = ", ".join(b.name for b in self.backends)

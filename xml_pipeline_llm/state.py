@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from .budgets import Budgets, Clock, Restore
+from .fairness import Turn
 from .limits import Gate, Reservation
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ class BackendGate(Protocol):
     def queued(self) -> int: ...
     @property
     def load(self) -> float: ...        # (in flight + queued) / max_concurrent
-    async def enter(self, tokens: int) -> Reservation: ...
+    async def enter(self, tokens: int, turn: Turn = ...) -> Reservation: ...
     def leave(self, reservation: Reservation, used: int) -> None: ...
 
 
@@ -67,7 +68,8 @@ class MemoryState:
 
     usage: SharedUsage | None = None
 
-    def __init__(self) -> None:
+    def __init__(self, priority_aging: float = 30.0) -> None:
+        self.priority_aging = priority_aging
         self._gates: dict[str, Gate] = {}
         self._cool_until: dict[str, float] = {}
         self._turns: defaultdict[str, int] = defaultdict(int)
@@ -78,7 +80,7 @@ class MemoryState:
         with self._lock:
             gate = self._gates.get(backend)
             if gate is None:
-                gate = self._gates[backend] = Gate(max_concurrent, tpm)
+                gate = self._gates[backend] = Gate(max_concurrent, tpm, self.priority_aging)
             return gate
 
     async def cooldowns(self, backends: Iterable[str]) -> dict[str, float]:
@@ -120,7 +122,7 @@ def make_state(config: RouterConfig) -> State:
     (naming the URL without its password) when it does not.
     """
     if not config.shared_state:
-        return MemoryState()
+        return MemoryState(config.priority_aging)
     from .shared.state import RedisState
 
-    return RedisState(config.shared_state, config.redis_prefix or "xpl")
+    return RedisState(config.shared_state, config.redis_prefix or "xpl", priority_aging=config.priority_aging)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,8 +143,10 @@ def run_demo(requests: int = 60, concurrency: int = 8, strategy: str = "all",
             sim.set_latency(b.name, b.latency)
         results = asyncio.run(_run_all(sim, strategies, requests, concurrency, console))
         budgets = asyncio.run(_run_budget(sim))
+        fair = asyncio.run(_run_greedy(sim))
     _report(results, console)
     _report_budget(budgets, console)
+    console.print(fair)
     agents = _sum_agents(results)
     from ..usage import write_csv
 
@@ -199,6 +202,37 @@ def _report_budget(outcome: tuple[int, str, list[Any]], console: Console) -> Non
         table.add_row(b.scope, b.key or "-", f"{b.used_tokens:,} / {b.limit_tokens:,} tokens",
                       f"{b.reserved_tokens:,}", when_text(b.resets_at) if b.resets_at else "never")
     show(console, table)
+
+
+async def _run_greedy(sim: Any) -> str:
+    """A greedy agent floods one backend; a light agent's calls wait for its share, not the queue."""
+    from ..config import load_config
+    from ..router import LLMRouter
+
+    block = llm_block(sim, "failover")
+    block["backends"] = [{**b, "max_concurrent": 2} for b in block["backends"] if b["name"] == "openai-main"]
+    router = LLMRouter(load_config({"llm": block}))
+    messages = [{"role": "user", "content": "next step"}]
+    try:
+        flood = [asyncio.ensure_future(router.complete("gpt-4o-mini", messages, agent_id="planner"))
+                 for _ in range(GREEDY_CALLS)]
+        await asyncio.sleep(0)
+        waits = []
+        for _ in range(3):
+            start = time.perf_counter()
+            await router.complete("gpt-4o-mini", messages, agent_id="reviewer")
+            waits.append(time.perf_counter() - start)
+        queued = router.gate("openai-main").queued
+        await asyncio.gather(*flood)
+    finally:
+        await router.aclose()
+    one = statistics.median(waits)
+    return (f"Fair shares: 'planner' queued {GREEDY_CALLS} calls on a 2-slot backend; 'reviewer' sent 3, "
+            f"each answered in {one:.2f} s (median) with {queued} of the planner's still queued, "
+            f"instead of waiting behind all of them.")
+
+
+GREEDY_CALLS = 30
 
 
 async def _warm_up(sim: Any) -> None:

@@ -48,9 +48,9 @@ import asyncio
 import math
 import os
 import random
+import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 
 from ..budgets import Budgets, Clock, Restore
 from ..errors import ConfigError
+from ..fairness import NO_TURN, FairQueue, Turn, Waiter
 from ..limits import Reservation
 from ..limits import wake as _wake
 from ..state import MemoryState
@@ -92,7 +93,9 @@ class RedisGate:
         self.held = 0
         self.fleet = 0
         self.level = self.capacity
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters = FairQueue(state.priority_aging)
+        self._asking: Waiter | None = None
+        self._lock = threading.Lock()
         self._kick: asyncio.Future[None] | None = None
         self._id = uuid.uuid4().hex[:12]
 
@@ -104,27 +107,33 @@ class RedisGate:
     def load(self) -> float:
         return (self.in_flight + self.queued) / self.limit
 
-    async def enter(self, tokens: int) -> Reservation:
+    async def enter(self, tokens: int, turn: Turn = NO_TURN) -> Reservation:
         """Wait for a slot and the tokens (fleet-wide); returns the reservation for ``leave``."""
         self.queued += 1
         try:
             if self.state.conn.health.usable():
                 try:
-                    return await self._enter_shared(tokens)
+                    return await self._enter_shared(tokens, turn)
                 except RedisDown:
                     pass
-            return await self.local.enter(tokens)
+            return await self.local.enter(tokens, turn)
         finally:
             self.queued -= 1
 
-    async def _enter_shared(self, tokens: int) -> Reservation:
+    async def _enter_shared(self, tokens: int, turn: Turn) -> Reservation:
         amount = min(float(tokens), self.capacity) if self.capacity else 0.0
         loop = asyncio.get_running_loop()
-        me: asyncio.Future[None] = loop.create_future()
-        self._waiters.append(me)
+        me = Waiter(turn)
+        me.fut = loop.create_future()
+        with self._lock:                       # one waiter of this process asks Redis at a time:
+            self._waiters.push(me)             # the first in fair order (fairness.py)
+            go = self._asking is None and self._waiters.peek() is me
+            if go:
+                self._asking = me
+        served = False
         try:
-            if self._waiters[0] is not me:
-                await me                       # the waiter before us wakes us when it is done
+            if not go:
+                await me.fut                   # the waiter asking before us hands over when done
             backoff = 0.002
             since = ""                          # server time of our first try, for the claim
             while True:
@@ -136,6 +145,7 @@ class RedisGate:
                 if ok:
                     self.held += 1
                     self.state.conn.worker.hold(lease, self.keys[1])
+                    served = True
                     return Reservation(amount, lease)
                 if wait_ms > 0:
                     nap = min(wait_ms / 1000.0, TOKEN_POLL_MAX)
@@ -143,10 +153,12 @@ class RedisGate:
                     nap, backoff = backoff, min(backoff * 2, self.state.poll_max)
                 await self._nap(loop, nap * random.uniform(0.8, 1.2))
         finally:
-            head = bool(self._waiters) and self._waiters[0] is me
-            self._waiters.remove(me)
-            if head and self._waiters:
-                _wake(self._waiters[0])
+            with self._lock:
+                (self._waiters.served if served else self._waiters.remove)(me)
+                nxt = None
+                if self._asking is me or self._asking is None:
+                    nxt = self._asking = self._waiters.peek()
+            _wake(nxt.fut if nxt is not None else None)
 
     async def _try_enter(self, amount: float, lease: str, since: str) -> tuple[bool, int, float, float, str]:
         args = [repr(amount), repr(self.capacity), repr(self.rate_ms), self.limit,
@@ -209,15 +221,16 @@ class RedisState:
 
     def __init__(self, url: str, prefix: str = "xpl", *, lease: float | None = None,
                  renew_every: float | None = None, probe_interval: float = 1.0,
-                 poll_max: float = 0.05, check: bool = True) -> None:
+                 poll_max: float = 0.05, check: bool = True, priority_aging: float = 30.0) -> None:
         if lease is None:
             lease = _lease_from_env()
         self.prefix = prefix
+        self.priority_aging = priority_aging
         self.poll_max = poll_max
         self.conn = Conn(url, lease=lease, renew_every=renew_every, probe=probe_interval)
         if check:
             self.conn.check()
-        self._local = MemoryState()
+        self._local = MemoryState(priority_aging)
         self._gates: dict[str, RedisGate] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._cool_reads: dict[tuple[str, ...], tuple[float, dict[str, float]]] = {}
