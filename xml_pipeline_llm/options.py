@@ -6,6 +6,7 @@ beside the provider parameters that go to LiteLLM in OpenAI form:
     timeout=30          seconds for each try of this call (replaces the configured timeout)
     retries=1           tries after the first, for this call (num_retries= and max_retries= too)
     drop_params=True    let LiteLLM drop parameters a provider does not support
+    fallbacks=[...]     models (or aliases) to try, in order, once the model's backends are out (C13)
 
 These are never handed to LiteLLM as LiteLLM options, and LiteLLM's and the
 OpenAI SDK's own retries are always switched off on the call itself
@@ -38,7 +39,6 @@ BYPASS = {
 RETRY_SYNONYMS = ("retries", "num_retries", "max_retries")
 ROLES = frozenset({"system", "user", "assistant", "tool", "function", "developer"})
 NOT_YET = {
-    "fallbacks": "fallbacks across models",
     "priority": "per-call priorities",
 }
 
@@ -50,6 +50,7 @@ class CallOptions:
     timeout: float | None = None
     retries: int | None = None
     drop_params: bool | None = None
+    fallbacks: tuple[str, ...] = ()
 
 
 def split_options(kwargs: dict[str, Any], *, streaming: bool) -> tuple[CallOptions, dict[str, Any]]:
@@ -67,12 +68,13 @@ def split_options(kwargs: dict[str, Any], *, streaming: bool) -> tuple[CallOptio
             raise BadRequestError("stream=True is not accepted by complete(): use stream(...), an async "
                                   "iterator of text deltas whose .response is the final LLMResponse "
                                   "(nothing was sent)")
-    if not (kwargs.keys() & {"timeout", "drop_params", "stream", *RETRY_SYNONYMS}):
+    if not (kwargs.keys() & {"timeout", "drop_params", "stream", "fallbacks", *RETRY_SYNONYMS}):
         return _NONE, kwargs
     rest = dict(kwargs)
     rest.pop("stream", None)
     return CallOptions(timeout=_timeout(rest.pop("timeout", None)), retries=_retries(rest),
-                       drop_params=_flag("drop_params", rest.pop("drop_params", None))), rest
+                       drop_params=_flag("drop_params", rest.pop("drop_params", None)),
+                       fallbacks=_fallbacks(rest.pop("fallbacks", None))), rest
 
 
 _NONE = CallOptions()
@@ -99,6 +101,20 @@ def _retries(rest: dict[str, Any]) -> int | None:
         raise BadRequestError(f"{shown}: these are one option (tries after the first); pass one of them "
                               f"(nothing was sent)")
     return values.pop() if values else None
+
+
+def _fallbacks(value: Any) -> tuple[str, ...]:
+    """``fallbacks=``: a list of model names (whether a backend serves each is checked when routing)."""
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise BadRequestError(f"fallbacks=: expected a list of model names such as [\"claude-sonnet-4\"], "
+                              f"got {_show(value)} (nothing was sent)")
+    for i, name in enumerate(value):
+        if not isinstance(name, str) or not name.strip():
+            raise BadRequestError(f"fallbacks[{i}]: expected a model name such as \"claude-sonnet-4\", got "
+                                  f"{_show(name)} (nothing was sent)")
+    return tuple(value)
 
 
 def _flag(name: str, value: Any) -> bool | None:

@@ -10,7 +10,6 @@ backend cools down and tenacity runs the next try by the policy in
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from typing import Any, NoReturn
@@ -18,12 +17,13 @@ from typing import Any, NoReturn
 from . import _litellm
 from .config import ResolvedBackend, RouterConfig
 from .errors import BadRequestError
+from .fallback import build_chain, check_windows, choose
 from .lifecycle import OpenStream, Services, Try
 from .options import CallOptions, check_call, split_options
 from .redact import short
 from .request import Request
 from .response import LLMResponse
-from .retry import Action, TryFailed, classify, cooldown, outcome, retrying, until_ready
+from .retry import Action, TryFailed, classify, cooldown, outcome, retrying
 from .routing import Routes
 from .state import BackendGate, State, make_state
 from .stores import open_store
@@ -43,7 +43,8 @@ class LLMRouter:
         self._strategy: Strategy = config.strategy_object or STRATEGIES[config.strategy]()
         self._state: State = state if state is not None else make_state(config)
         self._gates: dict[str, BackendGate] = {
-            b.name: self._state.gate(b.name, b.max_concurrent, b.rate_limit_tpm) for b in self.backends}
+            b.name: self._state.gate(b.name, b.max_concurrent, b.rate_limit_tpm, b.rate_limit_rpm)
+            for b in self.backends}
         self._ledger = UsageLedger(open_store(config.usage_store, config.redis_prefix),
                                    shared=self._state.usage)
         self._routes = Routes(self.backends, config.skipped)
@@ -100,12 +101,13 @@ class LLMRouter:
     async def _request(self, model: str, messages: list[dict[str, Any]], agent_id: str | None,
                        thread_id: str | None, metadata: dict[str, Any] | None,
                        kwargs: dict[str, Any], options: CallOptions) -> Request:
-        bare, candidates = self.route(model)
+        chain = build_chain(self._routes, self.config.models, model, options.fallbacks)
         retries = self.config.retries if options.retries is None else options.retries
-        req = Request(bare, messages, kwargs, agent_id, thread_id, dict(metadata or {}), candidates,
-                      options, retries + 1)
+        req = Request(chain[0].model, messages, kwargs, agent_id, thread_id, dict(metadata or {}),
+                      chain[0].candidates, options, retries + 1, requested_model=model, chain=chain)
+        check_windows(req)
         if self._strategy.rotates:
-            req.turn = await self._state.next_turn(bare)
+            req.turn = await self._state.next_turn(req.model)
         return req
 
     async def _serve(self, req: Request, stream: bool) -> LLMResponse | OpenStream:
@@ -133,24 +135,8 @@ class LLMRouter:
                     self._not_sent(req, backend, exc)
 
     async def _choose(self, req: Request) -> ResolvedBackend:
-        """The backend for the next try; sleeps only while every candidate cools down."""
-        while True:
-            pool = req.pool()
-            if not pool:
-                raise req.final_error() from req.last_exc
-            cooling = await self._state.cooldowns(b.name for b in pool)
-            ready = [b for b in pool if b.name not in cooling]
-            if ready:
-                fresh = [b for b in ready if b.name not in req.failed]
-                chosen = self._strategy.pick(fresh or ready, req.candidates, req.turn, self._load)
-                log.debug("%s: try %d -> %s (ready %s; cooling %s)", req.model, len(req.attempts) + 1,
-                          chosen.name, [b.name for b in fresh or ready], sorted(cooling))
-                return chosen
-            log.debug("%s: every backend cools down; waiting %.2fs", req.model, until_ready(cooling, pool))
-            await asyncio.sleep(until_ready(cooling, pool))
-
-    def _load(self, backend: ResolvedBackend) -> float:
-        return self._gates[backend.name].load
+        """The backend for the next try, over every model of the request (``fallback.py``)."""
+        return await choose(req, self._state.cooldowns, self._strategy, self._gates)
 
     def _not_sent(self, req: Request, backend: ResolvedBackend, exc: Exception) -> None:
         """LiteLLM failed before sending: not the provider's failure, so no cooldown and no try.
@@ -178,10 +164,13 @@ class LLMRouter:
             raise exc
         backend, detail = t.backend, self._short(exc)
         req.note(backend, verdict, exc, detail)
-        if verdict.action is Action.FATAL:
+        if verdict.kind == "context_window" and len(req.chain) > 1 and req.skip(
+                f"{backend.name} said the prompt exceeds its context window ({verdict.status}: {detail})"):
+            pass      # the next model may take it: a try like any other (C13)
+        elif verdict.action is Action.FATAL:
             await t.record_failure(outcome(True, verdict))
-            raise BadRequestError(f"{req.model}: {backend.name} rejected the request ({verdict.status}): "
-                                  f"{detail}", req.attempts, verdict.status or 400) from exc
+            raise BadRequestError(f"{req.name}: {backend.name} rejected the request ({verdict.status}): "
+                                  f"{detail}{req.skipped_models()}", req.attempts, verdict.status or 400) from exc
         wait = None
         if verdict.action is Action.RETRY:
             wait = cooldown(verdict, len(req.attempts) - 1, self.config.retry_base_delay,
