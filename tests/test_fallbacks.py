@@ -220,3 +220,52 @@ def test_an_alias_is_kept_in_the_router_config(sim):
 def test_a_catch_all_backend_does_not_make_every_alias_a_shadow(sim):
     cfg = _models(sim, {"local": ["llama3"]}, [backend(sim, "ollama", "fb-cfg-ol", base_url="http://127.0.0.1:9")])
     assert cfg.models == {"local": ("llama3",)}
+
+
+# ------------------------------------------------------------------ accounting
+
+OLD_SCHEMA = """
+CREATE TABLE usage_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    timestamp REAL NOT NULL, agent_id TEXT, thread_id TEXT, model TEXT, backend TEXT,
+    provider TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, total_tokens INTEGER,
+    cost_usd REAL, latency_ms REAL, outcome TEXT, call_id TEXT
+);
+INSERT INTO usage_events (timestamp, agent_id, thread_id, model, backend, provider, prompt_tokens,
+    completion_tokens, total_tokens, cost_usd, latency_ms, outcome, call_id)
+    VALUES (1700000000.0, 'old', '', 'grok-4.1', 'x', 'xai', 1, 2, 3, NULL, 5.0, 'ok', 'c1');
+"""
+
+
+async def test_an_older_sqlite_ledger_is_read_and_migrated(sim, tmp_path):
+    import sqlite3
+
+    from xml_pipeline_llm.stores import read_events
+
+    db = tmp_path / "old.db"
+    with sqlite3.connect(db) as conn:
+        conn.executescript(OLD_SCHEMA)
+    [old] = list(read_events(db))                           # read only, not migrated: model stands in
+    assert (old.agent_id, old.requested_model) == ("old", "grok-4.1")
+    r = smart(sim, "fb-sq-x", "fb-sq-a", usage_store=f"sqlite:///{db}", retry_max_delay=60)
+    sim.script("fb-sq-x", [Fault.status(429, retry_after=30)])
+    await r.complete("smart", MESSAGES, agent_id="new")
+    await r.aclose()
+    rows = [(e.agent_id, e.model, e.requested_model, e.outcome) for e in read_events(db)]
+    assert rows == [("old", "grok-4.1", "grok-4.1", "ok"), ("new", "grok-4.1", "smart", "retried:429"),
+                    ("new", "claude-sonnet-4", "smart", "ok")]
+    with sqlite3.connect(db) as conn:
+        assert "requested_model" in {row[1] for row in conn.execute("PRAGMA table_info(usage_events)")}
+
+
+async def test_the_event_csv_ends_with_requested_model(sim, tmp_path):
+    import csv
+
+    r = smart(sim, "fb-csv-x", "fb-csv-a")
+    await r.complete("smart", MESSAGES, agent_id="c")
+    await r.complete("claude-sonnet-4", MESSAGES, agent_id="c")
+    r.export_usage_csv(tmp_path / "e.csv", by="event")
+    rows = list(csv.DictReader((tmp_path / "e.csv").open()))
+    assert list(rows[0])[-1] == "requested_model"
+    assert [(x["model"], x["requested_model"]) for x in rows] == [("grok-4.1", "smart"),
+                                                                  ("claude-sonnet-4", "claude-sonnet-4")]

@@ -95,3 +95,19 @@ async def test_the_fleet_window_makes_a_backend_busy_for_the_strategy(sim, redis
     assert await until(lambda: gate.in_flight == 0)
     await r.aclose()
     await other.aclose()
+
+
+async def test_the_fleet_event_log_keeps_requested_model(sim, redis_url):
+    from xml_pipeline_llm.stores import open_store
+
+    prefix = f"rq{uuid.uuid4().hex[:6]}"
+    llm = block(redis_url, prefix, backend(sim, "xai", "rq-x"))
+    llm["backends"].append(backend(sim, "anthropic", "rq-a"))
+    llm["models"] = {"smart": ["grok-4.1", "claude-sonnet-4"]}
+    r = LLMRouter(load_config({"llm": llm}))
+    await r.complete("smart", MESSAGES)
+    await r.aclose()
+    store = open_store(redis_url, prefix)
+    assert await until(lambda: len(list(store.events())) == 1)
+    [event] = list(store.events())
+    assert (event.model, event.requested_model) == ("grok-4.1", "smart")
