@@ -506,13 +506,7 @@ def _unknown_provider(where: str, name: str) -> str:
 def _describe(err: Mapping[str, Any], block: Mapping[str, Any]) -> str:
     """One pydantic error as ``llm.backends[1].rate_limit_tpm: expected ..., got ...``."""
     loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list[")))]
-    pricing = len(loc) >= 2 and loc[0] == "pricing"
-    keyed = len(loc) >= 2 and loc[0] in ("pricing", "models")     # mappings keyed by model or alias
-    path = "llm" + "".join(f'["{p}"]' if keyed and i == 1 else f"[{p}]" if isinstance(p, int) else f".{p}"
-                           for i, p in enumerate(loc))
-    field = "price" if pricing and len(loc) == 2 else next((p for p in reversed(loc) if isinstance(p, str)), "")
-    if keyed and loc[0] == "models":
-        field = "alias" if len(loc) == 2 else "alias_member"
+    path, field = _place(loc)
     if err["type"] == "extra_forbidden":
         return _unknown_key(path, field, loc)
     if err["type"] == "missing":
@@ -522,6 +516,18 @@ def _describe(err: Mapping[str, Any], block: Mapping[str, Any]) -> str:
     if field in ("secret_str", "api_key"):   # never echo what might be a key
         return f"{path}: expected {EXPECTED['api_key']}, got a {type(err.get('input')).__name__}"
     return f"{path}: expected {EXPECTED.get(field, err['msg'])}, got {_show(err.get('input'))}"
+
+
+def _place(loc: list[Any]) -> tuple[str, str]:
+    """``llm.pricing["grok-4.1"].input_per_mtok`` and the field whose EXPECTED text applies."""
+    keyed = len(loc) >= 2 and loc[0] in ("pricing", "models")     # mappings keyed by model or alias
+    path = "llm" + "".join(f'["{p}"]' if keyed and i == 1 else f"[{p}]" if isinstance(p, int) else f".{p}"
+                           for i, p in enumerate(loc))
+    if keyed and loc[0] == "models":
+        return path, "alias" if len(loc) == 2 else "alias_member"
+    if keyed and len(loc) == 2:
+        return path, "price"
+    return path, next((p for p in reversed(loc) if isinstance(p, str)), "")
 
 
 def _unknown_key(path: str, key: str, loc: list[Any]) -> str:
