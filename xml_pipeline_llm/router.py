@@ -180,7 +180,8 @@ class LLMRouter:
         await t.record_failure(outcome(final, verdict))
         log.info("%s: try %d/%d on %s failed (%s %s)%s; %s", req.model, len(req.attempts), req.tries,
                  backend.name, verdict.kind, verdict.status or "",
-                 f", cooling down {wait:.2f}s" if wait is not None else ", dropped for this request",
+                 f", cooling down {wait:.2f}s" if wait is not None else ", model skipped for this request"
+                 if verdict.kind == "context_window" else ", dropped for this request",
                  "giving up" if final else "trying again")
         raise TryFailed()
 
