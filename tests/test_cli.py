@@ -149,6 +149,17 @@ def test_check_prints_the_routing_table_without_secrets(tmp_path):
         other, "check", env={"XML_PIPELINE_LLM_CONFIG": str(cfg)}).stdout
 
 
+def test_check_prints_the_aliases_with_their_chains_and_the_rpm(tmp_path):
+    cfg = write_config(tmp_path / "organism.yaml", [
+        {"provider": "xai", "name": "xai-main", "api_key_env": "TEST_XAI_KEY", "rate_limit_rpm": 450},
+        {"provider": "anthropic", "api_key_env": "TEST_ANTHROPIC_KEY"},
+    ], models={"smart": ["grok-4.1", "claude-sonnet-4"]})
+    p = run(tmp_path, "check", "-c", str(cfg))
+    assert p.returncode == 0, p.stderr
+    assert "RPM" in p.stdout and "450" in p.stdout
+    assert "smart: grok-4.1 [xai-main] -> claude-sonnet-4 [anthropic]" in p.stdout
+
+
 def test_check_lists_the_backends_skipped_for_a_missing_key(tmp_path):
     cfg = write_config(tmp_path / "organism.yaml", [
         {"provider": "xai", "name": "xai-main", "api_key_env": "XPL_TEST_NEVER_SET"},
@@ -340,6 +351,7 @@ def test_demo_runs_offline_and_writes_the_csv(tmp_path):
     assert took < 30, took
     out = p.stdout
     for text in ("failover:", "round-robin:", "least-loaded:", "Strategies", "Backends", "Agents",
+                 "Fallback across models", "xai-main down",
                  "xai-main", "anthropic-main", "openai-main", "Peak in flight", "researcher", "writer",
                  "critic", "planner", "total"):
         assert text in out, (text, out)

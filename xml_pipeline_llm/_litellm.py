@@ -220,6 +220,27 @@ def token_estimate(model: str, messages: list[dict[str, Any]], tools: Any = None
         return sum(len(str(m.get("content") or "")) for m in messages) // 3 + 3 * len(messages)
 
 
+_WINDOWS: dict[tuple[str, str], int | None] = {}
+
+
+def context_window(model: str, provider: str) -> int | None:
+    """The model's input window in tokens from LiteLLM's model info (``max_input_tokens``, else
+    ``max_tokens``); None for a model LiteLLM does not know (no check).  Asked once per pair."""
+    key = (model, provider)
+    if key in _WINDOWS:
+        return _WINDOWS[key]
+    window: int | None = None
+    try:
+        info = load().get_model_info(model, custom_llm_provider=provider)
+    except Exception:       # not mapped (or LiteLLM could not say): no check
+        info = None
+    if info:
+        value = info.get("max_input_tokens") or info.get("max_tokens")
+        window = int(value) if isinstance(value, (int, float)) and value > 0 else None
+    _WINDOWS[key] = window
+    return window
+
+
 # Prices of ``llm.pricing`` (model name or shell pattern -> ModelPrice), of every router in
 # this process: they go into LiteLLM's cost map, which is process-wide.  Later routers win.
 _PRICES: dict[str, Any] = {}

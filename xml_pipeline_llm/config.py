@@ -49,6 +49,7 @@ class BackendConfig(BaseModel):
     base_url: str | None = None
     priority: int = 1
     rate_limit_tpm: int | None = Field(default=None, gt=0)
+    rate_limit_rpm: int | None = Field(default=None, gt=0)
     max_concurrent: int = Field(default=20, gt=0)
     supported_models: list[str] | None = None
     timeout: float | None = Field(default=None, gt=0)
@@ -112,6 +113,7 @@ class LLMConfig(BaseModel):
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     priority_aging: float = Field(default=30.0, gt=0)
     max_tokens_per_thread: int | None = Field(default=None, gt=0)
+    models: dict[str, list[str]] = Field(default_factory=dict)
     backends: list[BackendConfig] = Field(min_length=1)
 
 
@@ -124,6 +126,7 @@ EXPECTED = {
     "base_url": "a URL such as http://localhost:11434",
     "priority": "an integer (lower is preferred)",
     "rate_limit_tpm": "a positive integer",
+    "rate_limit_rpm": "a positive integer (provider calls that may start in any 60 s)",
     "max_concurrent": "a positive integer",
     "supported_models": "a list of model names or patterns, such as [llama3, mistral*]",
     "timeout": "a positive number of seconds",
@@ -154,6 +157,9 @@ EXPECTED = {
     "max_usd": "a positive number of US dollars",
     "window": "none (a lifetime budget), 1h, 1d, 7d or 30d",
     "warn_at": "a list of percentages from 1 to 100, such as [75, 90, 95]",
+    "models": "a mapping of alias names to lists of models, such as {smart: [grok-4.1, claude-sonnet-4]}",
+    "alias": "a non-empty list of model names, tried in this order, such as [grok-4.1, claude-sonnet-4]",
+    "alias_member": "a model name such as claude-sonnet-4",
     "backends": "a non-empty list of backends",
 }
 
@@ -166,7 +172,7 @@ class ResolvedBackend:
     """
 
     __slots__ = ("name", "provider", "index", "priority", "base_url", "api_key", "key_source",
-                 "rate_limit_tpm", "max_concurrent", "models", "timeout", "drop_params")
+                 "rate_limit_tpm", "rate_limit_rpm", "max_concurrent", "models", "timeout", "drop_params")
 
     def __init__(self, cfg: BackendConfig, index: int, provider: Provider,
                  api_key: SecretStr | None, key_source: str, timeout: float,
@@ -179,6 +185,7 @@ class ResolvedBackend:
         self.api_key = api_key
         self.key_source = key_source
         self.rate_limit_tpm = cfg.rate_limit_tpm
+        self.rate_limit_rpm = cfg.rate_limit_rpm
         self.max_concurrent = cfg.max_concurrent
         self.models: tuple[str, ...] = tuple(cfg.supported_models or ())
         self.timeout = cfg.timeout or timeout
@@ -213,6 +220,8 @@ class RouterConfig:
         self.skipped: list[tuple[str, str]] = list(skipped or [])
         #: ``llm.pricing``: model name or shell pattern -> price (registered with LiteLLM on first use)
         self.pricing: dict[str, ModelPrice] = dict(raw.pricing)
+        #: ``llm.models``: alias -> the models it stands for, tried in this order (contract C13)
+        self.models: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in raw.models.items()}
         self.strategy = raw.strategy
         #: a strategy object given as ``strategy:`` (``configure_router``), else None
         self.strategy_object: Strategy | None = None
@@ -343,6 +352,8 @@ def _validate(block: Mapping[str, Any], source: str, base: Path | None) -> Route
     skipped: list[tuple[str, str, str]] = []
     backends = _resolve_backends(raw, problems, skipped)
     problems += _check_block(raw)
+    if backends and not problems:
+        problems += _check_models(raw.models, backends, [(n, f"{v} not set") for _, n, v in skipped])
     if skipped and not backends and not problems:
         missing = ", ".join(f"{var} for {name}" for _, name, var in skipped)
         problems.append(f"llm.missing_keys: skip left no backend, none has its key set ({missing}); "
@@ -421,6 +432,57 @@ def _budget_problems(budgets: list[BudgetConfig]) -> list[str]:
         if b.scope == "global" and b.match != "*":
             problems.append(f"{where}.match: a global budget matches every call; remove match")
     return problems
+
+
+def _check_models(models: Mapping[str, list[str]], backends: list[ResolvedBackend],
+                  skipped: list[tuple[str, str]]) -> list[str]:
+    """``llm.models``: each alias a new name standing for models that some backend serves (C13)."""
+    from .errors import ModelNotFoundError
+    from .routing import Routes
+
+    routes = Routes(backends, skipped)
+    problems = []
+    for alias, members in models.items():
+        where = f'llm.models["{alias}"]'
+        if not alias.strip():
+            problems.append('llm.models: an empty alias name; use a name such as "smart"')
+            continue
+        shadowed = [b.name for b in backends if not b.catch_all and _serves(b, alias)]
+        if shadowed:
+            problems.append(f'{where}: the alias "{alias}" is a model that {", ".join(shadowed)} serves by '
+                            f"its model rule, so the alias would hide it; rename the alias to a name no "
+                            f"backend serves, such as smart or fast")
+        if not members:
+            problems.append(f"{where}: empty list; expected {EXPECTED['alias']}")
+        for j, member in enumerate(members):
+            problems += _member_problem(f"{where}[{j}]", alias, member, members[:j], models, routes,
+                                        ModelNotFoundError)
+    return problems
+
+
+def _serves(b: ResolvedBackend, model: str) -> bool:
+    from .providers import matches
+
+    return matches(model, b.model_rule)
+
+
+def _member_problem(where: str, alias: str, member: str, before: list[str], models: Mapping[str, Any],
+                    routes: Any, not_found: type[Exception]) -> list[str]:
+    if not member.strip():
+        return [f"{where}: an empty model name; expected {EXPECTED['alias_member']}"]
+    if member == alias:
+        return [f'{where}: the alias "{alias}" names itself; list the models it stands for']
+    if member in models:
+        return [f'{where}: "{member}" is another alias, and aliases do not nest; list its models '
+                f"({', '.join(models[member])}) here instead"]
+    if member in before:
+        return [f'{where}: "{member}" is listed twice; remove the second one']
+    try:
+        routes.route(member)
+    except not_found:
+        return [f'{where}: no backend serves model "{member}"; add it to a backend\'s supported_models '
+                f"or remove it from the alias"]
+    return []
 
 
 def _resolve_backends(raw: LLMConfig, problems: list[str],
@@ -517,10 +579,7 @@ def _unknown_provider(where: str, name: str) -> str:
 def _describe(err: Mapping[str, Any], block: Mapping[str, Any]) -> str:
     """One pydantic error as ``llm.backends[1].rate_limit_tpm: expected ..., got ...``."""
     loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list[")))]
-    pricing = len(loc) >= 2 and loc[0] == "pricing"
-    path = "llm" + "".join(f'["{p}"]' if pricing and i == 1 else f"[{p}]" if isinstance(p, int) else f".{p}"
-                           for i, p in enumerate(loc))
-    field = "price" if pricing and len(loc) == 2 else next((p for p in reversed(loc) if isinstance(p, str)), "")
+    path, field = _place(loc)
     if err["type"] == "extra_forbidden":
         return _unknown_key(path, field, loc)
     if err["type"] == "missing":
@@ -530,6 +589,18 @@ def _describe(err: Mapping[str, Any], block: Mapping[str, Any]) -> str:
     if field in ("secret_str", "api_key"):   # never echo what might be a key
         return f"{path}: expected {EXPECTED['api_key']}, got a {type(err.get('input')).__name__}"
     return f"{path}: expected {EXPECTED.get(field, err['msg'])}, got {_show(err.get('input'))}"
+
+
+def _place(loc: list[Any]) -> tuple[str, str]:
+    """``llm.pricing["grok-4.1"].input_per_mtok`` and the field whose EXPECTED text applies."""
+    keyed = len(loc) >= 2 and loc[0] in ("pricing", "models")     # mappings keyed by model or alias
+    path = "llm" + "".join(f'["{p}"]' if keyed and i == 1 else f"[{p}]" if isinstance(p, int) else f".{p}"
+                           for i, p in enumerate(loc))
+    if keyed and loc[0] == "models":
+        return path, "alias" if len(loc) == 2 else "alias_member"
+    if keyed and len(loc) == 2:
+        return path, "price"
+    return path, next((p for p in reversed(loc) if isinstance(p, str)), "")
 
 
 def _unknown_key(path: str, key: str, loc: list[Any]) -> str:

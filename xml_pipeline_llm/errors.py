@@ -27,10 +27,12 @@ class Attempt:
     kind: str  # one of retry.KINDS: "rate_limit", "server_error", "timeout", "unreachable", ...
     status: int | None
     detail: str = ""
+    model: str = ""   # the model sent, when the request had several (an alias or fallbacks=)
 
     def __str__(self) -> str:
         status = f" {self.status}" if self.status is not None else ""
-        return f"{self.backend}: {self.kind}{status}"
+        model = f" ({self.model})" if self.model else ""
+        return f"{self.backend}{model}: {self.kind}{status}"
 
 
 class BackendError(Exception):

@@ -62,7 +62,8 @@ class Services:
             agent_id=meta.get("agent_id"), thread_id=meta.get("thread_id"), model=model,
             backend=backend.name, provider=backend.provider.name, usage=_litellm.usage_of(response),
             cost_usd=_litellm.response_cost(response, model, backend.provider.litellm_prefix),
-            latency_ms=latency, outcome=OK, call_id=str(kwargs.get("litellm_call_id") or "")))
+            latency_ms=latency, outcome=OK, call_id=str(kwargs.get("litellm_call_id") or ""),
+            requested_model=meta.get("xpl_requested") or model))
 
 
 @dataclass
@@ -162,7 +163,7 @@ class Try:
         req, backend = self.req, self.backend
         meta = {**req.metadata, "xpl_router": self.services.router_id, "xpl_backend": backend.name,
                 "xpl_try": self.tag, "agent_id": req.agent_id, "thread_id": req.thread_id,
-                "xpl_model": req.model}
+                "xpl_model": req.model, "xpl_requested": req.requested_model or req.model}
         kwargs = {**req.kwargs, **extra} if extra else req.kwargs
         return await self.services.deployments().acompletion(
             backend.name, req.model, messages=req.messages, metadata=meta, timeout=req.options.timeout,
@@ -183,7 +184,8 @@ class Try:
         req = self.req
         return make_event(agent_id=req.agent_id, thread_id=req.thread_id, model=req.model,
                           backend=self.backend.name, provider=self.backend.provider.name, usage=usage,
-                          cost_usd=cost_usd, latency_ms=latency_ms, outcome=outcome, call_id=call_id)
+                          cost_usd=cost_usd, latency_ms=latency_ms, outcome=outcome, call_id=call_id,
+                          requested_model=req.requested_model or req.model)
 
     async def record_failure(self, outcome: str) -> None:
         await self.services.ledger.record(self.event(None, None, self.latency_ms, outcome))

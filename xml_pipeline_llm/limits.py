@@ -1,10 +1,13 @@
-"""Per-backend limits: a token bucket for ``rate_limit_tpm`` and exact concurrency slots.
+"""Per-backend limits: a token bucket for ``rate_limit_tpm``, a start window for
+``rate_limit_rpm`` and exact concurrency slots.
 
 Waiters are served in the fair order of ``fairness.py`` (priorities, then
 fair shares by tokens across agents, then arrival order within an agent), and
 the waiter at the head is never overtaken, so a large request cannot be starved
 by a stream of small ones; ``max_concurrent`` is exact because a freed slot is
-handed straight to the next waiter instead of being raced for (contract C6, C15).
+handed straight to the next waiter instead of being raced for (contract C6,
+C15).  The start window of ``rate_limit_rpm`` (C14) is first come, first
+served among calls that already hold a slot.
 
 Neither holds an asyncio primitive: futures are made on the loop of the task
 that waits, and a waiter is woken on its own loop (``call_soon_threadsafe``
@@ -17,6 +20,23 @@ Cancellation: a waiter that is cancelled (or timed out) gives back what it
 was handed: a slot handed to it just as it was cancelled goes on to the next
 waiter, and tokens it had taken go back into the bucket.
 
+Requests per minute (``StartWindow``, contract C14): a sliding-window log of
+start times, at most ``rate_limit_rpm`` starts in any 60 s.  Not
+``aiolimiter.AsyncLimiter``, which the design card names, for three reasons:
+an ``AsyncLimiter`` belongs to one event loop (reused from another it warns
+and drops that loop's waiters) and is not thread-safe, so a router serving
+several loops would need one per loop, and N limiters each allowing the full
+rate let N times the limit start; one limiter cannot serve several loops
+without the cross-loop waking done here anyway.  Second, it is a leaky bucket:
+a burst of ``rpm`` at once and then ``rpm / 60`` per second, so up to twice the
+limit can start within one 60 s window, where C14 says "at most that many in
+any 60 s"; the fleet-wide Redis limiter (a ZSET of start times in
+``shared/scripts.py``) keeps exactly this window, and in memory the semantics
+must be the same.  Third, waiters would not be served in arrival order across
+loops.  The window here shares the token bucket's machinery (one lock,
+futures on the waiter's own loop, ``wake``), so it is exact across threads and
+loops, first-come first-served and cancellation-safe.
+
 These are the in-memory implementations of the state interface in
 ``state.py``; a Redis implementation offers the same methods.
 """
@@ -26,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from .fairness import NO_TURN, FairQueue, Turn, Waiter
@@ -204,18 +225,102 @@ class Slots:
         wake(w.fut)
 
 
+class StartWindow:
+    """At most ``limit`` starts in any ``period`` seconds: a sliding-window log of start times.
+
+    ``acquire()`` records a start now, or waits (first-come first-served) until
+    the oldest start in the window is ``period`` seconds old.  A start is never
+    given back: every provider call counts, whatever its outcome (contract C14).
+    """
+
+    def __init__(self, limit: int, period: float = 60.0) -> None:
+        self.limit = limit
+        self.period = float(period)
+        self._starts: deque[float] = deque()
+        self._waiters: deque[Waiter] = deque()
+        self._lock = threading.Lock()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    @property
+    def started(self) -> int:
+        """Starts within the last ``period`` seconds."""
+        with self._lock:
+            self._expire(time.monotonic())
+            return len(self._starts)
+
+    @property
+    def has_room(self) -> bool:
+        """Whether a start could be made now without waiting."""
+        with self._lock:
+            self._expire(time.monotonic())
+            return not self._waiters and len(self._starts) < self.limit
+
+    def _expire(self, now: float) -> None:
+        edge = now - self.period
+        while self._starts and self._starts[0] <= edge:
+            self._starts.popleft()
+
+    def _try_start(self) -> bool:
+        now = time.monotonic()
+        self._expire(now)
+        if len(self._starts) < self.limit:
+            self._starts.append(now)
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        """Record one start, waiting in arrival order while the window is full."""
+        me = Waiter(NO_TURN)
+        with self._lock:
+            if not self._waiters and self._try_start():
+                return
+            self._waiters.append(me)
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                with self._lock:
+                    head = self._waiters[0] is me
+                    if head and self._try_start():
+                        return
+                    fut = me.fut = loop.create_future()
+                    delay = self._starts[0] + self.period - time.monotonic() if head else None
+                handle = loop.call_later(max(0.0, delay), _set, fut) if delay is not None else None
+                try:
+                    await fut
+                finally:
+                    if handle is not None:
+                        handle.cancel()
+        finally:        # started, cancelled or timed out: the next in line may go now
+            with self._lock:
+                self._waiters.remove(me)
+                nxt = self._waiters[0].fut if self._waiters else None
+            wake(nxt)
+
+
 class Gate:
-    """A backend's limits together: its token bucket (if any) and its slots.
+    """A backend's limits together: its token bucket and start window (if any) and its slots.
 
     ``load`` is what least-loaded compares: calls in flight plus calls waiting
     for this backend, relative to ``max_concurrent`` (contract C4, C6).
+    ``has_capacity`` says whether a call could start now as far as
+    ``rate_limit_rpm`` goes (the strategies prefer backends that can, C14).
     """
 
-    def __init__(self, max_concurrent: int, tpm: int | None, aging: float = 30.0) -> None:
+    def __init__(self, max_concurrent: int, tpm: int | None, rpm: int | None = None,
+                 aging: float = 30.0) -> None:
         self.slots = Slots(max_concurrent, aging)
         self.bucket = TokenBucket(tpm, aging=aging) if tpm else None
+        self.window = StartWindow(rpm) if rpm else None
         self.queued = 0
         self._lock = threading.Lock()
+
+    @property
+    def has_capacity(self) -> bool:
+        """False while ``rate_limit_rpm`` starts were made in the last 60 s (or others wait for one)."""
+        return self.window is None or self.window.has_room
 
     @property
     def in_flight(self) -> int:
@@ -226,15 +331,27 @@ class Gate:
         return (self.slots.in_use + self.queued) / self.slots.limit
 
     async def enter(self, tokens: int, turn: Turn = NO_TURN) -> Reservation:
-        """Wait for tokens, then for a slot, in fair order; returns what was taken (to settle at ``leave``)."""
+        """Wait for tokens, then for a slot (in fair order), then for a start; returns what was taken (for ``leave``).
+
+        The start (``rate_limit_rpm``) comes last, with the slot held, so that it
+        is recorded when the call really starts: a start taken before waiting for
+        a slot would be counted too early, and the window would then let more
+        than the limit start within 60 s.
+        """
         with self._lock:
             self.queued += 1
         taken = 0.0
+        slot = False
         try:
             if self.bucket is not None:
                 taken = await self.bucket.acquire(tokens, turn)
             await self.slots.acquire(turn)
+            slot = True
+            if self.window is not None:
+                await self.window.acquire()
         except BaseException:
+            if slot:
+                self.slots.release()
             if self.bucket is not None and taken:
                 self.bucket.settle(taken, 0)
             raise

@@ -7,6 +7,7 @@ beside the provider parameters that go to LiteLLM in OpenAI form:
     retries=1           tries after the first, for this call (num_retries= and max_retries= too)
     drop_params=True    let LiteLLM drop parameters a provider does not support
     priority="high"     high, normal (default) or low: the order among waiters (fairness.py)
+    fallbacks=[...]     models (or aliases) to try, in order, once the model's backends are out (C13)
 
 These are never handed to LiteLLM as LiteLLM options, and LiteLLM's and the
 OpenAI SDK's own retries are always switched off on the call itself
@@ -39,9 +40,7 @@ BYPASS = {
 }
 RETRY_SYNONYMS = ("retries", "num_retries", "max_retries")
 ROLES = frozenset({"system", "user", "assistant", "tool", "function", "developer"})
-NOT_YET = {
-    "fallbacks": "fallbacks across models",
-}
+NOT_YET: dict[str, str] = {}     # options of later contract sections, refused until they exist
 
 
 @dataclass(frozen=True)
@@ -52,6 +51,7 @@ class CallOptions:
     retries: int | None = None
     drop_params: bool | None = None
     priority: Priority = "normal"
+    fallbacks: tuple[str, ...] = ()
 
 
 def split_options(kwargs: dict[str, Any], *, streaming: bool) -> tuple[CallOptions, dict[str, Any]]:
@@ -69,13 +69,14 @@ def split_options(kwargs: dict[str, Any], *, streaming: bool) -> tuple[CallOptio
             raise BadRequestError("stream=True is not accepted by complete(): use stream(...), an async "
                                   "iterator of text deltas whose .response is the final LLMResponse "
                                   "(nothing was sent)")
-    if not (kwargs.keys() & {"timeout", "drop_params", "stream", "priority", *RETRY_SYNONYMS}):
+    if not (kwargs.keys() & {"timeout", "drop_params", "stream", "priority", "fallbacks", *RETRY_SYNONYMS}):
         return _NONE, kwargs
     rest = dict(kwargs)
     rest.pop("stream", None)
     return CallOptions(timeout=_timeout(rest.pop("timeout", None)), retries=_retries(rest),
                        drop_params=_flag("drop_params", rest.pop("drop_params", None)),
-                       priority=_priority(rest.pop("priority", "normal"))), rest
+                       priority=_priority(rest.pop("priority", "normal")),
+                       fallbacks=_fallbacks(rest.pop("fallbacks", None))), rest
 
 
 _NONE = CallOptions()
@@ -109,6 +110,20 @@ def _priority(value: Any) -> Priority:
         raise BadRequestError(f"priority=: expected one of {', '.join(PRIORITIES)}, got {value!r} "
                               f"(nothing was sent)")
     return value  # type: ignore[no-any-return]
+
+
+def _fallbacks(value: Any) -> tuple[str, ...]:
+    """``fallbacks=``: a list of model names (whether a backend serves each is checked when routing)."""
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise BadRequestError(f"fallbacks=: expected a list of model names such as [\"claude-sonnet-4\"], "
+                              f"got {_show(value)} (nothing was sent)")
+    for i, name in enumerate(value):
+        if not isinstance(name, str) or not name.strip():
+            raise BadRequestError(f"fallbacks[{i}]: expected a model name such as \"claude-sonnet-4\", got "
+                                  f"{_show(name)} (nothing was sent)")
+    return tuple(value)
 
 
 def _flag(name: str, value: Any) -> bool | None:

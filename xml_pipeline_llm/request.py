@@ -1,5 +1,12 @@
 """One caller request while it is served: what it asked for and what its tries have learnt.
 
+A request is a chain of ``Step``s, one per model (contract C13): a plain call
+has one; an alias of ``llm.models`` or a call with ``fallbacks=[...]`` has one
+per model, in order.  ``model`` and ``candidates`` are those of the step being
+tried (``use(i)`` moves them; ``fallback.choose`` decides which), so
+everything downstream (the try, its reservation, its usage event) sees the
+model really sent; ``requested_model`` is the name the caller asked for.
+
 The stop rule is here (``exhausted``: tenacity's ``stop`` and the ledger's
 ``retried`` / ``error`` outcome both ask it), and so is the error a request
 ends with when no try served it (``final_error``).
@@ -14,6 +21,28 @@ from .config import ResolvedBackend
 from .errors import Attempt, BackendError, BadRequestError, NoBackendError, ProviderError, RateLimitError
 from .options import CallOptions
 from .retry import Action, Verdict
+
+
+@dataclass
+class Step:
+    """One model of a request: its name as sent, its backends, and what the tries learnt of them.
+
+    ``failed`` and ``dropped`` are per model: a 404 says that backend lacks this
+    model, not the next one.  ``skipped`` says why the whole model is out of the
+    request (its context window is too small), "" while it is in.
+    """
+
+    model: str
+    candidates: list[ResolvedBackend]
+    failed: set[str] = field(default_factory=set)      # failed a try: others first
+    dropped: set[str] = field(default_factory=set)     # cannot serve it at all
+    skipped: str = ""
+
+    def pool(self) -> list[ResolvedBackend]:
+        """The candidates not dropped for this request (none once the model is skipped)."""
+        if self.skipped:
+            return []
+        return [b for b in self.candidates if b.name not in self.dropped]
 
 
 @dataclass
@@ -33,22 +62,61 @@ class Request:
     estimate: int | None = None       # prompt tokens, counted once
     attempts: list[Attempt] = field(default_factory=list)
     verdicts: list[Verdict] = field(default_factory=list)
-    failed: set[str] = field(default_factory=set)      # failed a try: others first
-    dropped: set[str] = field(default_factory=set)     # cannot serve it at all
     unsupported: dict[str, str] = field(default_factory=dict)   # backend -> parameters its provider refused
     last_exc: BaseException | None = None
+    requested_model: str = ""         # the name the caller asked for (an alias, or the first model)
+    chain: list[Step] = field(default_factory=list)   # the models to try, in order
+    step: int = 0                     # the one being tried
+
+    def __post_init__(self) -> None:
+        if not self.chain:
+            self.chain = [Step(self.model, self.candidates)]
+        self.requested_model = self.requested_model or self.model
+
+    @property
+    def failed(self) -> set[str]:
+        """Backends of the current model that failed a try (others first)."""
+        return self.chain[self.step].failed
+
+    @property
+    def dropped(self) -> set[str]:
+        """Backends that cannot serve the current model at all."""
+        return self.chain[self.step].dropped
+
+    def use(self, i: int) -> None:
+        """Try the ``i``-th model next: ``model`` and ``candidates`` become its own."""
+        self.step = i
+        self.model, self.candidates = self.chain[i].model, self.chain[i].candidates
 
     def pool(self) -> list[ResolvedBackend]:
-        """The candidates not dropped for this request."""
-        return [b for b in self.candidates if b.name not in self.dropped]
+        """The current model's candidates not dropped for this request."""
+        return self.chain[self.step].pool()
+
+    def live(self) -> list[tuple[int, Step]]:
+        """The models (with their place in the chain) that still have a backend for this request."""
+        return [(i, s) for i, s in enumerate(self.chain) if s.pool()]
+
+    def remaining(self) -> list[ResolvedBackend]:
+        """Every backend of every model still in the request (what a wait must consider)."""
+        seen: dict[str, ResolvedBackend] = {}
+        for _, s in self.live():
+            for b in s.pool():
+                seen.setdefault(b.name, b)
+        return list(seen.values())
 
     def exhausted(self) -> bool:
-        """The stop rule: ``retries + 1`` provider calls made, or no candidate left."""
-        return len(self.attempts) >= self.tries or not self.pool()
+        """The stop rule: ``retries + 1`` provider calls made (all models together), or no model left."""
+        return len(self.attempts) >= self.tries or not self.live()
+
+    def skip(self, reason: str) -> bool:
+        """Take the current model out of the request; whether another model is left."""
+        self.chain[self.step].skipped = reason
+        return bool(self.live())
 
     def note(self, backend: ResolvedBackend, verdict: Verdict, exc: BaseException, detail: str) -> None:
         """A failed try: what it was, and whether the backend may still serve this request."""
-        self.attempts.append(Attempt(backend.name, verdict.kind, verdict.status, detail))
+        model = self.model if len(self.chain) > 1 else ""
+        self.attempts.append(Attempt(backend.name, verdict.kind, verdict.status, detail, model))
         self.verdicts.append(verdict)
         self.last_exc = exc
         if verdict.action is Action.NEXT_BACKEND:
@@ -56,15 +124,26 @@ class Request:
         else:
             self.failed.add(backend.name)
 
+    @property
+    def name(self) -> str:
+        """How messages name the request: the model, or ``smart (grok-4.1, claude-sonnet-4)``."""
+        if len(self.chain) == 1 and self.requested_model == self.model:
+            return self.model
+        return f"{self.requested_model} ({', '.join(s.model for s in self.chain)})"
+
+    def skipped_models(self) -> str:
+        """``; claude-x skipped: ...`` for each model taken out of the request ("" for none)."""
+        return "".join(f"; {s.model} skipped: {s.skipped}" for s in self.chain if s.skipped)
+
     def final_error(self) -> BackendError:
         """The error for a request that no try could serve, named by how its tries ended."""
         tries = "; ".join(str(a) for a in self.attempts) or "none"
-        msg = f"{self.model}: all {len(self.attempts)} tries failed ({tries})"
+        msg = f"{self.name}: all {len(self.attempts)} tries failed ({tries}){self.skipped_models()}"
         last = self.verdicts[-1] if self.verdicts else None
         retryable = last is not None and last.action is Action.RETRY
         if self.unsupported and not retryable:
             return BadRequestError(
-                f"{self.model}: no backend takes the request's parameters, so nothing was sent to "
+                f"{self.name}: no backend takes the request's parameters, so nothing was sent to "
                 f"them: {self._refusals()}{f' (tries: {tries})' if self.attempts else ''}. Fix: set "
                 f"drop_params: true in the llm: block or on the backend, or pass drop_params=True, "
                 f"to have them dropped; or remove them", self.attempts)
@@ -79,6 +158,6 @@ class Request:
         return ProviderError(msg + "; the provider is failing, try later", self.attempts, last.status)
 
     def _refusals(self) -> str:
-        provider = {b.name: b.provider.name for b in self.candidates}
+        provider = {b.name: b.provider.name for s in self.chain for b in s.candidates}
         return "; ".join(f"{name} ({provider[name]}) does not take {what}"
                          for name, what in self.unsupported.items())

@@ -4,8 +4,8 @@
 policy objects: ``retry`` on ``TryFailed`` (a try that another try may fix),
 ``stop`` by the request's one stop rule (``Request.exhausted``: ``retries + 1``
 provider calls, or no candidate left), and ``wait`` that pauses only while
-every candidate still serving the request cools down, until the first
-cooldown ends (``until_ready``).  A failed backend cools down for the
+every candidate of every model still serving the request cools down, until
+the first cooldown ends (``until_ready``).  A failed backend cools down for the
 provider's Retry-After or the jittered backoff (``cooldown``).
 
 Errors are classified by the exception chain's classes first (a refused
@@ -184,7 +184,7 @@ class wait_for_a_ready_backend:
         self.cooldowns = cooldowns
 
     async def __call__(self, retry_state: RetryCallState) -> float:
-        pool = self.req.pool()
+        pool = self.req.remaining()       # every backend of every model left (C13)
         return until_ready(await self.cooldowns(b.name for b in pool), pool) if pool else 0.0
 
 

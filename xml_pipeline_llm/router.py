@@ -10,7 +10,6 @@ backend cools down and tenacity runs the next try by the policy in
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -21,12 +20,13 @@ from . import _litellm
 from .budgets import BudgetMethods, Budgets
 from .config import ResolvedBackend, RouterConfig
 from .errors import BadRequestError
+from .fallback import build_chain, check_windows, choose
 from .lifecycle import OpenStream, Services, Try
 from .options import CallOptions, check_call, split_options
 from .redact import short
 from .request import Request
 from .response import LLMResponse
-from .retry import Action, TryFailed, classify, cooldown, outcome, retrying, until_ready
+from .retry import Action, TryFailed, classify, cooldown, outcome, retrying
 from .routing import Routes
 from .state import BackendGate, State, make_state
 from .stores import open_store
@@ -51,7 +51,8 @@ class LLMRouter(UsageMethods, BudgetMethods):
         self._strategy: Strategy = config.strategy_object or STRATEGIES[config.strategy]()
         self._state: State = state if state is not None else make_state(config)
         self._gates: dict[str, BackendGate] = {
-            b.name: self._state.gate(b.name, b.max_concurrent, b.rate_limit_tpm) for b in self.backends}
+            b.name: self._state.gate(b.name, b.max_concurrent, b.rate_limit_tpm, b.rate_limit_rpm)
+            for b in self.backends}
         _litellm.use_pricing(config.pricing)     # prices are known before the first call (budgets)
         store = open_store(config.usage_store, config.redis_prefix)
         self._ledger = UsageLedger(store, shared=self._state.usage)
@@ -111,12 +112,13 @@ class LLMRouter(UsageMethods, BudgetMethods):
     async def _request(self, model: str, messages: list[dict[str, Any]], agent_id: str | None,
                        thread_id: str | None, metadata: dict[str, Any] | None,
                        kwargs: dict[str, Any], options: CallOptions) -> Request:
-        bare, candidates = self.route(model)
+        chain = build_chain(self._routes, self.config.models, model, options.fallbacks)
         retries = self.config.retries if options.retries is None else options.retries
-        req = Request(bare, messages, kwargs, agent_id, thread_id, dict(metadata or {}), candidates,
-                      options, retries + 1)
+        req = Request(chain[0].model, messages, kwargs, agent_id, thread_id, dict(metadata or {}),
+                      chain[0].candidates, options, retries + 1, requested_model=model, chain=chain)
+        check_windows(req)
         if self._strategy.rotates:
-            req.turn = await self._state.next_turn(bare)
+            req.turn = await self._state.next_turn(req.model)
         return req
 
     async def _serve(self, req: Request, stream: bool) -> LLMResponse | OpenStream:
@@ -144,24 +146,8 @@ class LLMRouter(UsageMethods, BudgetMethods):
                     self._not_sent(req, backend, exc)
 
     async def _choose(self, req: Request) -> ResolvedBackend:
-        """The backend for the next try; sleeps only while every candidate cools down."""
-        while True:
-            pool = req.pool()
-            if not pool:
-                raise req.final_error() from req.last_exc
-            cooling = await self._state.cooldowns(b.name for b in pool)
-            ready = [b for b in pool if b.name not in cooling]
-            if ready:
-                fresh = [b for b in ready if b.name not in req.failed]
-                chosen = self._strategy.pick(fresh or ready, req.candidates, req.turn, self._load)
-                log.debug("%s: try %d -> %s (ready %s; cooling %s)", req.model, len(req.attempts) + 1,
-                          chosen.name, [b.name for b in fresh or ready], sorted(cooling))
-                return chosen
-            log.debug("%s: every backend cools down; waiting %.2fs", req.model, until_ready(cooling, pool))
-            await asyncio.sleep(until_ready(cooling, pool))
-
-    def _load(self, backend: ResolvedBackend) -> float:
-        return self._gates[backend.name].load
+        """The backend for the next try, over every model of the request (``fallback.py``)."""
+        return await choose(req, self._state.cooldowns, self._strategy, self._gates)
 
     def _not_sent(self, req: Request, backend: ResolvedBackend, exc: Exception) -> None:
         """LiteLLM failed before sending: not the provider's failure, so no cooldown and no try.
@@ -189,10 +175,13 @@ class LLMRouter(UsageMethods, BudgetMethods):
             raise exc
         backend, detail = t.backend, self._short(exc)
         req.note(backend, verdict, exc, detail)
-        if verdict.action is Action.FATAL:
+        if verdict.kind == "context_window" and len(req.chain) > 1 and req.skip(
+                f"{backend.name} said the prompt exceeds its context window ({verdict.status}: {detail})"):
+            pass      # the next model may take it: a try like any other (C13)
+        elif verdict.action is Action.FATAL:
             await t.record_failure(outcome(True, verdict))
-            raise BadRequestError(f"{req.model}: {backend.name} rejected the request ({verdict.status}): "
-                                  f"{detail}", req.attempts, verdict.status or 400) from exc
+            raise BadRequestError(f"{req.name}: {backend.name} rejected the request ({verdict.status}): "
+                                  f"{detail}{req.skipped_models()}", req.attempts, verdict.status or 400) from exc
         wait = None
         if verdict.action is Action.RETRY:
             wait = cooldown(verdict, len(req.attempts) - 1, self.config.retry_base_delay,
@@ -202,7 +191,8 @@ class LLMRouter(UsageMethods, BudgetMethods):
         await t.record_failure(outcome(final, verdict))
         log.info("%s: try %d/%d on %s failed (%s %s)%s; %s", req.model, len(req.attempts), req.tries,
                  backend.name, verdict.kind, verdict.status or "",
-                 f", cooling down {wait:.2f}s" if wait is not None else ", dropped for this request",
+                 f", cooling down {wait:.2f}s" if wait is not None else ", model skipped for this request"
+                 if verdict.kind == "context_window" else ", dropped for this request",
                  "giving up" if final else "trying again")
         raise TryFailed()
 

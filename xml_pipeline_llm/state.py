@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 
 
 class BackendGate(Protocol):
-    """One backend's limits: concurrency slots and (with ``rate_limit_tpm``) a token bucket."""
+    """One backend's limits: concurrency slots, (with ``rate_limit_tpm``) a token bucket and (with
+    ``rate_limit_rpm``) a window of starts; ``has_capacity``: a call could start now as far as the
+    requests-per-minute limit goes."""
 
     @property
     def in_flight(self) -> int: ...
@@ -34,6 +36,8 @@ class BackendGate(Protocol):
     def queued(self) -> int: ...
     @property
     def load(self) -> float: ...        # (in flight + queued) / max_concurrent
+    @property
+    def has_capacity(self) -> bool: ...
     async def enter(self, tokens: int, turn: Turn = ...) -> Reservation: ...
     def leave(self, reservation: Reservation, used: int) -> None: ...
 
@@ -55,7 +59,8 @@ class State(Protocol):
 
     @property
     def usage(self) -> SharedUsage | None: ...
-    def gate(self, backend: str, max_concurrent: int, tpm: int | None) -> BackendGate: ...
+    def gate(self, backend: str, max_concurrent: int, tpm: int | None,
+             rpm: int | None = None) -> BackendGate: ...
     async def cooldowns(self, backends: Iterable[str]) -> dict[str, float]: ...
     async def cool_down(self, backend: str, seconds: float) -> None: ...
     async def next_turn(self, model: str) -> int: ...
@@ -75,12 +80,12 @@ class MemoryState:
         self._turns: defaultdict[str, int] = defaultdict(int)
         self._lock = threading.Lock()     # threads with loops of their own share this state
 
-    def gate(self, backend: str, max_concurrent: int, tpm: int | None) -> Gate:
+    def gate(self, backend: str, max_concurrent: int, tpm: int | None, rpm: int | None = None) -> Gate:
         """The limits of ``backend`` (created on first use)."""
         with self._lock:
             gate = self._gates.get(backend)
             if gate is None:
-                gate = self._gates[backend] = Gate(max_concurrent, tpm, self.priority_aging)
+                gate = self._gates[backend] = Gate(max_concurrent, tpm, rpm, self.priority_aging)
             return gate
 
     async def cooldowns(self, backends: Iterable[str]) -> dict[str, float]:

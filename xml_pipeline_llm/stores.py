@@ -34,10 +34,12 @@ CREATE TABLE IF NOT EXISTS usage_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     timestamp REAL NOT NULL, agent_id TEXT, thread_id TEXT, model TEXT, backend TEXT,
     provider TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, total_tokens INTEGER,
-    cost_usd REAL, latency_ms REAL, outcome TEXT, call_id TEXT
+    cost_usd REAL, latency_ms REAL, outcome TEXT, call_id TEXT, requested_model TEXT
 );
 CREATE INDEX IF NOT EXISTS usage_events_ts ON usage_events(timestamp);
 """
+# Columns added after the first ledgers were written: (column, SQL type, what an old row reads back as).
+_ADDED = (("requested_model", "TEXT", "model"),)
 _INSERT = f"INSERT INTO usage_events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _STOP = object()
 _RETRY_SECONDS = 1.0   # how often rows a failed write kept are tried again
@@ -83,6 +85,7 @@ def _connect(path: Path) -> sqlite3.Connection:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")   # a commit survives a killed process
             conn.executescript(_SCHEMA)
+            _migrate(conn)
             return conn
         except sqlite3.OperationalError as exc:
             conn.close()
@@ -92,6 +95,37 @@ def _connect(path: Path) -> sqlite3.Connection:
             conn.close()
             raise
         time.sleep(random.uniform(0.005, 0.05))
+
+
+def _present(conn: sqlite3.Connection) -> set[str]:
+    return {str(row[1]) for row in conn.execute("PRAGMA table_info(usage_events)")}
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Add the columns an older ledger lacks (its rows read back by ``_ADDED``'s rule)."""
+    present = _present(conn)
+    for column, kind, _ in _ADDED:
+        if column not in present:
+            try:
+                with conn:
+                    conn.execute(f"ALTER TABLE usage_events ADD COLUMN {column} {kind}")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):   # another process added it meanwhile
+                    raise
+
+
+def _select_list(present: set[str]) -> str:
+    """The SELECT columns for ``_COLUMNS``: a column added later reads as its rule in older rows."""
+    old = {column: fallback for column, _, fallback in _ADDED}
+    out = []
+    for column in _COLUMNS:
+        if column not in old:
+            out.append(column)
+        elif column in present:
+            out.append(f"COALESCE({column}, {old[column]})")
+        else:
+            out.append(old[column])
+    return ", ".join(out)
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -256,7 +290,7 @@ def read_events(path: Path, since: float | None = None) -> Iterator[UsageEvent]:
         raise ConfigError(f"{path}: no usage ledger there; check the --store path")
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        sql = f"SELECT {', '.join(_COLUMNS)} FROM usage_events"
+        sql = f"SELECT {_select_list(_present(conn))} FROM usage_events"
         args: tuple[Any, ...] = ()
         if since is not None:
             sql += " WHERE timestamp >= ?"

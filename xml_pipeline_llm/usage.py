@@ -81,7 +81,12 @@ OK = "ok"   # the outcome of a try that served its request; a failed one is retr
 
 @dataclass(frozen=True)
 class UsageEvent:
-    """One provider call.  ``outcome`` is ``ok``, ``retried:<kind>`` or ``error:<kind>``."""
+    """One provider call.  ``outcome`` is ``ok``, ``retried:<kind>`` or ``error:<kind>``.
+
+    ``model`` is the model sent; ``requested_model`` the name the caller asked
+    for (an alias of ``llm.models``, or the first model of a ``fallbacks=``
+    call; the same as ``model`` for a plain call; "" in rows of older ledgers).
+    """
 
     timestamp: float
     agent_id: str
@@ -95,6 +100,7 @@ class UsageEvent:
     cost_usd: float | None
     latency_ms: float
     outcome: str
+    requested_model: str = ""
     call_id: str = field(default="", compare=False)
 
     @property
@@ -110,7 +116,7 @@ class UsageEvent:
 
 def make_event(*, agent_id: str | None, thread_id: str | None, model: str, backend: str, provider: str,
                usage: Mapping[str, int] | None, cost_usd: float | None, latency_ms: float, outcome: str,
-               call_id: str = "") -> UsageEvent:
+               call_id: str = "", requested_model: str | None = None) -> UsageEvent:
     """The one way a usage event is made (by a try, and by LiteLLM's success callback)."""
     usage = usage or {}
     return UsageEvent(timestamp=time.time(), agent_id=agent_id or "", thread_id=thread_id or "",
@@ -118,7 +124,9 @@ def make_event(*, agent_id: str | None, thread_id: str | None, model: str, backe
                       prompt_tokens=usage.get("prompt_tokens", 0),
                       completion_tokens=usage.get("completion_tokens", 0),
                       total_tokens=usage.get("total_tokens", 0), cost_usd=cost_usd,
-                      latency_ms=latency_ms, outcome=outcome, call_id=call_id)
+                      latency_ms=latency_ms, outcome=outcome,
+                      requested_model=model if requested_model is None else requested_model,
+                      call_id=call_id)
 
 
 EVENT_FIELDS = tuple(f.name for f in fields(UsageEvent))       # what the stores keep

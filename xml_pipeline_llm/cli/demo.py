@@ -12,7 +12,9 @@ So every model the agents ask for has two candidate backends.  A burst of
 requests from four agents goes through each strategy in turn (a fresh router
 each), with a live display of the requests done, the calls in flight and
 queued per backend, the retries and the cooldowns.  At the end: a table per
-strategy, per backend and per agent, and a usage CSV.
+strategy, per backend and per agent, and a usage CSV.  Last, a fallback across
+models (``demo_fallback.py``): an alias whose first model's provider is down
+for a while.
 
 Nothing here is special-cased in the router: the demo uses the public
 ``load_config``/``LLMRouter`` API with ``base_url`` pointing at the simulator,
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..strategies import STRATEGY_NAMES as STRATEGY_NAMES
 from .complete import SIM_KEY_ENV, SIM_KEY_VALUE
+from .demo_fallback import report_fallback, run_fallback
 from .output import CLIError, cost_text, make_console, make_table, show
 
 if TYPE_CHECKING:
@@ -142,9 +145,12 @@ def run_demo(requests: int = 60, concurrency: int = 8, strategy: str = "all",
         for b in BACKENDS:
             sim.set_latency(b.name, b.latency)
         results = asyncio.run(_run_all(sim, strategies, requests, concurrency, console))
+        with console.status("fallback across models ..."):
+            fallback = asyncio.run(run_fallback(sim, llm_block(sim, "failover")))
         budgets = asyncio.run(_run_budget(sim))
         fair = asyncio.run(_run_greedy(sim))
     _report(results, console)
+    report_fallback(fallback, console)
     _report_budget(budgets, console)
     console.print(fair)
     agents = _sum_agents(results)

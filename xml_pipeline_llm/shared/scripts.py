@@ -129,3 +129,27 @@ local v = redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return v - 1
 """)
+
+# KEYS: the backend's start log (a sorted set of start ids scored by server ms).  ARGV: rate_limit_rpm,
+# window ms, start id.  At most rate_limit_rpm starts in any window (a sliding-window log, the
+# semantics of ``limits.StartWindow``).  Returns {ok, starts in the window, ms until one more may
+# start (0 while there is room)}.
+START = Script(_NOW + """
+local limit = tonumber(ARGV[1])
+local win = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - win)
+local count = redis.call('ZCARD', KEYS[1])
+local ok = 0
+if count < limit then
+  redis.call('ZADD', KEYS[1], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], math.ceil(win) + 1000)
+  count = count + 1
+  ok = 1
+end
+local wait = 0
+if count >= limit then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  wait = math.max(0, tonumber(oldest[2]) + win - now)
+end
+return {ok, count, f(wait)}
+""")

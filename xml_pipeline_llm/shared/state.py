@@ -11,6 +11,11 @@ every process using the same Redis and ``redis_prefix`` share:
   renews the leases it holds every ``lease / 3`` seconds from a background
   thread; the slots of a process that dies (SIGKILL included) come back when
   their lease runs out (10 s by default, ``$XML_PIPELINE_LLM_REDIS_LEASE``);
+* the starts of each backend with ``rate_limit_rpm`` (sorted set ``<p>:{<backend>}:rpm``:
+  one member per provider call started in the last 60 s, scored by Redis server
+  time; script ``START``): at most that many start in any 60 s across the
+  fleet, taken once a slot and the tokens are held (as in memory).  A waiter
+  polls again when the oldest start leaves the window;
 * cooldowns (``<p>:{<backend>}:cool``, a key that expires when the cooldown ends;
   a longer cooldown is never shortened; read at most every 50 ms per process);
 * the round-robin position per model (``<p>:rr:<model>``, an INCR counter that
@@ -64,7 +69,7 @@ from ..limits import Reservation
 from ..limits import wake as _wake
 from ..state import MemoryState
 from .connection import DEFAULT_LEASE, Conn, RedisDown
-from .scripts import COOL, ENTER, LEAVE, ROTATE
+from .scripts import COOL, ENTER, LEAVE, ROTATE, START
 from .worker import Job
 
 LEASE_ENV = "XML_PIPELINE_LLM_REDIS_LEASE"
@@ -72,6 +77,8 @@ ROTATION_TTL_MS = 7 * 24 * 3600 * 1000
 CLAIM_TTL_MS = 2000          # a waiting request's claim on a bucket, renewed while it waits
 COOLDOWN_READ_EVERY = 0.05   # how stale the fleet's cooldowns may be (this process's own: never)
 TOKEN_POLL_MAX = 0.25        # longest nap between bucket polls (refunds elsewhere are seen this fast)
+RPM_WINDOW_MS = 60_000       # rate_limit_rpm: starts in any 60 s
+START_POLL_MAX = 1.0         # longest nap between start-window polls
 
 
 class RedisGate:
@@ -81,14 +88,19 @@ class RedisGate:
     this process's own calls); ``queued`` counts this process's waiters.
     """
 
-    def __init__(self, state: RedisState, backend: str, max_concurrent: int, tpm: int | None) -> None:
+    def __init__(self, state: RedisState, backend: str, max_concurrent: int, tpm: int | None,
+                 rpm: int | None = None) -> None:
         self.state = state
         self.backend = backend
         self.limit = max_concurrent
         self.capacity = float(tpm) if tpm else 0.0
         self.rate_ms = self.capacity / 60_000.0
         self.keys = [state.key("bucket", backend), state.key("slots", backend)]
-        self.local = state._local.gate(backend, max_concurrent, tpm)   # used while Redis is away
+        self.rpm = rpm
+        self.rpm_key = state.key("rpm", backend)
+        self.starting = 0                 # this process's calls waiting for a start
+        self.full_until = 0.0             # monotonic time the fleet's window was last seen full until
+        self.local = state._local.gate(backend, max_concurrent, tpm, rpm)   # used while Redis is away
         self.queued = 0
         self.held = 0
         self.fleet = 0
@@ -107,18 +119,57 @@ class RedisGate:
     def load(self) -> float:
         return (self.in_flight + self.queued) / self.limit
 
+    @property
+    def has_capacity(self) -> bool:
+        """As far as this process knows (the last START answer): a call could start now."""
+        if not self.rpm:
+            return True
+        if not self.state.conn.health.usable():
+            return self.local.has_capacity
+        return self.starting == 0 and time.monotonic() >= self.full_until
+
     async def enter(self, tokens: int, turn: Turn = NO_TURN) -> Reservation:
-        """Wait for a slot and the tokens (fleet-wide); returns the reservation for ``leave``."""
+        """Wait for a slot and the tokens, then for a start (fleet-wide); the reservation for ``leave``."""
         self.queued += 1
         try:
             if self.state.conn.health.usable():
                 try:
-                    return await self._enter_shared(tokens, turn)
+                    reservation = await self._enter_shared(tokens, turn)
                 except RedisDown:
                     pass
+                else:
+                    if self.rpm:
+                        await self._start(reservation)
+                    return reservation
             return await self.local.enter(tokens, turn)
         finally:
             self.queued -= 1
+
+    async def _start(self, reservation: Reservation) -> None:
+        """Wait until the fleet's window has room for one more start, holding the slot (C14)."""
+        assert self.rpm is not None
+        self.starting += 1
+        ok = False
+        try:
+            while True:
+                try:
+                    res = await self.state.conn.eval(START, [self.rpm_key],
+                                                     [self.rpm, RPM_WINDOW_MS, uuid.uuid4().hex])
+                except RedisDown:           # the slot stays fleet-wide; the window goes local
+                    if self.local.window is not None:
+                        await self.local.window.acquire()
+                    ok = True
+                    return
+                wait = float(res[2]) / 1000.0
+                self.full_until = time.monotonic() + wait
+                if int(res[0]) == 1:
+                    ok = True
+                    return
+                await asyncio.sleep(min(wait, START_POLL_MAX) * random.uniform(1.0, 1.1) + 0.001)
+        finally:
+            self.starting -= 1
+            if not ok:
+                self.leave(reservation, 0)
 
     async def _enter_shared(self, tokens: int, turn: Turn) -> Reservation:
         amount = min(float(tokens), self.capacity) if self.capacity else 0.0
@@ -247,10 +298,10 @@ class RedisState:
             return f"{self.prefix}:rr:{name}"
         return f"{self.prefix}:{{{name}}}:{kind}"
 
-    def gate(self, backend: str, max_concurrent: int, tpm: int | None) -> RedisGate:
+    def gate(self, backend: str, max_concurrent: int, tpm: int | None, rpm: int | None = None) -> RedisGate:
         gate = self._gates.get(backend)
         if gate is None:
-            gate = self._gates[backend] = RedisGate(self, backend, max_concurrent, tpm)
+            gate = self._gates[backend] = RedisGate(self, backend, max_concurrent, tpm, rpm)
         return gate
 
     def release_later(self, gate: RedisGate, lease: str, delta: float) -> None:

@@ -206,4 +206,4 @@ def _event(f: dict[str, str]) -> UsageEvent:
                       prompt_tokens=num("prompt_tokens", int), completion_tokens=num("completion_tokens", int),
                       total_tokens=num("total_tokens", int), cost_usd=num("cost_usd", float),
                       latency_ms=num("latency_ms", float), outcome=f.get("outcome", ""),
-                      call_id=f.get("call_id", ""))
+                      requested_model=f.get("requested_model", ""), call_id=f.get("call_id", ""))

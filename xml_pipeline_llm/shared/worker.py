@@ -216,6 +216,17 @@ class Worker:
         return missing
 
     def _execute(self, jobs: list[Job]) -> None:
+        batch = self._take_batch(jobs)
+        again = batch
+        if batch and self.conn.health.usable():
+            try:
+                again = self._send(batch)
+            except RedisDown:
+                pass
+        self._done(jobs, again)
+
+    def _take_batch(self, jobs: list[Job]) -> list[Job]:
+        """The new jobs, with the releases and usage kept while Redis was away."""
         with self.cond:
             now = time.monotonic()
             retry = [j for j in self.retry if j.deadline > now]
@@ -223,18 +234,20 @@ class Worker:
             self.retry, self.backlog = [], deque(maxlen=self.BACKLOG)
             batch = retry + backlog + jobs
             self.sending = sum(1 for j in batch if j.kind == "usage")
-        again = batch
-        if batch and self.conn.health.usable():
-            try:
-                results = self.conn.sync_scripts([(j.script, j.keys, j.args) for j in batch])
-                # on a cluster a node may be away while the others took their scripts: only
-                # the jobs of that node are kept for later (the others must not run twice)
-                again = [j for j, r in zip(batch, results) if isinstance(r, Exception) and unreachable(r)]
-                bad = [r for r in results if isinstance(r, Exception) and not unreachable(r)]
-                if bad:
-                    log.warning("shared state: %d Redis script(s) failed: %s", len(bad), bad[0])
-            except RedisDown:
-                pass
+        return batch
+
+    def _send(self, batch: list[Job]) -> list[Job]:
+        """Run the batch; the jobs to try again (those of a cluster node that was away)."""
+        results = self.conn.sync_scripts([(j.script, j.keys, j.args) for j in batch])
+        # on a cluster a node may be away while the others took their scripts: only
+        # the jobs of that node are kept for later (the others must not run twice)
+        again = [j for j, r in zip(batch, results) if isinstance(r, Exception) and unreachable(r)]
+        bad = [r for r in results if isinstance(r, Exception) and not unreachable(r)]
+        if bad:
+            log.warning("shared state: %d Redis script(s) failed: %s", len(bad), bad[0])
+        return again
+
+    def _done(self, jobs: list[Job], again: list[Job]) -> None:
         with self.cond:
             self.sending = 0
             if again:
