@@ -65,6 +65,18 @@ class ModelPrice(BaseModel):
 MISSING_KEYS = ("error", "skip")
 
 
+class TelemetryConfig(BaseModel):
+    """``llm.telemetry``: OpenTelemetry spans and metrics, Prometheus, metadata totals (contract C12)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    otel: bool = True                       # active when opentelemetry-api is importable
+    capture_content: bool = False           # message text in spans
+    prometheus_port: int | None = Field(default=None, ge=0, le=65535)
+    prometheus_host: str = "127.0.0.1"
+    group_by_metadata: list[str] = Field(default_factory=list)
+
+
 class LLMConfig(BaseModel):
     """The whole ``llm:`` block."""
 
@@ -82,6 +94,7 @@ class LLMConfig(BaseModel):
     redis_prefix: str = "xpl"
     pricing: dict[str, ModelPrice] = Field(default_factory=dict)
     missing_keys: str = "error"
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     backends: list[BackendConfig] = Field(min_length=1)
 
 
@@ -113,6 +126,12 @@ EXPECTED = {
     "output_per_mtok": "a number >= 0 of USD per million output tokens",
     "cached_input_per_mtok": "a number >= 0 of USD per million cached input tokens",
     "missing_keys": "error or skip",
+    "telemetry": "a mapping with otel, capture_content, prometheus_port, prometheus_host, group_by_metadata",
+    "otel": "true or false (false: no OpenTelemetry spans or metrics even when it is installed)",
+    "capture_content": "true or false (true: message text in spans)",
+    "prometheus_port": "a port number 0-65535 for /metrics (0: any free port)",
+    "prometheus_host": "an address to bind /metrics to, such as 127.0.0.1 (the default) or 0.0.0.0",
+    "group_by_metadata": "a list of metadata keys, such as [org_id]",
     "backends": "a non-empty list of backends",
 }
 
@@ -183,6 +202,8 @@ class RouterConfig:
         self.usage_store = resolve_store(raw.usage_store, base)
         self.shared_state = raw.shared_state or os.environ.get(REDIS_ENV) or None
         self.redis_prefix = raw.redis_prefix
+        #: ``llm.telemetry`` (OpenTelemetry, Prometheus, metadata totals; ``telemetry.py``)
+        self.telemetry = raw.telemetry
 
     def __repr__(self) -> str:
         return f"RouterConfig(strategy={self.strategy!r}, backends={self.backends!r})"
@@ -342,10 +363,32 @@ def _check_block(raw: LLMConfig) -> list[str]:
     if raw.missing_keys not in MISSING_KEYS:
         problems.append(f'llm.missing_keys: expected error (the default: a backend whose key is not set '
                         f'is a config error) or skip (run without it), got "{raw.missing_keys}"')
+    problems += _check_telemetry(raw.telemetry)
     for key in raw.pricing:
         if not key.strip():
             problems.append('llm.pricing: an empty model name; use a model name such as "grok-4.1" '
                             'or a pattern such as "grok-*"')
+    return problems
+
+
+def _check_telemetry(t: TelemetryConfig) -> list[str]:
+    import importlib.util
+
+    problems = []
+    for i, key in enumerate(t.group_by_metadata):
+        if not key.strip() or key.startswith("metadata."):
+            problems.append(f"llm.telemetry.group_by_metadata[{i}]: expected a metadata key such as org_id "
+                            f"(without metadata.), got {json.dumps(key)}")
+    if t.prometheus_port is not None:
+        if not t.otel:
+            problems.append("llm.telemetry.prometheus_port: set while llm.telemetry.otel is false; remove "
+                            "one of them (the Prometheus endpoint serves the OpenTelemetry metrics)")
+        elif importlib.util.find_spec("opentelemetry") is None or \
+                importlib.util.find_spec("prometheus_client") is None:
+            problems.append("llm.telemetry.prometheus_port: needs OpenTelemetry and its Prometheus exporter; "
+                            "pip install 'xml-pipeline-llm[otel]', or remove prometheus_port")
+    if not t.prometheus_host.strip():
+        problems.append('llm.telemetry.prometheus_host: expected an address such as 127.0.0.1, got ""')
     return problems
 
 
@@ -461,7 +504,7 @@ def _describe(err: Mapping[str, Any], block: Mapping[str, Any]) -> str:
 
 def _unknown_key(path: str, key: str, loc: list[Any]) -> str:
     model = (ModelPrice if loc[:1] == ["pricing"] else BackendConfig if loc[:1] == ["backends"]
-             else LLMConfig)
+             else TelemetryConfig if loc[:1] == ["telemetry"] else LLMConfig)
     valid = list(model.model_fields)
     hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     did = f'did you mean "{hint[0]}"? ' if hint else ""

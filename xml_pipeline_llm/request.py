@@ -37,6 +37,7 @@ class Request:
     dropped: set[str] = field(default_factory=set)     # cannot serve it at all
     unsupported: dict[str, str] = field(default_factory=dict)   # backend -> parameters its provider refused
     last_exc: BaseException | None = None
+    span: Any = None                  # the request's telemetry span (telemetry.py), None when off
 
     def pool(self) -> list[ResolvedBackend]:
         """The candidates not dropped for this request."""

@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from . import _litellm
 from .config import ResolvedBackend, RouterConfig
 from .errors import BadRequestError
 from .lifecycle import OpenStream, Services, Try
-from .options import CallOptions, check_call, split_options
+from .options import CallOptions, checked
 from .redact import short
 from .request import Request
 from .response import LLMResponse
@@ -29,7 +30,8 @@ from .state import BackendGate, State, make_state
 from .stores import open_store
 from .strategies import STRATEGIES, Strategy
 from .streaming import LLMStream
-from .usage import EXPORTS, AgentUsage, UsageEvent, UsageLedger, check_by, write_csv
+from .telemetry import make_telemetry
+from .usage import EXPORTS, AgentUsage, Listener, UsageEvent, UsageLedger, check_by, write_csv
 
 log = logging.getLogger("xml_pipeline_llm")
 
@@ -45,19 +47,18 @@ class LLMRouter:
         self._gates: dict[str, BackendGate] = {
             b.name: self._state.gate(b.name, b.max_concurrent, b.rate_limit_tpm) for b in self.backends}
         self._ledger = UsageLedger(open_store(config.usage_store, config.redis_prefix),
-                                   shared=self._state.usage)
+                                   shared=self._state.usage, group_by_metadata=config.telemetry.group_by_metadata)
         self._routes = Routes(self.backends, config.skipped)
         self._llm: _litellm.Deployments | None = None
         self._secrets = [b.api_key.get_secret_value() for b in self.backends if b.api_key is not None]
         self.id = uuid.uuid4().hex
+        #: spans and metrics (``telemetry.py``): ``NOOP`` when off or not installed; ``.metrics_url``
+        self.telemetry = make_telemetry(config, self, self._ledger, self._secrets)
         self._services = Services(self.id, {b.name: b for b in self.backends}, self._gates, self._ledger,
-                                  self._deployments, config.default_max_tokens)
+                                  self._deployments, config.default_max_tokens, self.telemetry)
 
     def __repr__(self) -> str:
-        names = ", ".join(b.name for b in self.backends)
-        return f"LLMRouter(strategy={self.config.strategy!r}, backends=[{names}])"
-
-    # ------------------------------------------------------------ routing
+        return f"LLMRouter(strategy={self.config.strategy!r}, backends=[{', '.join(b.name for b in self.backends)}])"
 
     def route(self, model: str) -> tuple[str, list[ResolvedBackend]]:
         """The model name to send and the backends that may serve it (file order; ``routing.py``)."""
@@ -77,7 +78,7 @@ class LLMRouter:
                        agent_id: str | None = None, thread_id: str | None = None,
                        metadata: dict[str, Any] | None = None, **kwargs: Any) -> LLMResponse:
         """One chat completion, retried and failed over by the configured rules."""
-        options, kwargs = _checked(model, messages, kwargs, streaming=False)
+        options, kwargs, metadata = checked(model, messages, metadata, kwargs, streaming=False)
         req = await self._request(model, messages, agent_id, thread_id, metadata, kwargs, options)
         resp = await self._serve(req, stream=False)
         assert isinstance(resp, LLMResponse)
@@ -87,7 +88,7 @@ class LLMRouter:
                agent_id: str | None = None, thread_id: str | None = None,
                metadata: dict[str, Any] | None = None, **kwargs: Any) -> LLMStream:
         """An async iterator of text deltas; ``.response`` holds the LLMResponse once it ends."""
-        options, kwargs = _checked(model, messages, kwargs, streaming=True)
+        options, kwargs, metadata = checked(model, messages, metadata, kwargs, streaming=True)
 
         async def open_stream() -> OpenStream:
             req = await self._request(model, messages, agent_id, thread_id, metadata, kwargs, options)
@@ -102,7 +103,7 @@ class LLMRouter:
                        kwargs: dict[str, Any], options: CallOptions) -> Request:
         bare, candidates = self.route(model)
         retries = self.config.retries if options.retries is None else options.retries
-        req = Request(bare, messages, kwargs, agent_id, thread_id, dict(metadata or {}), candidates,
+        req = Request(bare, messages, kwargs, agent_id, thread_id, metadata or {}, candidates,
                       options, retries + 1)
         if self._strategy.rotates:
             req.turn = await self._state.next_turn(bare)
@@ -112,9 +113,10 @@ class LLMRouter:
         """Tries until one serves the request, by the policy in ``retry.py``."""
         served: LLMResponse | OpenStream | None = None
         try:
-            async for attempt in retrying(req, self._state.cooldowns):
-                with attempt:
-                    served = await self._try(req, stream)
+            with self.telemetry.request(req, stream):      # the request's span (a stream's ends with it)
+                async for attempt in retrying(req, self._state.cooldowns):
+                    with attempt:
+                        served = await self._try(req, stream)
         except TryFailed:
             raise req.final_error() from req.last_exc
         assert served is not None
@@ -147,18 +149,15 @@ class LLMRouter:
                           chosen.name, [b.name for b in fresh or ready], sorted(cooling))
                 return chosen
             log.debug("%s: every backend cools down; waiting %.2fs", req.model, until_ready(cooling, pool))
+            self.telemetry.waiting(req, until_ready(cooling, pool))
             await asyncio.sleep(until_ready(cooling, pool))
 
     def _load(self, backend: ResolvedBackend) -> float:
         return self._gates[backend.name].load
 
     def _not_sent(self, req: Request, backend: ResolvedBackend, exc: Exception) -> None:
-        """LiteLLM failed before sending: not the provider's failure, so no cooldown and no try.
-
-        A parameter the backend's provider does not take drops that backend for
-        this request (the next candidate may take it); anything else is the
-        request's own fault.
-        """
+        """LiteLLM failed before sending: no cooldown, no try.  A parameter the backend's provider
+        does not take drops that backend for this request; anything else is the request's own fault."""
         verdict = classify(exc, _litellm.cause(exc))
         if verdict is None or verdict.action is not Action.UNSUPPORTED:
             raise BadRequestError(
@@ -188,7 +187,7 @@ class LLMRouter:
                             self.config.retry_max_delay)
             await self._state.cool_down(backend.name, wait)
         final = req.exhausted()
-        await t.record_failure(outcome(final, verdict))
+        await t.record_failure(outcome(final, verdict), wait)
         log.info("%s: try %d/%d on %s failed (%s %s)%s; %s", req.model, len(req.attempts), req.tries,
                  backend.name, verdict.kind, verdict.status or "",
                  f", cooling down {wait:.2f}s" if wait is not None else ", dropped for this request",
@@ -206,13 +205,15 @@ class LLMRouter:
         return self._llm
 
     def litellm_router(self) -> Any:
-        """A ``litellm.Router`` over the same backends (``"<backend>/<model>"``), its own rules off.
-
-        ``complete()`` does not use it (see ``_litellm.Deployments``); calls through it are not accounted.
-        """
+        """A ``litellm.Router`` over the same backends (``"<backend>/<model>"``), its own rules off;
+        ``complete()`` does not use it (``_litellm.Deployments``) and calls through it are not accounted."""
         return _litellm.build_router(self.backends, self.config.timeout)
 
     # ------------------------------------------------------------ usage
+
+    def on_usage(self, callback: Listener) -> Callable[[], None]:
+        """Call ``callback(event)`` for every usage event once it is in the totals; returns unsubscribe."""
+        return self._ledger.listeners.add(callback)
 
     def usage_events(self) -> list[UsageEvent]:
         """The usage events this router recorded (the newest 100,000), oldest first."""
@@ -223,7 +224,7 @@ class LLMRouter:
         return self._ledger.get("agent", agent_id)
 
     def get_all_usage(self, by: str = "agent") -> dict[str, AgentUsage]:
-        """Totals per agent (or per ``model``, ``backend``, ``thread``)."""
+        """Totals per agent (or per ``model``, ``backend``, ``thread``, ``metadata.<key>``)."""
         return self._ledger.totals(check_by(by))
 
     def reset_agent_usage(self, agent_id: str | None = None) -> None:
@@ -238,15 +239,11 @@ class LLMRouter:
 
     async def aclose(self) -> None:
         """Flush and close the usage store and the shared-state connection."""
+        self.telemetry.close()
         await self._ledger.close()
         await self._state.close()
 
     def close(self) -> None:
         """``aclose`` for code outside an event loop (``configure_router`` replacing a router)."""
+        self.telemetry.close()
         self._ledger.flush()
-
-
-def _checked(model: Any, messages: Any, kwargs: dict[str, Any],
-             streaming: bool) -> tuple[CallOptions, dict[str, Any]]:
-    check_call(model, messages)
-    return split_options(kwargs, streaming=streaming)
