@@ -112,13 +112,13 @@ class LLMRouter:
     async def _serve(self, req: Request, stream: bool) -> LLMResponse | OpenStream:
         """Tries until one serves the request, by the policy in ``retry.py``."""
         served: LLMResponse | OpenStream | None = None
-        try:
-            with self.telemetry.request(req, stream):      # the request's span (a stream's ends with it)
+        with self.telemetry.request(req, stream):      # the request's span (a stream's ends with it)
+            try:
                 async for attempt in retrying(req, self._state.cooldowns):
                     with attempt:
                         served = await self._try(req, stream)
-        except TryFailed:
-            raise req.final_error() from req.last_exc
+            except TryFailed:
+                raise req.final_error() from req.last_exc
         assert served is not None
         return served
 
