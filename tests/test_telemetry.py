@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -247,4 +249,29 @@ async def test_prometheus_serves_the_histograms_and_the_backend_gauges(sim, otel
                 if line.startswith("gen_ai_client_token_usage_sum{") and 'xpl_backend="ot-prom-' in line)
     assert total == sum(u.total_tokens for u in r.get_all_usage(by="backend").values())
     assert not any(key in body for key in FAKE_KEYS.values())
+    # the shipped Grafana dashboard asks only for series that are served
+    dashboard = json.loads((Path(__file__).parent.parent / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    wanted = {m for e in exprs for m in re.findall(r"\b((?:gen_ai|xpl)_[a-zA-Z_]+)(?:\{|\[|$)", e)}
+    served = {line.split("{")[0] for line in lines if not line.startswith("#")}
+    assert wanted - served == {"xpl_budget_remaining"}          # that one appears once budgets exist
+    await r.aclose()
+
+
+async def test_budget_gauges_ask_the_router_for_its_budgets(sim, otel):
+    from types import SimpleNamespace
+
+    from xml_pipeline_llm import LLMRouter, load_config
+
+    class WithBudgets(LLMRouter):          # the hook C11's router.budgets() fills
+        def budgets(self) -> list[Any]:
+            return [SimpleNamespace(scope="agent", key="ot-budget-agent", remaining_tokens=900,
+                                    remaining_usd=None)]
+
+    r = WithBudgets(load_config({"llm": {"backends": [backend(sim, "xai", "ot-budget")]}}))
+    data = otel.reader.get_metrics_data()
+    points = [p for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+              if m.name == "xpl.budget.remaining" for p in m.data.data_points
+              if p.attributes.get("xpl.budget.key") == "ot-budget-agent"]
+    assert [(p.value, p.attributes["xpl.budget.unit"]) for p in points] == [(900, "tokens")]
     await r.aclose()

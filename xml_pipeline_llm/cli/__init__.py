@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="failover, round-robin, least-loaded or all (default all)")
     p.add_argument("--csv", metavar="FILE", default="xml-pipeline-llm-demo-usage.csv",
                    help="where to write the per-agent usage CSV (default ./xml-pipeline-llm-demo-usage.csv)")
+    p.add_argument("--metrics-port", type=_port, default=None, metavar="PORT",
+                   help="serve Prometheus /metrics on 127.0.0.1:PORT while the demo runs (0: any free port; "
+                        "needs the [otel] extra)")
     p.set_defaults(func=cmd_demo)
     parser.set_defaults(commands=commands)
     return parser
