@@ -32,7 +32,9 @@ from xml_pipeline_llm import ProviderError  # noqa: E402
 from xml_pipeline_llm.simulator import Fault  # noqa: E402
 from xml_pipeline_llm.telemetry import DURATION_BUCKETS, TOKEN_BUCKETS  # noqa: E402
 
-PRICING = {"grok-4.1": {"input_per_mtok": 3.0, "output_per_mtok": 15.0}}
+# A model of the tests' own: LiteLLM's cost map is one per process, so a price given here stays for the session.
+PRICED = "grok-otel-priced"
+PRICING = {PRICED: {"input_per_mtok": 3.0, "output_per_mtok": 15.0}}
 
 
 class Keep(SpanProcessor):
@@ -100,14 +102,14 @@ async def test_a_request_that_fails_over_once_is_one_span_with_two_try_children(
     sim.script("ot-fo-a", [Fault.status(429, retry_after=0.1)])
     r = make_router([backend(sim, "xai", "ot-fo-a"), backend(sim, "xai", "ot-fo-b", priority=2)],
                     pricing=PRICING)
-    resp = await r.complete("grok-4.1", MESSAGES, agent_id="researcher", thread_id="t-42", max_tokens=64)
+    resp = await r.complete(PRICED, MESSAGES, agent_id="researcher", thread_id="t-42", max_tokens=64)
     spans = otel.spans()
-    (req,) = by_name(spans, "grok-4.1")
+    (req,) = by_name(spans, PRICED)
     failed, served = children(spans, req)
     assert req.kind is SpanKind.CLIENT and failed.kind is SpanKind.CLIENT
     assert (failed.name, served.name) == ("try ot-fo-a", "try ot-fo-b")
     a = req.attributes
-    assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.request.model"] == "grok-4.1"
+    assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.request.model"] == PRICED
     assert a["gen_ai.request.max_tokens"] == 64 and a["gen_ai.conversation.id"] == "t-42"
     assert a["xpl.agent_id"] == "researcher" and a["xpl.backend"] == "ot-fo-b" and a["xpl.tries"] == 2
     assert a["gen_ai.usage.input_tokens"] == resp.usage["prompt_tokens"]
@@ -158,7 +160,7 @@ async def test_token_and_cost_metrics_add_up_to_the_ledger_exactly(sim, otel):
     names = {"ot-m-a", "ot-m-b"}
     r = make_router([backend(sim, "xai", "ot-m-a"), backend(sim, "xai", "ot-m-b")], strategy="round-robin",
                     pricing=PRICING)
-    await asyncio.gather(*(r.complete("grok-4.1", MESSAGES, agent_id=f"ag{i % 3}", max_tokens=20 + i)
+    await asyncio.gather(*(r.complete(PRICED, MESSAGES, agent_id=f"ag{i % 3}", max_tokens=20 + i)
                            for i in range(40)))
     totals = r.get_all_usage(by="backend")
     for token_type, column in (("input", "prompt_tokens"), ("output", "completion_tokens")):
@@ -232,7 +234,7 @@ async def test_prometheus_serves_the_histograms_and_the_backend_gauges(sim, otel
     url = r.telemetry.metrics_url
     assert url is not None and url.startswith("http://127.0.0.1:") and url.endswith("/metrics")
     for i in range(4):
-        await r.complete("grok-4.1", MESSAGES, agent_id=f"p{i % 2}")
+        await r.complete(PRICED, MESSAGES, agent_id=f"p{i % 2}")
 
     def get() -> str:
         with urllib.request.urlopen(url, timeout=10) as resp:

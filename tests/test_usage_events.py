@@ -128,13 +128,13 @@ async def test_metadata_grouping_equals_a_hand_computation(sim, tmp_path):
     sim.script("ue-meta-a", [Fault.status(503), Fault.status(429, retry_after=0.05)])
     r = make_router([backend(sim, "xai", "ue-meta-a"), backend(sim, "xai", "ue-meta-b")],
                     telemetry={"group_by_metadata": ["org_id"]},
-                    pricing={"grok-4.1": {"input_per_mtok": 3.0, "output_per_mtok": 15.0}})
+                    pricing={"grok-meta-priced": {"input_per_mtok": 3.0, "output_per_mtok": 15.0}})
     calls = []
     for i in range(30):
         meta: dict = {"org_id": ORGS[i % 3], "team": i % 2 == 0, "n": i % 4}
         if i % 7 == 0:
             meta = {"team": True}                            # no org_id: counted under (none)
-        calls.append(r.complete("grok-4.1", MESSAGES, agent_id=f"a{i % 4}", metadata=meta, max_tokens=50 + i))
+        calls.append(r.complete("grok-meta-priced", MESSAGES, agent_id=f"a{i % 4}", metadata=meta, max_tokens=50 + i))
     await asyncio.gather(*calls)
     events = r.usage_events()
     assert any(e.outcome.startswith("retried:") for e in events)

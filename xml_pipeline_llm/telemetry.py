@@ -185,19 +185,7 @@ class OTelTelemetry(NoTelemetry):
             self._cooling[t.backend.name] = time.monotonic() + cooldown
         if span is None:
             return
-        attrs: dict[str, Any] = {"gen_ai.usage.input_tokens": event.prompt_tokens,
-                                 "gen_ai.usage.output_tokens": event.completion_tokens,
-                                 "xpl.outcome": event.outcome}
-        if event.cost_usd is not None:
-            attrs["xpl.cost_usd"] = event.cost_usd
-        if cooldown is not None:
-            attrs["xpl.cooldown_s"] = round(cooldown, 3)
-        if resp is not None:
-            attrs["gen_ai.response.model"] = resp.model
-            attrs["gen_ai.response.finish_reasons"] = [resp.finish_reason] if resp.finish_reason else []
-            if self._capture:
-                attrs["gen_ai.output.messages"] = mask(json.dumps(
-                    [{"role": "assistant", "content": resp.content}]), self._secrets)
+        attrs = self._ended_attributes(event, resp, cooldown)
         span.set_attributes(attrs)
         if not event.succeeded:
             span.set_attribute("error.type", event.outcome.partition(":")[2] or event.outcome)
@@ -211,6 +199,23 @@ class OTelTelemetry(NoTelemetry):
                                           "gen_ai.provider.name": provider_name(t.backend.provider.name)})
             if held.stream:             # a stream's request ends with its stream
                 self._end_request(t.req, None if event.succeeded else event.outcome.partition(":")[2])
+
+    def _ended_attributes(self, event: UsageEvent, resp: LLMResponse | None,
+                          cooldown: float | None) -> dict[str, Any]:
+        attrs: dict[str, Any] = {"gen_ai.usage.input_tokens": event.prompt_tokens,
+                                 "gen_ai.usage.output_tokens": event.completion_tokens,
+                                 "xpl.outcome": event.outcome}
+        if event.cost_usd is not None:
+            attrs["xpl.cost_usd"] = event.cost_usd
+        if cooldown is not None:
+            attrs["xpl.cooldown_s"] = round(cooldown, 3)
+        if resp is not None:
+            attrs["gen_ai.response.model"] = resp.model
+            attrs["gen_ai.response.finish_reasons"] = [resp.finish_reason] if resp.finish_reason else []
+            if self._capture:
+                attrs["gen_ai.output.messages"] = mask(json.dumps(
+                    [{"role": "assistant", "content": resp.content}]), self._secrets)
+        return attrs
 
     def try_exited(self, t: Try, exc: BaseException | None) -> None:
         """A try that ended without an event: LiteLLM refused it before sending (or it was cancelled)."""
