@@ -14,7 +14,11 @@ several variants of one kind may share a process.  A variant spec has:
   totals are pre-filled with that many agents); ``sqlite``: ledger path or
   null; ``stub_accounting``: make the ledger's record a no-op (the "without
   accounting" baseline); ``limits``: backend limit keys; ``prefix``: backend
-  names are ``<prefix>-0``, ``<prefix>-1``, ... (default ``sim``); ``warmup``: calls.
+  names are ``<prefix>-0``, ``<prefix>-1``, ... (default ``sim``); ``warmup``: calls;
+  ``telemetry`` (issue 14; per process, so one variant per worker): ``missing`` (OpenTelemetry
+  made unimportable before the package loads), ``off`` (``llm.telemetry.otel: false``), ``api``
+  (installed, no SDK providers: the API's no-ops) or ``sdk`` (the SDK's tracer and meter
+  providers with an exporter and a reader that drop everything).
 
 Commands: ``seq`` (n sequential calls: CPU ms and wall ms per call),
 ``tput`` (total calls with ``inflight`` at a time: req/s), ``burst`` (n calls
@@ -126,6 +130,8 @@ class Variant:
             llm["usage_store"] = f"sqlite:///{self.spec['sqlite']}"
         if self.spec.get("budgets"):
             llm["budgets"] = self.spec["budgets"]
+        if self.spec.get("telemetry") == "off":
+            llm["telemetry"] = {"otel": False}
         return common.make_router(backends, **llm)
 
     async def _setup_router(self) -> None:
@@ -247,8 +253,43 @@ class Variant:
         return out
 
 
+def setup_telemetry(kinds: set[str]) -> None:
+    """The process-wide OpenTelemetry setting of the ``telemetry`` variants (see the module doc)."""
+    if "missing" in kinds:
+        for name in ("opentelemetry", "opentelemetry.trace"):
+            sys.modules[name] = None  # type: ignore[assignment]   # import (and find_spec) now fail
+    if "sdk" in kinds:
+        from opentelemetry import metrics, trace
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+        class DropSpans(SpanExporter):
+            def export(self, spans: Any) -> Any:
+                return SpanExportResult.SUCCESS
+
+        class DropMetrics(MetricExporter):
+            def export(self, metrics_data: Any, timeout_millis: float = 0, **kw: Any) -> Any:
+                from opentelemetry.sdk.metrics.export import MetricExportResult
+                return MetricExportResult.SUCCESS
+
+            def force_flush(self, timeout_millis: float = 0) -> bool:
+                return True
+
+            def shutdown(self, timeout_millis: float = 0, **kw: Any) -> None:
+                pass
+
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(DropSpans()))
+        trace.set_tracer_provider(provider)
+        reader = PeriodicExportingMetricReader(DropMetrics(), export_interval_millis=5000)
+        metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+
+
 def main() -> int:
     spec = json.loads(sys.argv[1])
+    setup_telemetry({v.get("telemetry") for v in spec["variants"].values()} - {None})
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     variants: dict[str, Variant] = {}

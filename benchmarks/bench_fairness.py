@@ -6,6 +6,7 @@
 One backend with ``max_concurrent: 2`` whose simulator answers after 50 ms.
 A greedy agent queues ``--flood`` calls at once; a light agent then sends
 ``--light`` calls one after another, and its wait (call latency) is measured.
+The greedy agent keeps its queue full (each call that ends is replaced).
 "FIFO" is what arrival order gives: the light agent's calls are made under the
 greedy agent's id, so fair queueing has nobody to be fair to.  Also the
 per-call CPU when limits do not bind, with the fair order's bookkeeping.
@@ -30,18 +31,25 @@ LATENCY = 0.05
 
 
 async def light_waits(router: object, light_agent: str, flood: int, light: int) -> list[float]:
+    """The light agent's call latencies while ``flood`` greedy calls stay queued (each replaced when done)."""
     r: Any = router
-    greedy = [asyncio.ensure_future(r.complete(common.MODEL, common.MESSAGES, agent_id="greedy", max_tokens=16))
-              for _ in range(flood)]
-    await asyncio.sleep(0)
+    stop = False
+
+    async def greedy() -> None:
+        while not stop:
+            await r.complete(common.MODEL, common.MESSAGES, agent_id="greedy", max_tokens=16)
+
+    workers = [asyncio.ensure_future(greedy()) for _ in range(flood)]
+    await asyncio.sleep(0.2)
     waits = []
     for _ in range(light):
         start = time.perf_counter()
         await r.complete(common.MODEL, common.MESSAGES, agent_id=light_agent, max_tokens=16)
         waits.append(time.perf_counter() - start)
-    for t in greedy:
-        t.cancel()
-    await asyncio.gather(*greedy, return_exceptions=True)
+    stop = True
+    for w in workers:
+        w.cancel()
+    await asyncio.gather(*workers, return_exceptions=True)
     return waits
 
 
@@ -69,8 +77,8 @@ async def main_async(args: argparse.Namespace, sim: common.SimProcess) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--flood", type=int, default=200)
-    ap.add_argument("--light", type=int, default=20)
+    ap.add_argument("--flood", type=int, default=100)
+    ap.add_argument("--light", type=int, default=8)
     args = ap.parse_args()
     with common.SimProcess() as sim:
         asyncio.run(main_async(args, sim))

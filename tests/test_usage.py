@@ -194,7 +194,7 @@ async def test_csv_exports_parse_back(sim, tmp_path):
     events = list(csv.DictReader((tmp_path / "event.csv").open()))
     assert list(events[0]) == ["timestamp", "agent_id", "thread_id", "model", "backend", "provider",
                                "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd",
-                               "latency_ms", "outcome", "requested_model"]
+                               "latency_ms", "outcome", "requested_model", "metadata"]
     assert [e["agent_id"] for e in events] == ["alice", "bob", "alice"]
     assert all(e["requested_model"] == e["model"] for e in events)     # plain calls: the model asked for
     assert events[0]["timestamp"].endswith("Z") and events[1]["cost_usd"] == ""

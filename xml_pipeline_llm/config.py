@@ -92,6 +92,18 @@ class BudgetConfig(BaseModel):
     warn_at: list[int] = Field(default_factory=lambda: [75, 90, 95])
 
 
+class TelemetryConfig(BaseModel):
+    """``llm.telemetry``: OpenTelemetry spans and metrics, Prometheus, metadata totals (contract C12)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    otel: bool = True                       # active when opentelemetry-api is importable
+    capture_content: bool = False           # message text in spans
+    prometheus_port: int | None = Field(default=None, ge=0, le=65535)
+    prometheus_host: str = "127.0.0.1"
+    group_by_metadata: list[str] = Field(default_factory=list)
+
+
 class LLMConfig(BaseModel):
     """The whole ``llm:`` block."""
 
@@ -114,6 +126,7 @@ class LLMConfig(BaseModel):
     priority_aging: float = Field(default=30.0, gt=0)
     max_tokens_per_thread: int | None = Field(default=None, gt=0)
     models: dict[str, list[str]] = Field(default_factory=dict)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     backends: list[BackendConfig] = Field(min_length=1)
 
 
@@ -160,6 +173,12 @@ EXPECTED = {
     "models": "a mapping of alias names to lists of models, such as {smart: [grok-4.1, claude-sonnet-4]}",
     "alias": "a non-empty list of model names, tried in this order, such as [grok-4.1, claude-sonnet-4]",
     "alias_member": "a model name such as claude-sonnet-4",
+    "telemetry": "a mapping with otel, capture_content, prometheus_port, prometheus_host, group_by_metadata",
+    "otel": "true or false (false: no OpenTelemetry spans or metrics even when it is installed)",
+    "capture_content": "true or false (true: message text in spans)",
+    "prometheus_port": "a port number 0-65535 for /metrics (0: any free port)",
+    "prometheus_host": "an address to bind /metrics to, such as 127.0.0.1 (the default) or 0.0.0.0",
+    "group_by_metadata": "a list of metadata keys, such as [org_id]",
     "backends": "a non-empty list of backends",
 }
 
@@ -240,6 +259,8 @@ class RouterConfig:
         self.budgets: list[BudgetConfig] = list(raw.budgets)
         if raw.max_tokens_per_thread is not None:
             self.budgets.insert(0, BudgetConfig(scope="thread", max_tokens=raw.max_tokens_per_thread))
+        #: ``llm.telemetry`` (OpenTelemetry, Prometheus, metadata totals; ``telemetry.py``)
+        self.telemetry = raw.telemetry
 
     def __repr__(self) -> str:
         return f"RouterConfig(strategy={self.strategy!r}, backends={self.backends!r})"
@@ -402,6 +423,7 @@ def _check_block(raw: LLMConfig) -> list[str]:
         problems.append(f'llm.missing_keys: expected error (the default: a backend whose key is not set '
                         f'is a config error) or skip (run without it), got "{raw.missing_keys}"')
     problems += _budget_problems(raw.budgets)
+    problems += _check_telemetry(raw.telemetry)
     for key in raw.pricing:
         if not key.strip():
             problems.append('llm.pricing: an empty model name; use a model name such as "grok-4.1" '
@@ -483,6 +505,27 @@ def _member_problem(where: str, alias: str, member: str, before: list[str], mode
         return [f'{where}: no backend serves model "{member}"; add it to a backend\'s supported_models '
                 f"or remove it from the alias"]
     return []
+
+
+def _check_telemetry(t: TelemetryConfig) -> list[str]:
+    import importlib.util
+
+    problems = []
+    for i, key in enumerate(t.group_by_metadata):
+        if not key.strip() or key.startswith("metadata."):
+            problems.append(f"llm.telemetry.group_by_metadata[{i}]: expected a metadata key such as org_id "
+                            f"(without metadata.), got {json.dumps(key)}")
+    if t.prometheus_port is not None:
+        if not t.otel:
+            problems.append("llm.telemetry.prometheus_port: set while llm.telemetry.otel is false; remove "
+                            "one of them (the Prometheus endpoint serves the OpenTelemetry metrics)")
+        elif importlib.util.find_spec("opentelemetry") is None or \
+                importlib.util.find_spec("prometheus_client") is None:
+            problems.append("llm.telemetry.prometheus_port: needs OpenTelemetry and its Prometheus exporter; "
+                            "pip install 'xml-pipeline-llm[otel]', or remove prometheus_port")
+    if not t.prometheus_host.strip():
+        problems.append('llm.telemetry.prometheus_host: expected an address such as 127.0.0.1, got ""')
+    return problems
 
 
 def _resolve_backends(raw: LLMConfig, problems: list[str],
@@ -606,7 +649,7 @@ def _place(loc: list[Any]) -> tuple[str, str]:
 def _unknown_key(path: str, key: str, loc: list[Any]) -> str:
     model = (ModelPrice if loc[:1] == ["pricing"] else BackendConfig if loc[:1] == ["backends"]
              else BudgetConfig if loc[:1] == ["budgets"] else AgentConfig if loc[:1] == ["agents"]
-             else LLMConfig)
+             else TelemetryConfig if loc[:1] == ["telemetry"] else LLMConfig)
     valid = list(model.model_fields)
     hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     did = f'did you mean "{hint[0]}"? ' if hint else ""

@@ -25,6 +25,7 @@ from .budgets import Budgets, Hold, keys_for
 from .fairness import ANONYMOUS, Turn
 from .reservation import fair_cost, tokens_to_reserve, worst_case, worst_cost
 from .response import LLMResponse
+from .telemetry import NOOP, NoTelemetry
 from .usage import OK, UsageEvent, UsageLedger, make_event
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ class Services:
     default_max_tokens: int
     budgets: Budgets
     weights: Mapping[str, float]
+    telemetry: NoTelemetry = NOOP      # spans and metrics (telemetry.py); NOOP when off or not installed
 
     def record_from_callback(self, meta: Mapping[str, Any], kwargs: Mapping[str, Any], response: Any,
                              start: Any, end: Any) -> None:
@@ -63,7 +65,8 @@ class Services:
             backend=backend.name, provider=backend.provider.name, usage=_litellm.usage_of(response),
             cost_usd=_litellm.response_cost(response, model, backend.provider.litellm_prefix),
             latency_ms=latency, outcome=OK, call_id=str(kwargs.get("litellm_call_id") or ""),
-            requested_model=meta.get("xpl_requested") or model))
+            requested_model=meta.get("xpl_requested") or model,
+            metadata=meta.get("xpl_metadata")))
 
 
 @dataclass
@@ -88,6 +91,7 @@ class Try:
         self.reservation: Reservation | None = None
         self.hold: Hold | None = None
         self.start = 0.0
+        self.span: Any = None           # this try's telemetry span while it runs
         self._held = False
         self._released = False
 
@@ -106,6 +110,7 @@ class Try:
             self._settle_budgets(0, 0.0)
             raise
         self.start = time.perf_counter()
+        self.services.telemetry.try_started(self)
         return self
 
     async def _reserve_budgets(self, budgets: Budgets) -> Hold | None:
@@ -125,6 +130,9 @@ class Try:
     async def __aexit__(self, *exc_info: object) -> None:
         if not self._held:
             self.release(0)
+            if self.span is not None:     # ended without an event: not sent (or cancelled)
+                exc = exc_info[1]
+                self.services.telemetry.try_exited(self, exc if isinstance(exc, BaseException) else None)
 
     @property
     def latency_ms(self) -> float:
@@ -142,7 +150,9 @@ class Try:
         self.release(_litellm.usage_of(raw)["total_tokens"], cost)
         latency = self.latency_ms
         resp = _litellm.to_response(raw, backend.name, latency, cost)
-        await self.services.ledger.record(self.event(resp.usage, cost, latency, OK, _litellm.call_id(raw)))
+        event = self.event(resp.usage, cost, latency, OK, _litellm.call_id(raw))
+        await self.services.ledger.record(event)
+        self.services.telemetry.try_ended(self, event, resp)
         return resp
 
     async def open_stream(self) -> OpenStream:
@@ -163,7 +173,8 @@ class Try:
         req, backend = self.req, self.backend
         meta = {**req.metadata, "xpl_router": self.services.router_id, "xpl_backend": backend.name,
                 "xpl_try": self.tag, "agent_id": req.agent_id, "thread_id": req.thread_id,
-                "xpl_model": req.model, "xpl_requested": req.requested_model or req.model}
+                "xpl_model": req.model, "xpl_requested": req.requested_model or req.model,
+                "xpl_metadata": req.metadata}
         kwargs = {**req.kwargs, **extra} if extra else req.kwargs
         return await self.services.deployments().acompletion(
             backend.name, req.model, messages=req.messages, metadata=meta, timeout=req.options.timeout,
@@ -185,12 +196,17 @@ class Try:
         return make_event(agent_id=req.agent_id, thread_id=req.thread_id, model=req.model,
                           backend=self.backend.name, provider=self.backend.provider.name, usage=usage,
                           cost_usd=cost_usd, latency_ms=latency_ms, outcome=outcome, call_id=call_id,
-                          requested_model=req.requested_model or req.model)
+                          requested_model=req.requested_model or req.model, metadata=req.metadata)
 
-    async def record_failure(self, outcome: str) -> None:
-        await self.services.ledger.record(self.event(None, None, self.latency_ms, outcome))
+    async def record_failure(self, outcome: str, cooldown: float | None = None) -> None:
+        """Record a failed try (``cooldown``: seconds its backend now cools down, for telemetry)."""
+        event = self.event(None, None, self.latency_ms, outcome)
+        await self.services.ledger.record(event)
+        self.services.telemetry.try_ended(self, event, None, cooldown)
 
     def finish(self, resp: LLMResponse, outcome: str, call_id: str) -> UsageEvent:
         """A held stream ended: release and settle with its usage; the event to record."""
         self.release(resp.usage["total_tokens"], resp.cost_usd)
-        return self.event(resp.usage, resp.cost_usd, resp.latency_ms, outcome, call_id)
+        event = self.event(resp.usage, resp.cost_usd, resp.latency_ms, outcome, call_id)
+        self.services.telemetry.try_ended(self, event, resp)
+        return event

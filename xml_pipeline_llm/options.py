@@ -132,6 +132,30 @@ def _flag(name: str, value: Any) -> bool | None:
     return value
 
 
+def check_metadata(metadata: Any) -> dict[str, Any]:
+    """``metadata=`` as a dict of str to str/int/float/bool (kept on usage events), or BadRequestError."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise BadRequestError(f"metadata=: expected a dict such as {{'org_id': 'acme'}}, got {_show(metadata)} "
+                              f"(nothing was sent)")
+    for key, value in metadata.items():
+        if not isinstance(key, str):
+            raise BadRequestError(f"metadata=: keys must be strings, got the key {_show(key)}; use "
+                                  f"str(key) (nothing was sent)")
+        if value is None or not isinstance(value, (str, int, float, bool)):
+            raise BadRequestError(f"metadata[{key!r}]: expected a string, number or true/false, got "
+                                  f"{_show(value)}; pass a scalar (e.g. json.dumps it) (nothing was sent)")
+    return dict(metadata)
+
+
+def checked(model: Any, messages: Any, metadata: Any, kwargs: dict[str, Any],
+            streaming: bool) -> tuple[CallOptions, dict[str, Any], dict[str, Any]]:
+    """All the checks of a call before anything is sent: its options, provider kwargs and metadata."""
+    check_call(model, messages)
+    return (*split_options(kwargs, streaming=streaming), check_metadata(metadata))
+
+
 def check_call(model: Any, messages: Any) -> None:
     """The model is a non-empty string and the messages a non-empty list in OpenAI form."""
     if not isinstance(model, str) or not model.strip():

@@ -87,6 +87,7 @@ class Request:
         """Try the ``i``-th model next: ``model`` and ``candidates`` become its own."""
         self.step = i
         self.model, self.candidates = self.chain[i].model, self.chain[i].candidates
+    span: Any = None                  # the request's telemetry span (telemetry.py), None when off
 
     def pool(self) -> list[ResolvedBackend]:
         """The current model's candidates not dropped for this request."""

@@ -22,7 +22,7 @@ from .config import ResolvedBackend, RouterConfig
 from .errors import BadRequestError
 from .fallback import build_chain, check_windows, choose
 from .lifecycle import OpenStream, Services, Try
-from .options import CallOptions, check_call, split_options
+from .options import CallOptions, checked
 from .redact import short
 from .request import Request
 from .response import LLMResponse
@@ -32,7 +32,8 @@ from .state import BackendGate, State, make_state
 from .stores import open_store
 from .strategies import STRATEGIES, Strategy
 from .streaming import LLMStream
-from .usage import UsageLedger, UsageMethods
+from .telemetry import make_telemetry
+from .usage import Listener, UsageLedger, UsageMethods
 
 log = logging.getLogger("xml_pipeline_llm")
 
@@ -55,21 +56,21 @@ class LLMRouter(UsageMethods, BudgetMethods):
             for b in self.backends}
         _litellm.use_pricing(config.pricing)     # prices are known before the first call (budgets)
         store = open_store(config.usage_store, config.redis_prefix)
-        self._ledger = UsageLedger(store, shared=self._state.usage)
+        self._ledger = UsageLedger(store, shared=self._state.usage,
+                                   group_by_metadata=config.telemetry.group_by_metadata)
         self._budgets: Budgets = self._state.budgets(config.budgets, clock, getattr(store, "spend", None))
         self._routes = Routes(self.backends, config.skipped)
         self._llm: _litellm.Deployments | None = None
         self._secrets = [b.api_key.get_secret_value() for b in self.backends if b.api_key is not None]
         self.id = uuid.uuid4().hex
+        #: spans and metrics (``telemetry.py``): ``NOOP`` when off or not installed; ``.metrics_url``
+        self.telemetry = make_telemetry(config, self, self._ledger, self._secrets)
         self._services = Services(self.id, {b.name: b for b in self.backends}, self._gates, self._ledger,
                                   self._deployments, config.default_max_tokens, self._budgets,
-                                  config.weights)
+                                  config.weights, self.telemetry)
 
     def __repr__(self) -> str:
-        names = ", ".join(b.name for b in self.backends)
-        return f"LLMRouter(strategy={self.config.strategy!r}, backends=[{names}])"
-
-    # ------------------------------------------------------------ routing
+        return f"LLMRouter(strategy={self.config.strategy!r}, backends=[{', '.join(b.name for b in self.backends)}])"
 
     def route(self, model: str) -> tuple[str, list[ResolvedBackend]]:
         """The model name to send and the backends that may serve it (file order; ``routing.py``)."""
@@ -89,7 +90,7 @@ class LLMRouter(UsageMethods, BudgetMethods):
                        agent_id: str | None = None, thread_id: str | None = None,
                        metadata: dict[str, Any] | None = None, **kwargs: Any) -> LLMResponse:
         """One chat completion, retried and failed over by the configured rules."""
-        options, kwargs = _checked(model, messages, kwargs, streaming=False)
+        options, kwargs, metadata = checked(model, messages, metadata, kwargs, streaming=False)
         req = await self._request(model, messages, agent_id, thread_id, metadata, kwargs, options)
         resp = await self._serve(req, stream=False)
         assert isinstance(resp, LLMResponse)
@@ -99,7 +100,7 @@ class LLMRouter(UsageMethods, BudgetMethods):
                agent_id: str | None = None, thread_id: str | None = None,
                metadata: dict[str, Any] | None = None, **kwargs: Any) -> LLMStream:
         """An async iterator of text deltas; ``.response`` holds the LLMResponse once it ends."""
-        options, kwargs = _checked(model, messages, kwargs, streaming=True)
+        options, kwargs, metadata = checked(model, messages, metadata, kwargs, streaming=True)
 
         async def open_stream() -> OpenStream:
             req = await self._request(model, messages, agent_id, thread_id, metadata, kwargs, options)
@@ -124,12 +125,13 @@ class LLMRouter(UsageMethods, BudgetMethods):
     async def _serve(self, req: Request, stream: bool) -> LLMResponse | OpenStream:
         """Tries until one serves the request, by the policy in ``retry.py``."""
         served: LLMResponse | OpenStream | None = None
-        try:
-            async for attempt in retrying(req, self._state.cooldowns):
-                with attempt:
-                    served = await self._try(req, stream)
-        except TryFailed:
-            raise req.final_error() from req.last_exc
+        with self.telemetry.request(req, stream):      # the request's span (a stream's ends with it)
+            try:
+                async for attempt in retrying(req, self._state.cooldowns):
+                    with attempt:
+                        served = await self._try(req, stream)
+            except TryFailed:
+                raise req.final_error() from req.last_exc
         assert served is not None
         return served
 
@@ -150,12 +152,8 @@ class LLMRouter(UsageMethods, BudgetMethods):
         return await choose(req, self._state.cooldowns, self._strategy, self._gates)
 
     def _not_sent(self, req: Request, backend: ResolvedBackend, exc: Exception) -> None:
-        """LiteLLM failed before sending: not the provider's failure, so no cooldown and no try.
-
-        A parameter the backend's provider does not take drops that backend for
-        this request (the next candidate may take it); anything else is the
-        request's own fault.
-        """
+        """LiteLLM failed before sending: no cooldown, no try.  A parameter the backend's provider
+        does not take drops that backend for this request; anything else is the request's own fault."""
         verdict = classify(exc, _litellm.cause(exc))
         if verdict is None or verdict.action is not Action.UNSUPPORTED:
             raise BadRequestError(
@@ -188,7 +186,7 @@ class LLMRouter(UsageMethods, BudgetMethods):
                             self.config.retry_max_delay)
             await self._state.cool_down(backend.name, wait)
         final = req.exhausted()
-        await t.record_failure(outcome(final, verdict))
+        await t.record_failure(outcome(final, verdict), wait)
         log.info("%s: try %d/%d on %s failed (%s %s)%s; %s", req.model, len(req.attempts), req.tries,
                  backend.name, verdict.kind, verdict.status or "",
                  f", cooling down {wait:.2f}s" if wait is not None else ", model skipped for this request"
@@ -207,23 +205,21 @@ class LLMRouter(UsageMethods, BudgetMethods):
         return self._llm
 
     def litellm_router(self) -> Any:
-        """A ``litellm.Router`` over the same backends (``"<backend>/<model>"``), its own rules off.
-
-        ``complete()`` does not use it (see ``_litellm.Deployments``); calls through it are not accounted.
-        """
+        """A ``litellm.Router`` over the same backends (``"<backend>/<model>"``), its own rules off;
+        ``complete()`` does not use it (``_litellm.Deployments``) and calls through it are not accounted."""
         return _litellm.build_router(self.backends, self.config.timeout)
+
+    def on_usage(self, callback: Listener) -> Callable[[], None]:
+        """Call ``callback(event)`` for every usage event once it is in the totals; returns unsubscribe."""
+        return self._ledger.listeners.add(callback)
 
     async def aclose(self) -> None:
         """Flush and close the usage store and the shared-state connection."""
+        self.telemetry.close()
         await self._ledger.close()
         await self._state.close()
 
     def close(self) -> None:
         """``aclose`` for code outside an event loop (``configure_router`` replacing a router)."""
+        self.telemetry.close()
         self._ledger.flush()
-
-
-def _checked(model: Any, messages: Any, kwargs: dict[str, Any],
-             streaming: bool) -> tuple[CallOptions, dict[str, Any]]:
-    check_call(model, messages)
-    return split_options(kwargs, streaming=streaming)

@@ -24,7 +24,7 @@ from typing import Any
 
 from .config import REDIS_SCHEMES
 from .errors import ConfigError
-from .usage import EVENT_FIELDS, UsageEvent
+from .usage import EVENT_FIELDS, UsageEvent, metadata_from, metadata_json
 
 log = logging.getLogger("xml_pipeline_llm")
 
@@ -34,12 +34,15 @@ CREATE TABLE IF NOT EXISTS usage_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     timestamp REAL NOT NULL, agent_id TEXT, thread_id TEXT, model TEXT, backend TEXT,
     provider TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, total_tokens INTEGER,
-    cost_usd REAL, latency_ms REAL, outcome TEXT, call_id TEXT, requested_model TEXT
+    cost_usd REAL, latency_ms REAL, outcome TEXT, call_id TEXT, requested_model TEXT, metadata TEXT
 );
 CREATE INDEX IF NOT EXISTS usage_events_ts ON usage_events(timestamp);
 """
-# Columns added after the first ledgers were written: (column, SQL type, what an old row reads back as).
-_ADDED = (("requested_model", "TEXT", "model"),)
+# Columns a ledger written by an older version may lack: added on opening (ALTER TABLE ... ADD COLUMN),
+# so an old ledger opens, keeps its rows (which read back with the default) and gains the column.
+_SQL_TYPES = {"prompt_tokens": "INTEGER", "completion_tokens": "INTEGER", "total_tokens": "INTEGER",
+              "timestamp": "REAL", "cost_usd": "REAL", "latency_ms": "REAL"}
+_JSON_COLUMNS = ("metadata",)   # stored as JSON text (NULL when empty)
 _INSERT = f"INSERT INTO usage_events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _STOP = object()
 _RETRY_SECONDS = 1.0   # how often rows a failed write kept are tried again
@@ -97,35 +100,23 @@ def _connect(path: Path) -> sqlite3.Connection:
         time.sleep(random.uniform(0.005, 0.05))
 
 
-def _present(conn: sqlite3.Connection) -> set[str]:
-    return {str(row[1]) for row in conn.execute("PRAGMA table_info(usage_events)")}
+def _columns(conn: sqlite3.Connection) -> list[str]:
+    return [row[1] for row in conn.execute("PRAGMA table_info(usage_events)")]
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
-    """Add the columns an older ledger lacks (its rows read back by ``_ADDED``'s rule)."""
-    present = _present(conn)
-    for column, kind, _ in _ADDED:
-        if column not in present:
-            try:
-                with conn:
-                    conn.execute(f"ALTER TABLE usage_events ADD COLUMN {column} {kind}")
-            except sqlite3.OperationalError as exc:
-                if "duplicate column" not in str(exc):   # another process added it meanwhile
-                    raise
-
-
-def _select_list(present: set[str]) -> str:
-    """The SELECT columns for ``_COLUMNS``: a column added later reads as its rule in older rows."""
-    old = {column: fallback for column, _, fallback in _ADDED}
-    out = []
-    for column in _COLUMNS:
-        if column not in old:
-            out.append(column)
-        elif column in present:
-            out.append(f"COALESCE({column}, {old[column]})")
-        else:
-            out.append(old[column])
-    return ", ".join(out)
+    """Add the event columns an older ledger lacks (``metadata``, ...); its rows are kept."""
+    have = set(_columns(conn))
+    missing = [c for c in _COLUMNS if c not in have]
+    for column in missing:
+        try:
+            conn.execute(f"ALTER TABLE usage_events ADD COLUMN {column} {_SQL_TYPES.get(column, 'TEXT')}")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):    # another process migrated it first
+                raise
+    if missing:
+        conn.commit()
+        log.info("usage ledger: added the column(s) %s to an older ledger", ", ".join(missing))
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -290,13 +281,19 @@ def read_events(path: Path, since: float | None = None) -> Iterator[UsageEvent]:
         raise ConfigError(f"{path}: no usage ledger there; check the --store path")
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        sql = f"SELECT {_select_list(_present(conn))} FROM usage_events"
+        have = set(_columns(conn))           # an older ledger, not yet migrated, lacks some columns
+        columns = [c for c in _COLUMNS if c in have]
+        sql = f"SELECT {', '.join(columns)} FROM usage_events"
         args: tuple[Any, ...] = ()
         if since is not None:
             sql += " WHERE timestamp >= ?"
             args = (since,)
         for row in conn.execute(sql + " ORDER BY id", args):
-            yield UsageEvent(**dict(zip(_COLUMNS, row)))
+            found = dict(zip(columns, row))
+            for name in _JSON_COLUMNS:
+                found[name] = metadata_from(found.get(name))
+            found["requested_model"] = found.get("requested_model") or found.get("model") or ""   # older rows
+            yield UsageEvent(**found)
     except sqlite3.Error as exc:
         raise ConfigError(f"{path}: not a usage ledger ({exc})") from None
     finally:
@@ -304,7 +301,8 @@ def read_events(path: Path, since: float | None = None) -> Iterator[UsageEvent]:
 
 
 def _row(event: UsageEvent) -> tuple[Any, ...]:
-    return tuple(getattr(event, c) for c in _COLUMNS)
+    return tuple((metadata_json(getattr(event, c)) or None) if c in _JSON_COLUMNS else getattr(event, c)
+                 for c in _COLUMNS)
 
 
 def _settle(fut: asyncio.Future[None]) -> None:

@@ -9,12 +9,16 @@ gets its answer (contract C7, C8).
 
 from __future__ import annotations
 
+import asyncio
 import csv
+import inspect
+import json
+import logging
 import os
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -22,16 +26,35 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from .state import SharedUsage
 
+log = logging.getLogger("xml_pipeline_llm")
+
 NO_AGENT = "(none)"
 GROUPS = {"agent": "agent_id", "model": "model", "backend": "backend", "thread": "thread_id"}
 EXPORTS = (*GROUPS, "event")
+METADATA = "metadata."          # by="metadata.<key>": totals per value of that metadata key
+MetadataValue = str | int | float | bool
 
 
 def check_by(by: str, valid: tuple[str, ...] = tuple(GROUPS)) -> str:
-    """``by`` if it is one of ``valid``, else a ValueError listing them."""
-    if by not in valid:
-        raise ValueError(f"by: expected one of {', '.join(valid)}, got {by!r}")
+    """``by`` if it is one of ``valid`` or ``metadata.<key>``, else a ValueError listing them."""
+    if by not in valid and not (isinstance(by, str) and by.startswith(METADATA) and len(by) > len(METADATA)):
+        raise ValueError(f"by: expected one of {', '.join(valid)} or metadata.<key> (such as "
+                         f"metadata.org_id), got {by!r}")
     return by
+
+
+def group_key(event: UsageEvent, by: str) -> str:
+    """The key ``event`` is counted under when grouping ``by`` (``(none)`` when it has none).
+
+    A metadata value is its text for a string and its JSON otherwise (``true``, ``3``, ``1.5``),
+    in memory and in Redis alike.
+    """
+    if by.startswith(METADATA):
+        value = event.metadata.get(by[len(METADATA):])
+        if value is None:
+            return NO_AGENT
+        return value if isinstance(value, str) else json.dumps(value)
+    return getattr(event, GROUPS[by]) or NO_AGENT
 
 
 @dataclass
@@ -102,6 +125,9 @@ class UsageEvent:
     outcome: str
     requested_model: str = ""
     call_id: str = field(default="", compare=False)
+    #: ``metadata=`` of the call (str keys; str/int/float/bool values), {} when none.  The last field:
+    #: the ``metadata`` column of an event CSV is the last one.
+    metadata: Mapping[str, MetadataValue] = field(default_factory=dict, hash=False)
 
     @property
     def succeeded(self) -> bool:
@@ -116,7 +142,8 @@ class UsageEvent:
 
 def make_event(*, agent_id: str | None, thread_id: str | None, model: str, backend: str, provider: str,
                usage: Mapping[str, int] | None, cost_usd: float | None, latency_ms: float, outcome: str,
-               call_id: str = "", requested_model: str | None = None) -> UsageEvent:
+               call_id: str = "", requested_model: str | None = None,
+               metadata: Mapping[str, MetadataValue] | None = None) -> UsageEvent:
     """The one way a usage event is made (by a try, and by LiteLLM's success callback)."""
     usage = usage or {}
     return UsageEvent(timestamp=time.time(), agent_id=agent_id or "", thread_id=thread_id or "",
@@ -126,7 +153,23 @@ def make_event(*, agent_id: str | None, thread_id: str | None, model: str, backe
                       total_tokens=usage.get("total_tokens", 0), cost_usd=cost_usd,
                       latency_ms=latency_ms, outcome=outcome,
                       requested_model=model if requested_model is None else requested_model,
-                      call_id=call_id)
+                      call_id=call_id, metadata=dict(metadata) if metadata else {})
+
+
+def metadata_json(metadata: Mapping[str, Any]) -> str:
+    """``metadata`` as compact JSON with sorted keys ("" when empty): the CSV cell and the stored text."""
+    return json.dumps(dict(metadata), sort_keys=True, separators=(",", ":")) if metadata else ""
+
+
+def metadata_from(text: Any) -> dict[str, Any]:
+    """Stored metadata text (or None from an old ledger) back as a dict."""
+    if not text:
+        return {}
+    try:
+        found = json.loads(text)
+    except (TypeError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 EVENT_FIELDS = tuple(f.name for f in fields(UsageEvent))       # what the stores keep
@@ -156,16 +199,117 @@ class SharedUsageStore(Protocol):
     def reset(self, agent_id: str | None = None) -> bool: ...
 
 
+Listener = Callable[[UsageEvent], Any]
+_REPORT_EVERY = 60.0    # seconds between log lines about one failing on_usage callback
+
+
+@dataclass(eq=False)
+class _Subscriber:
+    callback: Listener
+    loop: asyncio.AbstractEventLoop | None      # running where on_usage was called (async callbacks)
+    reported_at: float = float("-inf")
+    suppressed: int = 0
+
+
+class Listeners:
+    """``on_usage`` callbacks, called with every event once it is counted (contract C12).
+
+    A callback's exception (or its coroutine's) is contained: logged at most once a
+    minute per callback and never seen by the call or the other callbacks.  A
+    callback that returns an awaitable (a coroutine function) has it scheduled on
+    the loop running where the event is recorded; an event recorded outside any
+    loop (a stream garbage-collected in a plain thread) goes to the loop that was
+    running where ``on_usage`` was called, if it still runs, else the callback
+    skips it with a WARNING (at most once a minute).
+    """
+
+    def __init__(self) -> None:
+        self._subs: tuple[_Subscriber, ...] = ()
+        self._lock = threading.Lock()
+        self._tasks: set[Any] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self._subs)
+
+    def add(self, callback: Listener) -> Callable[[], None]:
+        """Call ``callback(event)`` for every event from now on; returns a function that stops it."""
+        if not callable(callback):
+            raise TypeError(f"on_usage: expected a function taking a UsageEvent, got {type(callback).__name__}")
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        sub = _Subscriber(callback, loop)
+        with self._lock:
+            self._subs = (*self._subs, sub)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                self._subs = tuple(s for s in self._subs if s is not sub)
+
+        return unsubscribe
+
+    def notify(self, event: UsageEvent) -> None:
+        for sub in self._subs:
+            try:
+                result = sub.callback(event)
+                if inspect.isawaitable(result):
+                    self._schedule(sub, result)
+            except Exception as exc:
+                self._report(sub, exc)
+
+    def _schedule(self, sub: _Subscriber, awaitable: Any) -> None:
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            task = asyncio.ensure_future(awaitable)
+            self._tasks.add(task)
+            task.add_done_callback(lambda t: self._done(sub, t))
+        elif sub.loop is not None and sub.loop.is_running():
+            fut = asyncio.run_coroutine_threadsafe(awaitable, sub.loop)
+            fut.add_done_callback(lambda f: self._done(sub, f))
+        else:
+            if inspect.iscoroutine(awaitable):
+                awaitable.close()
+            self._report(sub, None)
+
+    def _done(self, sub: _Subscriber, fut: Any) -> None:
+        self._tasks.discard(fut)
+        if not fut.cancelled() and fut.exception() is not None:
+            self._report(sub, fut.exception())
+
+    def _report(self, sub: _Subscriber, exc: BaseException | None) -> None:
+        now = time.monotonic()
+        if now - sub.reported_at < _REPORT_EVERY:
+            sub.suppressed += 1
+            return
+        sub.reported_at, suppressed, sub.suppressed = now, sub.suppressed, 0
+        name = getattr(sub.callback, "__qualname__", None) or repr(sub.callback)
+        more = f" ({suppressed} more since the last report)" if suppressed else ""
+        if exc is None:
+            log.warning("on_usage callback %s: an event was recorded outside any running event loop and "
+                        "the loop it was registered on is gone, so this coroutine callback skipped it%s; "
+                        "register a plain function to see every event", name, more)
+            return
+        log.error("on_usage callback %s raised %s: %s%s; the call and the other callbacks are not affected "
+                  "(logged at most once a minute)", name, type(exc).__name__, exc, more,
+                  exc_info=(type(exc), exc, exc.__traceback__))
+
+
 class UsageLedger:
-    """Exact totals per agent, model, backend and thread, plus recent events.
+    """Exact totals per agent, model, backend and thread (and declared metadata keys), plus recent events.
 
     Totals cost memory per key, not per call.  The in-memory event log keeps
     the newest ``max_events`` events (for ``by="event"`` exports); the SQLite
-    store keeps them all.
+    store keeps them all.  ``group_by_metadata`` names the metadata keys whose
+    totals are kept exactly (``by="metadata.<key>"``); totals by any other
+    metadata key are computed from the event log (this process's newest events).
     """
 
     def __init__(self, store: UsageStore | None = None, max_events: int = 100_000,
-                 shared: SharedUsage | None = None) -> None:
+                 shared: SharedUsage | None = None, group_by_metadata: Iterable[str] = ()) -> None:
         # ``shared``: fleet-wide totals (``RedisUsageStore``) that reads come from
         # while it answers; the totals kept here are this process's fallback.
         if shared is None and isinstance(store, SharedUsageStore):
@@ -176,10 +320,16 @@ class UsageLedger:
         self.store: UsageStore | None = store
         self.shared: SharedUsage | None = shared
         self._also_shared = shared is not None and id(shared) != id(store)   # a second place to write
-        self._totals: dict[str, dict[str, AgentUsage]] = {g: {} for g in GROUPS}
+        self.metadata_groups = tuple(dict.fromkeys(f"{METADATA}{k}" for k in group_by_metadata))
+        for place in (store, shared):
+            declare = getattr(place, "declare_groups", None)
+            if declare is not None:
+                declare(self.metadata_groups)
+        self._totals: dict[str, dict[str, AgentUsage]] = {g: {} for g in (*GROUPS, *self.metadata_groups)}
         self._events: deque[UsageEvent] = deque(maxlen=max_events)
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
+        self.listeners = Listeners()
 
     def _count(self, event: UsageEvent) -> bool:
         """Add ``event`` to the totals unless its call id was counted already."""
@@ -195,20 +345,26 @@ class UsageLedger:
                 self._seen.popitem(last=False)
         self._events.append(event)
         for group, column in GROUPS.items():
-            key = getattr(event, column) or NO_AGENT
-            totals = self._totals[group].get(key)
-            if totals is None:
-                totals = self._totals[group][key] = AgentUsage()
-            totals.add(event)
+            self._add(group, getattr(event, column) or NO_AGENT, event)
+        for group in self.metadata_groups:
+            self._add(group, group_key(event, group), event)
         return True
 
+    def _add(self, group: str, key: str, event: UsageEvent) -> None:
+        totals = self._totals[group].get(key)
+        if totals is None:
+            totals = self._totals[group][key] = AgentUsage()
+        totals.add(event)
+
     async def record(self, event: UsageEvent) -> None:
-        """Count ``event`` and, with a durable store, wait until it is written."""
+        """Count ``event`` and, with a durable store, wait until it is written; then tell the listeners."""
         if self._count(event):
             if self.store is not None:
                 await self.store.append(event)
             if self.shared is not None and self._also_shared:
                 await self.shared.append(event)
+            if self.listeners:
+                self.listeners.notify(event)
 
     def record_nowait(self, event: UsageEvent) -> None:
         """Count ``event`` now; a durable store writes it in the background (callbacks, finalisers)."""
@@ -217,17 +373,24 @@ class UsageLedger:
                 self.store.append_nowait(event)
             if self.shared is not None and self._also_shared:
                 self.shared.append_nowait(event)
+            if self.listeners:
+                self.listeners.notify(event)
 
     def totals(self, by: str = "agent") -> dict[str, AgentUsage]:
         check_by(by)
+        if by not in self._totals:        # an undeclared metadata key: from the recent events
+            return group_events(self.events(), by)
         if self.shared is not None:
             found = self.shared.totals(by)
             if found is not None:
                 return found
-        return {k: AgentUsage(**asdict(v)) for k, v in self._totals[by].items()}
+        with self._lock:
+            return {k: AgentUsage(**asdict(v)) for k, v in self._totals[by].items()}
 
     def get(self, by: str, key: str | None) -> AgentUsage:
         check_by(by)
+        if by not in self._totals:
+            return group_events(self.events(), by).get(key or NO_AGENT) or AgentUsage()
         if self.shared is not None:
             shared = self.shared.get(by, key)
             if shared is not None:
@@ -250,7 +413,8 @@ class UsageLedger:
             self._totals["agent"].pop(agent_id, None)
 
     def events(self) -> list[UsageEvent]:
-        return list(self._events)
+        with self._lock:
+            return list(self._events)
 
     def flush(self) -> None:
         """Write what the durable store has queued (outside an event loop)."""
@@ -309,17 +473,22 @@ def event_row(event: UsageEvent) -> list[Any]:
     row = [getattr(event, c) for c in EVENT_COLUMNS]
     row[0] = iso(event.timestamp)
     row[EVENT_COLUMNS.index("latency_ms")] = round(event.latency_ms, 3)
+    row[EVENT_COLUMNS.index("metadata")] = metadata_json(event.metadata)
     return [_number(v) for v in row]
 
 
 def group_events(events: Iterable[UsageEvent], by: str) -> dict[str, AgentUsage]:
     """Totals per key from a list of events (what the CLI does with a ledger)."""
     out: dict[str, AgentUsage] = {}
-    column = GROUPS[check_by(by)]
+    check_by(by)
     for event in events:
-        key = getattr(event, column) or NO_AGENT
-        out.setdefault(key, AgentUsage()).add(event)
+        out.setdefault(group_key(event, by), AgentUsage()).add(event)
     return out
+
+
+def key_column(by: str) -> str:
+    """The key column of a grouped CSV: ``agent_id``, ``model``, ... or ``metadata.<key>``."""
+    return by if by.startswith(METADATA) else GROUPS[by]
 
 
 def write_csv(path: str | os.PathLike[str], by: str, *, totals: dict[str, AgentUsage] | None = None,
@@ -335,7 +504,7 @@ def write_csv(path: str | os.PathLike[str], by: str, *, totals: dict[str, AgentU
                 out.writerow(event_row(event))
                 rows += 1
         else:
-            out.writerow([GROUPS[by], *TOTAL_COLUMNS])
+            out.writerow([key_column(by), *TOTAL_COLUMNS])
             for key in sorted(totals or {}):
                 t = (totals or {})[key]
                 out.writerow([key, *(_number(getattr(t, c)) for c in TOTAL_COLUMNS)])

@@ -80,6 +80,13 @@ def _strategy(text: str) -> str:
     return value
 
 
+def _by(text: str) -> str:
+    if text in EXPORTS or (text.startswith("metadata.") and len(text) > len("metadata.")):
+        return text
+    raise argparse.ArgumentTypeError(f"invalid choice {text!r}; expected one of {', '.join(EXPORTS)} "
+                                     f"or metadata.KEY (such as metadata.org_id)")
+
+
 CONFIG_HELP = f"organism file with an llm: block (default: ${CONFIG_ENV}, else ./organism.yaml)"
 
 EPILOGS = {
@@ -200,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ledger to read: sqlite:///path/usage.db (or a path), or redis://host:port/db")
     p.add_argument("--redis-prefix", metavar="P",
                    help="key prefix of a Redis store (default: the config's llm.redis_prefix, else xpl)")
-    p.add_argument("--by", choices=EXPORTS, default="agent", help="group by (default: agent)")
+    p.add_argument("--by", type=_by, default="agent", metavar="BY",
+                   help=f"group by {', '.join(EXPORTS)} or metadata.KEY such as metadata.org_id "
+                        f"(default: agent)")
     p.add_argument("--since", metavar="WHEN", help="only calls since WHEN: 24h, 7d, or 2025-06-01T12:00")
     p.add_argument("--csv", metavar="FILE", help="write CSV to FILE ('-' for stdout) instead of a table")
     p.set_defaults(func=cmd_usage)
@@ -228,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="failover, round-robin, least-loaded or all (default all)")
     p.add_argument("--csv", metavar="FILE", default="xml-pipeline-llm-demo-usage.csv",
                    help="where to write the per-agent usage CSV (default ./xml-pipeline-llm-demo-usage.csv)")
+    p.add_argument("--metrics-port", type=_port, default=None, metavar="PORT",
+                   help="serve Prometheus /metrics on 127.0.0.1:PORT while the demo runs (0: any free port; "
+                        "needs the [otel] extra)")
     p.set_defaults(func=cmd_demo)
     parser.set_defaults(commands=commands)
     return parser

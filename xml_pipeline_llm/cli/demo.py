@@ -78,8 +78,8 @@ TASKS = (
 )
 
 
-def llm_block(sim: Any, strategy: str) -> dict[str, Any]:
-    """The ``llm:`` block of the demo organism, pointed at the simulator."""
+def llm_block(sim: Any, strategy: str, metrics_port: int | None = None) -> dict[str, Any]:
+    """The ``llm:`` block of the demo organism, pointed at the simulator (``metrics_port``: Prometheus)."""
     backends = []
     for b in BACKENDS:
         entry: dict[str, Any] = {"provider": b.provider, "name": b.name, "priority": b.priority,
@@ -88,8 +88,11 @@ def llm_block(sim: Any, strategy: str) -> dict[str, Any]:
         if b.models:
             entry["supported_models"] = list(b.models)
         backends.append(entry)
-    return {"strategy": strategy, "retries": 3, "retry_base_delay": 0.05, "retry_max_delay": 0.3,
-            "timeout": 10, "pricing": PRICING, "backends": backends}
+    block = {"strategy": strategy, "retries": 3, "retry_base_delay": 0.05, "retry_max_delay": 0.3,
+             "timeout": 10, "pricing": PRICING, "backends": backends}
+    if metrics_port is not None:
+        block["telemetry"] = {"prometheus_port": metrics_port}
+    return block
 
 
 # LiteLLM's map prices these models on xai and anthropic only; llm.pricing gives the
@@ -121,8 +124,9 @@ class StrategyResult:
 # ================================================================ running
 
 def run_demo(requests: int = 60, concurrency: int = 8, strategy: str = "all",
-             csv_path: str = "xml-pipeline-llm-demo-usage.csv", console: Console | None = None) -> int:
-    """Run the demo; returns the exit status (0)."""
+             csv_path: str = "xml-pipeline-llm-demo-usage.csv", console: Console | None = None,
+             metrics_port: int | None = None) -> int:
+    """Run the demo; returns the exit status (0).  ``metrics_port``: serve Prometheus /metrics there."""
     from rich.console import Console
 
     from .. import _litellm
@@ -144,7 +148,9 @@ def run_demo(requests: int = 60, concurrency: int = 8, strategy: str = "all",
         sim.set_fault_rate(FAULTY, FAULT_RATE, faults, seed=FAULT_SEED)
         for b in BACKENDS:
             sim.set_latency(b.name, b.latency)
-        results = asyncio.run(_run_all(sim, strategies, requests, concurrency, console))
+        if metrics_port is not None:
+            metrics_port = _serve_metrics(sim, metrics_port, console)
+        results = asyncio.run(_run_all(sim, strategies, requests, concurrency, console, metrics_port))
         with console.status("fallback across models ..."):
             fallback = asyncio.run(run_fallback(sim, llm_block(sim, "failover")))
         budgets = asyncio.run(_run_budget(sim))
@@ -241,6 +247,26 @@ async def _run_greedy(sim: Any) -> str:
 GREEDY_CALLS = 30
 
 
+def _serve_metrics(sim: Any, port: int, console: Console) -> int:
+    """Start the Prometheus endpoint the demo's routers share; the port it serves on."""
+    from ..config import load_config
+    from ..errors import ConfigError
+    from ..router import LLMRouter
+    from ..telemetry import available
+    from .output import CLIError
+
+    if not available():
+        raise CLIError("--metrics-port: needs OpenTelemetry; pip install 'xml-pipeline-llm[otel]'")
+    try:
+        router = LLMRouter(load_config({"llm": llm_block(sim, "failover", port)}))
+    except ConfigError as exc:
+        raise CLIError(f"--metrics-port {port}: {exc}") from None
+    url = router.telemetry.metrics_url or ""
+    router.close()
+    console.print(f"Metrics (Prometheus, while the demo runs): {url}", soft_wrap=True)
+    return int(url.rsplit(":", 1)[1].split("/")[0]) if url else port
+
+
 async def _warm_up(sim: Any) -> None:
     """One call per backend through a throwaway router (before any fault is set)."""
     from ..config import load_config
@@ -255,14 +281,14 @@ async def _warm_up(sim: Any) -> None:
 
 
 async def _run_all(sim: Any, strategies: tuple[str, ...], requests: int, concurrency: int,
-                   console: Console) -> list[StrategyResult]:
+                   console: Console, metrics_port: int | None = None) -> list[StrategyResult]:
     results = [StrategyResult(s, requests) for s in strategies]
     display = _Display(results, console) if console.is_terminal else None
     try:
         if display is not None:
             display.start()
         for result in results:
-            await _run_strategy(sim, result, concurrency, display)
+            await _run_strategy(sim, result, concurrency, display, metrics_port)
             if display is None:
                 console.print(_summary_line(result))
     finally:
@@ -272,12 +298,12 @@ async def _run_all(sim: Any, strategies: tuple[str, ...], requests: int, concurr
 
 
 async def _run_strategy(sim: Any, result: StrategyResult, concurrency: int,
-                        display: _Display | None) -> None:
+                        display: _Display | None, metrics_port: int | None = None) -> None:
     from ..config import load_config
     from ..errors import BackendError
     from ..router import LLMRouter
 
-    router = LLMRouter(load_config({"llm": llm_block(sim, result.strategy)}))
+    router = LLMRouter(load_config({"llm": llm_block(sim, result.strategy, metrics_port)}))
     names = [b.name for b in BACKENDS]
     sim.reset_stats()
     slots = asyncio.Semaphore(concurrency)
@@ -456,4 +482,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise CLIError(f"--csv {args.csv}: cannot write in {target.parent.resolve()}; "
                        f"choose another path with --csv")
     return run_demo(requests=args.requests, concurrency=args.concurrency, strategy=args.strategy,
-                    csv_path=args.csv, console=make_console())
+                    csv_path=args.csv, console=make_console(), metrics_port=args.metrics_port)

@@ -92,6 +92,9 @@ def _read_redis(url: str, prefix: str, by: str, since: float | None) -> tuple[st
         if by == "event" or since is not None:
             return shown, list(store.events(since)), None
         totals = store.totals(by)
+        if by.startswith("metadata.") and not totals:
+            # Not in llm.telemetry.group_by_metadata, so no fleet totals: from the recent events.
+            return shown, list(store.events(None)), None
     except Exception as exc:   # RedisDown, connection errors: the server went away mid-read
         raise CLIError(f"usage store {shown}: Redis stopped answering ({type(exc).__name__})") from exc
     if totals is None:
@@ -155,7 +158,7 @@ def _totals_table(by: str, groups: dict[str, Any]) -> Any:
     for u in groups.values():
         total.merge(u)
     table = make_table(footer=True)
-    table.add_column(by.capitalize(), overflow="fold", footer="total")
+    table.add_column(by if by.startswith("metadata.") else by.capitalize(), overflow="fold", footer="total")
     for column, foot in zip(TOTAL_COLUMNS, _usage_cells(total)):
         table.add_column(HEADINGS[column], justify="right", footer=foot)
     for key in sorted(groups):

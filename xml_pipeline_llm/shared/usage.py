@@ -28,7 +28,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from ..usage import COUNT_COLUMNS, EVENT_FIELDS, GROUPS, NO_AGENT, AgentUsage, UsageEvent
+from ..usage import (
+    COUNT_COLUMNS,
+    EVENT_FIELDS,
+    GROUPS,
+    NO_AGENT,
+    AgentUsage,
+    UsageEvent,
+    group_key,
+    metadata_from,
+    metadata_json,
+)
 from .connection import Conn, RedisDown
 from .scripts import Script
 from .worker import Job
@@ -39,23 +49,24 @@ T = TypeVar("T")
 _EVENT_FIELDS = EVENT_FIELDS
 _INT_FIELDS = COUNT_COLUMNS
 
-# KEYS: 4 total hashes, 4 index sets, the event stream.  ARGV: the 4 group keys, prompt,
-# completion, total, requests, errors, unpriced, cost ('' when unknown), stream length,
-# event field pairs.
+# KEYS: n total hashes, n index sets, the event stream (n = 4 groups + the declared metadata
+# keys).  ARGV: the n group keys, prompt, completion, total, requests, errors, unpriced, cost
+# ('' when unknown), stream length, event field pairs.
 ADD = Script("""
-for i = 1, 4 do
+local n = (#KEYS - 1) / 2
+for i = 1, n do
   local h = KEYS[i]
-  redis.call('HINCRBY', h, 'prompt_tokens', ARGV[5])
-  redis.call('HINCRBY', h, 'completion_tokens', ARGV[6])
-  redis.call('HINCRBY', h, 'total_tokens', ARGV[7])
-  redis.call('HINCRBY', h, 'request_count', ARGV[8])
-  redis.call('HINCRBY', h, 'error_count', ARGV[9])
-  redis.call('HINCRBY', h, 'unpriced_requests', ARGV[10])
-  if ARGV[11] ~= '' then redis.call('HINCRBYFLOAT', h, 'cost_usd', ARGV[11]) end
-  redis.call('SADD', KEYS[i + 4], ARGV[i])
+  redis.call('HINCRBY', h, 'prompt_tokens', ARGV[n + 1])
+  redis.call('HINCRBY', h, 'completion_tokens', ARGV[n + 2])
+  redis.call('HINCRBY', h, 'total_tokens', ARGV[n + 3])
+  redis.call('HINCRBY', h, 'request_count', ARGV[n + 4])
+  redis.call('HINCRBY', h, 'error_count', ARGV[n + 5])
+  redis.call('HINCRBY', h, 'unpriced_requests', ARGV[n + 6])
+  if ARGV[n + 7] ~= '' then redis.call('HINCRBYFLOAT', h, 'cost_usd', ARGV[n + 7]) end
+  redis.call('SADD', KEYS[i + n], ARGV[i])
 end
-if tonumber(ARGV[12]) > 0 then
-  redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[12], '*', unpack(ARGV, 13))
+if tonumber(ARGV[n + 8]) > 0 then
+  redis.call('XADD', KEYS[2 * n + 1], 'MAXLEN', '~', ARGV[n + 8], '*', unpack(ARGV, n + 9))
 end
 return 1
 """)
@@ -72,6 +83,7 @@ class RedisUsageStore:
         self._base = f"{prefix}:usage:{{{prefix}}}"      # one hash tag: one cluster slot for all of it
         self.max_events = max_events
         self.ident = (url, prefix)
+        self.groups: tuple[str, ...] = tuple(GROUPS)     # plus llm.telemetry.group_by_metadata keys
         self._own = conn is None
         self.conn = conn if conn is not None else Conn(url, place="usage store")
         if self._own and check:
@@ -86,16 +98,22 @@ class RedisUsageStore:
     def _index(self, group: str) -> str:
         return f"{self._base}:{group}"
 
+    def declare_groups(self, metadata_groups: tuple[str, ...]) -> None:
+        """Keep fleet totals per value of these ``metadata.<key>`` groups too (added by the same script)."""
+        self.groups = tuple(dict.fromkeys((*GROUPS, *metadata_groups)))
+
     def _job(self, event: UsageEvent) -> Job:
-        names = [getattr(event, column) or NO_AGENT for column in GROUPS.values()]
-        keys = [self._hash(g, k) for g, k in zip(GROUPS, names)]
-        keys += [self._index(g) for g in GROUPS]
+        names = [group_key(event, g) for g in self.groups]
+        keys = [self._hash(g, k) for g, k in zip(self.groups, names)]
+        keys += [self._index(g) for g in self.groups]
         keys.append(f"{self._base}:events")
         ok = event.succeeded
         err = event.ended_in_error
         fields: list[Any] = []
         for name in _EVENT_FIELDS:
             value = getattr(event, name)
+            if name == "metadata":
+                value = metadata_json(value)
             fields += [name, "" if value is None else repr(value) if isinstance(value, float) else value]
         unpriced = ok and event.cost_usd is None
         args = [*names, event.prompt_tokens, event.completion_tokens, event.total_tokens, int(ok), int(err),
@@ -162,7 +180,7 @@ class RedisUsageStore:
                 pipe.delete(self._hash("agent", agent_id))
                 pipe.srem(self._index("agent"), agent_id)
             else:
-                for group in GROUPS:
+                for group in self.groups:
                     for name in c.smembers(self._index(group)):
                         pipe.delete(self._hash(group, name))
                     pipe.delete(self._index(group))
@@ -206,4 +224,5 @@ def _event(f: dict[str, str]) -> UsageEvent:
                       prompt_tokens=num("prompt_tokens", int), completion_tokens=num("completion_tokens", int),
                       total_tokens=num("total_tokens", int), cost_usd=num("cost_usd", float),
                       latency_ms=num("latency_ms", float), outcome=f.get("outcome", ""),
-                      requested_model=f.get("requested_model", ""), call_id=f.get("call_id", ""))
+                      requested_model=f.get("requested_model", ""), call_id=f.get("call_id", ""),
+                      metadata=metadata_from(f.get("metadata")))

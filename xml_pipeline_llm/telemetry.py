@@ -1,0 +1,412 @@
+"""OpenTelemetry spans and metrics, and the Prometheus endpoint (contract C12).
+
+Active when ``opentelemetry-api`` is importable (``pip install 'xml-pipeline-llm[otel]'``)
+and ``llm.telemetry.otel`` is not false; otherwise the router gets ``NOOP``, chosen
+once when it is built, whose hooks do nothing (one method call each per try).
+
+* Spans (the API's global tracer provider): one ``chat {model}`` span (kind
+  CLIENT) per ``complete()``/``stream()`` request and a child ``try {backend}``
+  span (kind CLIENT) per provider try, with the GenAI semantic-convention
+  attributes and ``xpl.*`` (agent, backend, cost, outcome, try number,
+  cooldown).  A stream's spans end when the stream ends.
+* Metrics (the API's global meter provider, and with ``prometheus_port`` an SDK
+  meter provider of its own serving ``/metrics``): the GenAI client histograms
+  with the conventions' bucket boundaries, ``xpl.requests``, ``xpl.cost``, and
+  observable gauges per backend (in flight, queued, cooling down) and per budget.
+  The histograms and counters are fed by the ledger's counted events (the
+  ``on_usage`` path), so they add up to the ledger's totals exactly.
+* Never in a span or metric: a key (attributes are names, numbers and the
+  server's host and port), nor message text unless ``capture_content: true``
+  (then masked for the configured keys).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+from .redact import mask
+
+if TYPE_CHECKING:
+    from .config import RouterConfig
+    from .lifecycle import Try
+    from .request import Request
+    from .response import LLMResponse
+    from .router import LLMRouter
+    from .usage import UsageEvent, UsageLedger
+
+#: Bucket boundaries the OpenTelemetry GenAI semantic conventions advise.
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216,
+                 67108864)
+DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96,
+                    81.92)
+#: ``gen_ai.provider.name`` for providers the conventions name differently from LiteLLM.
+PROVIDER_NAMES = {"xai": "x_ai", "mistral": "mistral_ai", "azure": "azure.ai.openai", "gemini": "gcp.gemini",
+                  "vertex_ai": "gcp.vertex_ai", "bedrock": "aws.bedrock", "watsonx": "ibm.watsonx.ai"}
+SCOPE = "xml_pipeline_llm"
+
+
+class NoTelemetry:
+    """Telemetry off (``llm.telemetry.otel: false``) or not installed: every hook does nothing."""
+
+    enabled = False
+    metrics_url: str | None = None
+
+    def request(self, req: Request, stream: bool) -> contextlib.AbstractContextManager[None]:
+        return _NULL
+
+    def try_started(self, t: Try) -> None:
+        pass
+
+    def try_ended(self, t: Try, event: UsageEvent, resp: LLMResponse | None = None,
+                  cooldown: float | None = None) -> None:
+        pass
+
+    def try_exited(self, t: Try, exc: BaseException | None) -> None:
+        pass
+
+    def waiting(self, req: Request, seconds: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+_NULL: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+NOOP = NoTelemetry()
+
+
+def available() -> bool:
+    """Whether ``opentelemetry-api`` can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec("opentelemetry.trace") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def make_telemetry(config: RouterConfig, router: LLMRouter, ledger: UsageLedger,
+                   secrets: Iterable[str] = ()) -> NoTelemetry:
+    """The router's telemetry: ``OTelTelemetry`` when installed and not switched off, else ``NOOP``."""
+    if not config.telemetry.otel or not available():
+        return NOOP
+    return OTelTelemetry(config, router, ledger, secrets)
+
+
+def provider_name(provider: str) -> str:
+    return PROVIDER_NAMES.get(provider, provider)
+
+
+class OTelTelemetry(NoTelemetry):
+    """Spans through the global tracer provider; metrics through the global meter provider (and Prometheus)."""
+
+    enabled = True
+
+    def __init__(self, config: RouterConfig, router: LLMRouter, ledger: UsageLedger,
+                 secrets: Iterable[str] = ()) -> None:
+        from opentelemetry import metrics, trace
+
+        self._trace = trace
+        self._kind = trace.SpanKind.CLIENT
+        self._error = trace.Status(trace.StatusCode.ERROR)
+        self._tracer = trace.get_tracer(SCOPE)
+        self._capture = config.telemetry.capture_content
+        self._secrets = [s for s in secrets if s]
+        self._servers = {b.name: _server(b.base_url) for b in config.backends}
+        self._backends = [b.name for b in config.backends]
+        self._cooling: dict[str, float] = {}        # backend -> monotonic end of its cooldown (this process)
+        self._router = weakref.ref(router)
+        self._instruments = [instruments(metrics.get_meter_provider())]
+        t = config.telemetry
+        if t.prometheus_port is not None:
+            provider, self.metrics_url = prometheus(t.prometheus_host, t.prometheus_port)
+            self._instruments.append(instruments(provider))
+        self._unsubscribe = ledger.listeners.add(self._on_event)
+        _LIVE.add(self)
+
+    # ---------------------------------------------------------- spans
+
+    @contextlib.contextmanager
+    def request(self, req: Request, stream: bool) -> Iterator[None]:
+        attrs = _call_attributes(req)
+        if self._capture:
+            attrs["gen_ai.input.messages"] = mask(json.dumps(req.messages, default=str), self._secrets)
+        req.span = _RequestSpan(self._tracer.start_span(f"chat {req.model}", kind=self._kind,
+                                                        attributes=attrs), stream)
+        try:
+            yield
+        except BaseException as exc:
+            self._end_request(req, type(exc).__name__)
+            raise
+        if not stream:
+            self._end_request(req, None)
+
+    def _end_request(self, req: Request, error_type: str | None) -> None:
+        held: _RequestSpan | None = req.span
+        if held is None or held.ended:
+            return
+        held.ended = True
+        span = held.span
+        span.set_attribute("xpl.tries", held.tries)
+        if error_type is not None:
+            span.set_attributes({"error.type": error_type, "xpl.outcome": "error"})
+            span.set_status(self._error)
+        span.end()
+
+    def try_started(self, t: Try) -> None:
+        held: _RequestSpan | None = t.req.span
+        if held is None:
+            return
+        held.tries += 1
+        backend = t.backend
+        attrs = _call_attributes(t.req)
+        attrs.update({"gen_ai.provider.name": provider_name(backend.provider.name), "xpl.backend": backend.name,
+                      "xpl.try": held.tries})
+        host, port = self._servers.get(backend.name, (None, None))
+        if host:
+            attrs["server.address"] = host
+        if port:
+            attrs["server.port"] = port
+        context = self._trace.set_span_in_context(held.span)
+        t.span = self._tracer.start_span(f"try {backend.name}", context=context, kind=self._kind,
+                                         attributes=attrs)
+
+    def try_ended(self, t: Try, event: UsageEvent, resp: LLMResponse | None = None,
+                  cooldown: float | None = None) -> None:
+        span, t.span = t.span, None
+        if cooldown is not None:
+            self._cooling[t.backend.name] = time.monotonic() + cooldown
+        if span is None:
+            return
+        attrs = self._ended_attributes(event, resp, cooldown)
+        span.set_attributes(attrs)
+        if not event.succeeded:
+            span.set_attribute("error.type", event.outcome.partition(":")[2] or event.outcome)
+            span.set_status(self._error)
+        span.end()
+        held: _RequestSpan | None = t.req.span
+        if held is not None and resp is not None and not held.ended:      # the try that served it
+            if event.succeeded:
+                attrs.pop("xpl.cooldown_s", None)
+                held.span.set_attributes({**attrs, "xpl.backend": t.backend.name,
+                                          "gen_ai.provider.name": provider_name(t.backend.provider.name)})
+            if held.stream:             # a stream's request ends with its stream
+                self._end_request(t.req, None if event.succeeded else event.outcome.partition(":")[2])
+
+    def _ended_attributes(self, event: UsageEvent, resp: LLMResponse | None,
+                          cooldown: float | None) -> dict[str, Any]:
+        attrs: dict[str, Any] = {"gen_ai.usage.input_tokens": event.prompt_tokens,
+                                 "gen_ai.usage.output_tokens": event.completion_tokens,
+                                 "xpl.outcome": event.outcome}
+        if event.cost_usd is not None:
+            attrs["xpl.cost_usd"] = event.cost_usd
+        if cooldown is not None:
+            attrs["xpl.cooldown_s"] = round(cooldown, 3)
+        if resp is not None:
+            attrs["gen_ai.response.model"] = resp.model
+            attrs["gen_ai.response.finish_reasons"] = [resp.finish_reason] if resp.finish_reason else []
+            if self._capture:
+                attrs["gen_ai.output.messages"] = mask(json.dumps(
+                    [{"role": "assistant", "content": resp.content}]), self._secrets)
+        return attrs
+
+    def try_exited(self, t: Try, exc: BaseException | None) -> None:
+        """A try that ended without an event: LiteLLM refused it before sending (or it was cancelled)."""
+        span, t.span = t.span, None
+        if span is not None:
+            span.set_attribute("xpl.outcome", "not_sent")
+            if exc is not None:
+                span.set_attribute("error.type", type(exc).__name__)
+                span.set_status(self._error)
+            span.end()
+
+    def waiting(self, req: Request, seconds: float) -> None:
+        held: _RequestSpan | None = req.span
+        if held is not None:
+            held.span.add_event("xpl.waiting_for_cooldown", {"xpl.wait_s": round(seconds, 3)})
+
+    # ---------------------------------------------------------- metrics
+
+    def _on_event(self, event: UsageEvent) -> None:
+        """One counted usage event into the histograms and counters (every try, ledger-exact)."""
+        attrs: dict[str, Any] = {"gen_ai.operation.name": "chat",
+                                 "gen_ai.provider.name": provider_name(event.provider),
+                                 "gen_ai.request.model": event.model, "xpl.backend": event.backend,
+                                 "xpl.agent_id": event.agent_id or "(none)"}
+        timed = attrs if event.succeeded else {**attrs, "error.type": event.outcome.partition(":")[2]}
+        counted = {**attrs, "xpl.outcome": event.outcome}
+        for ins in self._instruments:
+            if event.succeeded or event.total_tokens:
+                ins.tokens.record(event.prompt_tokens, {**attrs, "gen_ai.token.type": "input"})
+                ins.tokens.record(event.completion_tokens, {**attrs, "gen_ai.token.type": "output"})
+            ins.duration.record(event.latency_ms / 1000, timed)
+            ins.requests.add(1, counted)
+            if event.cost_usd is not None:
+                ins.cost.add(event.cost_usd, attrs)
+
+    def gauges(self) -> Iterator[tuple[str, float, dict[str, Any]]]:
+        """(gauge, value, attributes) for this router's backends and budgets, for the observable gauges."""
+        router = self._router()
+        if router is None:
+            return
+        now = time.monotonic()
+        for name in self._backends:
+            gate = router.gate(name)
+            attrs = {"xpl.backend": name}
+            yield "in_flight", gate.in_flight, attrs
+            yield "queued", gate.queued, attrs
+            yield "cooling_down", 1 if self._cooling.get(name, 0.0) > now else 0, attrs
+        yield from _budget_gauges(router)
+
+    def close(self) -> None:
+        self._unsubscribe()
+        _LIVE.discard(self)
+
+
+class _RequestSpan:
+    """A request's span, held on ``Request.span`` while its tries run."""
+
+    __slots__ = ("span", "stream", "tries", "ended")
+
+    def __init__(self, span: Any, stream: bool) -> None:
+        self.span = span
+        self.stream = stream
+        self.tries = 0
+        self.ended = False
+
+
+def _call_attributes(req: Request) -> dict[str, Any]:
+    attrs: dict[str, Any] = {"gen_ai.operation.name": "chat", "gen_ai.request.model": req.model,
+                             "xpl.agent_id": req.agent_id or "(none)"}
+    max_tokens = req.kwargs.get("max_tokens")
+    if isinstance(max_tokens, int) and not isinstance(max_tokens, bool):
+        attrs["gen_ai.request.max_tokens"] = max_tokens
+    if req.thread_id:
+        attrs["gen_ai.conversation.id"] = req.thread_id
+    return attrs
+
+
+def _server(base_url: str | None) -> tuple[str | None, int | None]:
+    """The host and port of a backend's base_url (never its path, query or credentials)."""
+    if not base_url:
+        return None, None
+    try:
+        parts = urlsplit(base_url)
+        return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None, None
+
+
+def _budget_gauges(router: Any) -> Iterator[tuple[str, float, dict[str, Any]]]:
+    """``xpl.budget.remaining`` per budget: asks ``router.budgets()`` (contract C11) when the router has it."""
+    budgets = getattr(router, "budgets", None)
+    if not callable(budgets):
+        return
+    try:
+        statuses = budgets()
+    except Exception:
+        return
+    if not isinstance(statuses, list):      # not the C11 list (a coroutine, say): nothing to show
+        return
+    for st in statuses:
+        base = {"xpl.budget.scope": str(getattr(st, "scope", "")), "xpl.budget.key": str(getattr(st, "key", ""))}
+        for unit, name in (("tokens", "remaining_tokens"), ("usd", "remaining_usd")):
+            value = getattr(st, name, None)
+            if isinstance(value, (int, float)):
+                yield "budget_remaining", value, {**base, "xpl.budget.unit": unit}
+
+
+# ------------------------------------------------------------ instruments
+
+_LIVE: weakref.WeakSet[OTelTelemetry] = weakref.WeakSet()
+_LOCK = threading.Lock()
+_BY_PROVIDER: dict[int, Instruments] = {}
+_SERVERS: dict[tuple[str, int], tuple[Any, str]] = {}
+
+
+class Instruments:
+    """The package's instruments on one meter provider (made once per provider, shared by its routers)."""
+
+    def __init__(self, provider: Any) -> None:
+        meter = provider.get_meter(SCOPE)
+        self.provider = provider
+        self.tokens = meter.create_histogram(
+            "gen_ai.client.token.usage", unit="{token}", description="Tokens used per provider call",
+            explicit_bucket_boundaries_advisory=list(TOKEN_BUCKETS))
+        self.duration = meter.create_histogram(
+            "gen_ai.client.operation.duration", unit="s", description="Duration of each provider call",
+            explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS))
+        self.requests = meter.create_counter(
+            "xpl.requests", unit="{request}", description="Provider calls (tries), by xpl.outcome")
+        self.cost = meter.create_counter("xpl.cost", unit="USD", description="Cost of the priced provider calls")
+        for name, what in (("in_flight", "Calls in flight per backend"),
+                           ("queued", "Calls waiting for a backend's limits"),
+                           ("cooling_down", "1 while a backend cools down after a failure, else 0")):
+            meter.create_observable_gauge(f"xpl.backend.{name}", callbacks=[_observe(name)],
+                                          unit="{call}" if name != "cooling_down" else "1", description=what)
+        meter.create_observable_gauge("xpl.budget.remaining", callbacks=[_observe("budget_remaining")],
+                                      description="What is left of each budget (xpl.budget.unit: tokens or usd)")
+
+
+def instruments(provider: Any) -> Instruments:
+    with _LOCK:
+        found = _BY_PROVIDER.get(id(provider))
+        if found is None or found.provider is not provider:
+            found = _BY_PROVIDER[id(provider)] = Instruments(provider)
+        return found
+
+
+def _observe(gauge: str) -> Any:
+    from opentelemetry.metrics import Observation
+
+    def callback(options: Any) -> list[Any]:
+        out = []
+        for tel in list(_LIVE):
+            for name, value, attrs in tel.gauges():
+                if name == gauge:
+                    out.append(Observation(value, attrs))
+        return out
+
+    return callback
+
+
+def prometheus(host: str, port: int) -> tuple[Any, str]:
+    """An SDK meter provider whose metrics are served on ``http://host:port/metrics`` (once per process)."""
+    with _LOCK:
+        found = _SERVERS.get((host, port))
+        if found is not None:
+            return found
+        try:
+            from opentelemetry.exporter.prometheus import PrometheusMetricReader
+            from opentelemetry.sdk.metrics import MeterProvider
+            from prometheus_client import CollectorRegistry, start_http_server
+        except ImportError as exc:
+            raise ConfigError(f"llm.telemetry.prometheus_port: needs OpenTelemetry's Prometheus exporter "
+                              f"({exc.name} is missing); pip install 'xml-pipeline-llm[otel]'") from None
+        registry: Any = CollectorRegistry()
+        try:
+            reader = PrometheusMetricReader(registry=registry)
+        except TypeError:                   # exporters before registry=: the process-wide registry
+            import prometheus_client
+
+            registry = prometheus_client.REGISTRY
+            reader = PrometheusMetricReader()
+        try:
+            server, _ = start_http_server(port, addr=host, registry=registry)
+        except OSError as exc:
+            reader.shutdown()
+            raise ConfigError(f"llm.telemetry.prometheus_port: cannot serve /metrics on {host}:{port} "
+                              f"({exc.strerror or exc}); choose a free port or stop what holds it") from None
+        shown = f"[{host}]" if ":" in host else host
+        found = (MeterProvider(metric_readers=[reader]), f"http://{shown}:{server.server_port}/metrics")
+        _SERVERS[(host, port)] = found
+        if port == 0:
+            _SERVERS[(host, server.server_port)] = found
+        return found
