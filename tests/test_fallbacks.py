@@ -258,7 +258,7 @@ async def test_an_older_sqlite_ledger_is_read_and_migrated(sim, tmp_path):
         assert "requested_model" in {row[1] for row in conn.execute("PRAGMA table_info(usage_events)")}
 
 
-async def test_the_event_csv_ends_with_requested_model(sim, tmp_path):
+async def test_the_event_csv_has_requested_model_after_the_documented_columns(sim, tmp_path):
     import csv
 
     r = smart(sim, "fb-csv-x", "fb-csv-a")
@@ -266,6 +266,6 @@ async def test_the_event_csv_ends_with_requested_model(sim, tmp_path):
     await r.complete("claude-sonnet-4", MESSAGES, agent_id="c")
     r.export_usage_csv(tmp_path / "e.csv", by="event")
     rows = list(csv.DictReader((tmp_path / "e.csv").open()))
-    assert list(rows[0])[-1] == "requested_model"
+    assert list(rows[0])[-2:] == ["requested_model", "metadata"]      # C13's column, then C12's
     assert [(x["model"], x["requested_model"]) for x in rows] == [("grok-4.1", "smart"),
                                                                   ("claude-sonnet-4", "claude-sonnet-4")]
