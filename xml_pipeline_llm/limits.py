@@ -71,6 +71,16 @@ def _set(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+async def _sleep(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None], delay: float | None) -> None:
+    """Wait until woken, or (the head of a queue, ``delay`` not None) until its turn is due."""
+    handle = loop.call_later(max(0.0, delay), _set, fut) if delay is not None else None
+    try:
+        await fut
+    finally:
+        if handle is not None:
+            handle.cancel()
+
+
 def wake(fut: asyncio.Future[None] | None) -> None:
     """Resolve ``fut`` on its own loop, from any thread (a closed loop's future is left alone)."""
     if fut is None or fut.done():
@@ -153,12 +163,7 @@ class TokenBucket:
                         return amount
                     fut = me.fut = loop.create_future()
                     delay = (amount - self._tokens) / self.rate if head else None
-                handle = loop.call_later(max(0.0, delay), _set, fut) if delay is not None else None
-                try:
-                    await fut
-                finally:
-                    if handle is not None:
-                        handle.cancel()
+                await _sleep(loop, fut, delay)
         finally:        # taken, cancelled or timed out: the next in line may go now
             with self._lock:
                 (self._waiters.served if taken else self._waiters.remove)(me)
@@ -287,12 +292,7 @@ class StartWindow:
                         return
                     fut = me.fut = loop.create_future()
                     delay = self._starts[0] + self.period - time.monotonic() if head else None
-                handle = loop.call_later(max(0.0, delay), _set, fut) if delay is not None else None
-                try:
-                    await fut
-                finally:
-                    if handle is not None:
-                        handle.cancel()
+                await _sleep(loop, fut, delay)
         finally:        # started, cancelled or timed out: the next in line may go now
             with self._lock:
                 self._waiters.remove(me)

@@ -64,17 +64,18 @@ local function roll(b, secs, off)
   if secs > 0 then redis.call('PEXPIRE', b, math.ceil(ws + secs - now) + ARGV[3]) end
   return ws
 end
-local function purge(b, h)
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', h, '-inf', now)) do
-    local amt = redis.call('HGET', b, 'h:' .. id)
-    if amt then
-      local tk, us = string.match(amt, '([^ ]+) ([^ ]+)')
-      redis.call('HINCRBYFLOAT', b, 'res_t', -tonumber(tk))
-      redis.call('HINCRBYFLOAT', b, 'res_u', -tonumber(us))
-      redis.call('HDEL', b, 'h:' .. id)
-    end
-    redis.call('ZREM', h, id)
+local function unhold(b, h, id)
+  local amt = redis.call('HGET', b, 'h:' .. id)
+  if amt then
+    local tk, us = string.match(amt, '([^ ]+) ([^ ]+)')
+    redis.call('HINCRBYFLOAT', b, 'res_t', -tonumber(tk))
+    redis.call('HINCRBYFLOAT', b, 'res_u', -tonumber(us))
+    redis.call('HDEL', b, 'h:' .. id)
   end
+  redis.call('ZREM', h, id)
+end
+local function purge(b, h)
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', h, '-inf', now)) do unhold(b, h, id) end
 end
 """
 
@@ -118,14 +119,7 @@ local tokens, usd = tonumber(ARGV[4]), tonumber(ARGV[5])
 local out = {}
 for i = 1, n do
   local b, h, a = KEYS[2 * i - 1], KEYS[2 * i], 5 + 2 * (i - 1)
-  local amt = redis.call('HGET', b, 'h:' .. id)
-  if amt then
-    local tk, us = string.match(amt, '([^ ]+) ([^ ]+)')
-    redis.call('HINCRBYFLOAT', b, 'res_t', -tonumber(tk))
-    redis.call('HINCRBYFLOAT', b, 'res_u', -tonumber(us))
-    redis.call('HDEL', b, 'h:' .. id)
-  end
-  redis.call('ZREM', h, id)
+  unhold(b, h, id)
   roll(b, tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]))
   local bt, bu = tonumber(redis.call('HGET', b, 'used_t') or 0), tonumber(redis.call('HGET', b, 'used_u') or 0)
   redis.call('HINCRBYFLOAT', b, 'used_t', tokens)
