@@ -7,7 +7,9 @@ tests talk to runs in this process (the session fixture ``sim``).
 
 from __future__ import annotations
 
+import asyncio
 import csv
+import io
 import json
 import os
 import shutil
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FAKE_KEYS
+from conftest import FAKE_KEYS, MESSAGES
 
 from xml_pipeline_llm.simulator import Fault
 
@@ -84,7 +86,7 @@ def write_config(path: Path, backends: list[dict], **llm) -> Path:
 
 # ---------------------------------------------------------------- help, version
 
-@pytest.mark.parametrize("command", ["", "check", "complete", "usage", "simulate", "demo"])
+@pytest.mark.parametrize("command", ["", "check", "complete", "usage", "budgets", "simulate", "demo"])
 def test_help_answers_fast_with_an_example(tmp_path, command):
     start = time.perf_counter()
     p = run(tmp_path, *([command] if command else []), "--help")
@@ -464,3 +466,31 @@ def test_usage_reads_the_fleet_totals_in_redis(tmp_path, redis_url):
     assert [e["cost_usd"] for e in events] == ["", "0.25", "0.5"]
     p = run(tmp_path, "usage", "--store", redis_url, "--by", "model")     # prefix "xpl": nothing there
     assert p.returncode == 0 and "no calls recorded" in p.stdout
+
+
+def test_budgets_shows_spend_limit_and_reset_from_the_ledger(tmp_path, sim):
+    from xml_pipeline_llm import LLMRouter, load_config
+
+    ledger = tmp_path / "usage.db"
+    cfg = write_config(tmp_path / "org.yaml", [
+        {"provider": "xai", "name": "cli-bud", "api_key_env": "TEST_XAI_KEY",
+         "base_url": sim.base_url("cli-bud", "xai")}],
+        usage_store=f"sqlite:///{ledger}", budgets=[{"scope": "agent", "max_tokens": 5000, "window": "1d"},
+                                                    {"scope": "global", "max_tokens": 90000}])
+    router = LLMRouter(load_config(cfg))
+
+    async def spend() -> int:
+        resp = await router.complete("grok-4.1", MESSAGES, agent_id="spender", max_tokens=10)
+        await router.aclose()
+        return resp.usage["total_tokens"]
+
+    used = asyncio.run(spend())
+    p = run(tmp_path, "budgets", "-c", str(cfg))
+    assert p.returncode == 0, p.stderr
+    assert "spender" in p.stdout and f"{used:,} / 5,000 tokens" in p.stdout
+    assert "global" in p.stdout and f"{used:,} / 90,000 tokens" in p.stdout and "never" in p.stdout
+    assert_plain(p.stdout, tmp_path)
+    p = run(tmp_path, "budgets", "-c", str(cfg), "--csv", "-")
+    rows = list(csv.DictReader(io.StringIO(p.stdout)))
+    assert {(r["scope"], r["key"], r["used_tokens"]) for r in rows} == {("global", "", str(used)),
+                                                                       ("agent", "spender", str(used))}
