@@ -173,11 +173,17 @@ class RedisGate:
 
     async def _enter_shared(self, tokens: int, turn: Turn) -> Reservation:
         amount = min(float(tokens), self.capacity) if self.capacity else 0.0
+        if not self._waiters:       # nobody of this process is held back: ask Redis at once
+            lease = f"{os.getpid()}-{uuid.uuid4().hex[:16]}"
+            ok, count, level, _, _ = await self._try_enter(amount, lease, "")
+            self.fleet, self.level = count, level
+            if ok:
+                return self._admitted(amount, lease)
         loop = asyncio.get_running_loop()
         me = Waiter(turn)
         me.fut = loop.create_future()
-        with self._lock:                       # one waiter of this process asks Redis at a time:
-            self._waiters.push(me)             # the first in fair order (fairness.py)
+        with self._lock:                       # held back: one waiter of this process asks Redis at a
+            self._waiters.push(me)             # time, the first in fair order (fairness.py)
             go = self._asking is None and self._waiters.peek() is me
             if go:
                 self._asking = me
@@ -194,10 +200,8 @@ class RedisGate:
                 ok, count, level, wait_ms, since = await self._try_enter(amount, lease, since)
                 self.fleet, self.level = count, level
                 if ok:
-                    self.held += 1
-                    self.state.conn.worker.hold(lease, self.keys[1])
                     served = True
-                    return Reservation(amount, lease)
+                    return self._admitted(amount, lease)
                 if wait_ms > 0:
                     nap = min(wait_ms / 1000.0, TOKEN_POLL_MAX)
                 else:
@@ -210,6 +214,11 @@ class RedisGate:
                 if self._asking is me or self._asking is None:
                     nxt = self._asking = self._waiters.peek()
             _wake(nxt.fut if nxt is not None else None)
+
+    def _admitted(self, amount: float, lease: str) -> Reservation:
+        self.held += 1
+        self.state.conn.worker.hold(lease, self.keys[1])
+        return Reservation(amount, lease)
 
     async def _try_enter(self, amount: float, lease: str, since: str) -> tuple[bool, int, float, float, str]:
         args = [repr(amount), repr(self.capacity), repr(self.rate_ms), self.limit,
