@@ -27,9 +27,10 @@ live on one node and a script may touch them together (ENTER and LEAVE touch
 the bucket and the slots; the cooldown is there too).  No script or command
 touches keys of two tags at once.
 
-Within one process waiters for a backend are served first come, first served
-(one "head" waiter per backend polls Redis, the others wait behind it, exactly
-as in memory).  Across processes there is no strict FIFO: a freed slot goes to
+A call asks Redis at once while no call of this process waits for that
+backend.  Once the limits refuse, this process's waiters queue in the fair
+order of ``fairness.py`` (priorities, fair shares by tokens, arrival) and one
+of them at a time, the first in that order, polls Redis, as in memory.  Across processes there is no strict FIFO: a freed slot goes to
 whichever process asks first (waiters poll with a backoff from 2 to 50 ms, and
 a process's own release wakes its waiter at once).  For tokens, the oldest
 waiter of the fleet whose tokens are not there yet *claims* them (for two
