@@ -30,8 +30,9 @@ touches keys of two tags at once.
 A call asks Redis at once while no call of this process waits for that
 backend.  Once the limits refuse, this process's waiters queue in the fair
 order of ``fairness.py`` (priorities, fair shares by tokens, arrival) and one
-of them at a time, the first in that order, polls Redis, as in memory.  Across processes there is no strict FIFO: a freed slot goes to
-whichever process asks first (waiters poll with a backoff from 2 to 50 ms, and
+of them at a time, the first in that order, polls Redis, as in memory.
+Across processes there is no strict FIFO: a freed slot goes to whichever
+process asks first (waiters poll with a backoff from 2 to 50 ms, and
 a process's own release wakes its waiter at once).  For tokens, the oldest
 waiter of the fleet whose tokens are not there yet *claims* them (for two
 seconds at a time, renewed while it waits): other processes then only take
