@@ -205,3 +205,20 @@ async def test_budgets_cost_nothing_when_none_is_set(sim):
     start = time.monotonic()
     assert (await r.complete("grok-4.1", MESSAGES)).content and r.budgets() == []
     assert time.monotonic() - start < 10
+
+
+async def test_a_stream_holds_its_reservation_until_it_ends_and_is_charged_what_it_used(sim):
+    r = make_router([backend(sim, "xai", "bsm-a")], budgets=[{"scope": "thread", "max_tokens": 10 * WORST}])
+    s = r.stream("grok-4.1", MESSAGES, thread_id="streamed", max_tokens=20)
+    async for _ in s:
+        break                                            # content arrived: the try is held
+    assert r.budget_status("thread", "streamed").reserved_tokens == WORST
+    await s.aclose()                                     # closed early: charged what it used
+    status = r.budget_status("thread", "streamed")
+    assert status.reserved_tokens == 0 and status.used_tokens == s.response.usage["total_tokens"] > 0
+    full = r.stream("grok-4.1", MESSAGES, thread_id="streamed", max_tokens=20)
+    async for _ in full:
+        pass
+    after = r.budget_status("thread", "streamed")
+    assert after.used_tokens == status.used_tokens + full.response.usage["total_tokens"]
+    assert after.reserved_tokens == 0
