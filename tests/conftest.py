@@ -107,3 +107,29 @@ class SuccessCallbacks:
 @pytest.fixture
 def success_callbacks() -> SuccessCallbacks:
     return SuccessCallbacks()
+
+
+# A usage ledger as the first versions wrote it (no requested_model, no metadata column), one row.
+OLD_LEDGER = """
+CREATE TABLE usage_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    timestamp REAL NOT NULL, agent_id TEXT, thread_id TEXT, model TEXT, backend TEXT,
+    provider TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, total_tokens INTEGER,
+    cost_usd REAL, latency_ms REAL, outcome TEXT, call_id TEXT
+);
+INSERT INTO usage_events (timestamp, agent_id, thread_id, model, backend, provider, prompt_tokens,
+    completion_tokens, total_tokens, cost_usd, latency_ms, outcome, call_id)
+    VALUES (1700000000.0, 'old', '', 'grok-4.1', ?, 'xai', ?, ?, ?, NULL, ?, 'ok', 'c-old');
+"""
+
+
+def old_ledger(path: Any, backend: str, tokens: tuple[int, int], latency_ms: float) -> None:
+    """Write ``OLD_LEDGER`` at ``path`` with one event of ``backend`` (prompt, completion tokens)."""
+    import sqlite3
+
+    create, insert = OLD_LEDGER.split("INSERT", 1)
+    with sqlite3.connect(path) as conn:
+        conn.executescript(create)
+        conn.execute("INSERT " + insert.strip().rstrip(";"),
+                     (backend, tokens[0], tokens[1], sum(tokens), latency_ms))
+    conn.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import MESSAGES, backend, make_router, until
+from conftest import MESSAGES, backend, make_router, old_ledger, until
 
 from xml_pipeline_llm import BadRequestError, ConfigError, load_config
 from xml_pipeline_llm.errors import ModelNotFoundError
@@ -224,17 +224,6 @@ def test_a_catch_all_backend_does_not_make_every_alias_a_shadow(sim):
 
 # ------------------------------------------------------------------ accounting
 
-OLD_SCHEMA = """
-CREATE TABLE usage_events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    timestamp REAL NOT NULL, agent_id TEXT, thread_id TEXT, model TEXT, backend TEXT,
-    provider TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, total_tokens INTEGER,
-    cost_usd REAL, latency_ms REAL, outcome TEXT, call_id TEXT
-);
-INSERT INTO usage_events (timestamp, agent_id, thread_id, model, backend, provider, prompt_tokens,
-    completion_tokens, total_tokens, cost_usd, latency_ms, outcome, call_id)
-    VALUES (1700000000.0, 'old', '', 'grok-4.1', 'x', 'xai', 1, 2, 3, NULL, 5.0, 'ok', 'c1');
-"""
 
 
 async def test_an_older_sqlite_ledger_is_read_and_migrated(sim, tmp_path):
@@ -243,8 +232,7 @@ async def test_an_older_sqlite_ledger_is_read_and_migrated(sim, tmp_path):
     from xml_pipeline_llm.stores import read_events
 
     db = tmp_path / "old.db"
-    with sqlite3.connect(db) as conn:
-        conn.executescript(OLD_SCHEMA)
+    old_ledger(db, "x", (1, 2), 5.0)
     [old] = list(read_events(db))                           # read only, not migrated: model stands in
     assert (old.agent_id, old.requested_model) == ("old", "grok-4.1")
     r = smart(sim, "fb-sq-x", "fb-sq-a", usage_store=f"sqlite:///{db}", retry_max_delay=60)

@@ -12,7 +12,7 @@ import sys
 import threading
 
 import pytest
-from conftest import MESSAGES, backend, make_router, until
+from conftest import MESSAGES, backend, make_router, old_ledger, until
 from test_redis import redis_server  # noqa: F401  (the session's throw-away redis-server)
 
 from xml_pipeline_llm import BadRequestError, LLMRouter, load_config
@@ -183,25 +183,11 @@ async def test_metadata_is_kept_in_the_sqlite_ledger_and_the_cli_groups_by_it(si
     assert bad.returncode != 0 and "metadata.KEY" in bad.stderr
 
 
-OLD_SCHEMA = """
-CREATE TABLE usage_events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    timestamp REAL NOT NULL, agent_id TEXT, thread_id TEXT, model TEXT, backend TEXT,
-    provider TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, total_tokens INTEGER,
-    cost_usd REAL, latency_ms REAL, outcome TEXT, call_id TEXT
-);
-INSERT INTO usage_events (timestamp, agent_id, thread_id, model, backend, provider, prompt_tokens,
-    completion_tokens, total_tokens, cost_usd, latency_ms, outcome, call_id)
-    VALUES (1.7e9, 'old', '', 'grok-4.1', 'ue-old', 'xai', 10, 5, 15, NULL, 12.5, 'ok', 'c-old');
-"""
 
 
 async def test_an_old_ledger_without_the_metadata_column_opens_and_is_migrated(sim, tmp_path):
     db = tmp_path / "old.db"
-    conn = sqlite3.connect(db)
-    conn.executescript(OLD_SCHEMA)
-    conn.commit()
-    conn.close()
+    old_ledger(db, "ue-old", (10, 5), 12.5)
     (old,) = list(read_events(db))                     # readable before any migration
     assert (old.agent_id, old.total_tokens, old.metadata) == ("old", 15, {})
     r = make_router([backend(sim, "xai", "ue-old")], usage_store=f"sqlite:///{db}")
