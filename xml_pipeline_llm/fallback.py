@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import _litellm
@@ -132,9 +132,12 @@ def _upper_bound(messages: list[dict[str, Any]], tools: Any) -> int | None:
     return total
 
 
-async def choose(req: Request, cooldowns: Cooldowns, strategy: Strategy,
-                 gates: Mapping[str, BackendGate]) -> ResolvedBackend:
-    """The backend for the next try (see the module's rules); sleeps only while every backend cools."""
+async def choose(req: Request, cooldowns: Cooldowns, strategy: Strategy, gates: Mapping[str, BackendGate],
+                 on_wait: Callable[[Request, float], None] | None = None) -> ResolvedBackend:
+    """The backend for the next try (see the module's rules); sleeps only while every backend cools.
+
+    ``on_wait(req, seconds)`` hears of each such sleep (telemetry).
+    """
     while True:
         live = req.live()
         if not live:
@@ -146,6 +149,8 @@ async def choose(req: Request, cooldowns: Cooldowns, strategy: Strategy,
             return chosen
         wait = until_ready(cooling, remaining)
         log.debug("%s: every backend cools down; waiting %.2fs", req.name, wait)
+        if on_wait is not None:
+            on_wait(req, wait)
         await asyncio.sleep(wait)
 
 

@@ -149,7 +149,7 @@ class LLMRouter(UsageMethods, BudgetMethods):
 
     async def _choose(self, req: Request) -> ResolvedBackend:
         """The backend for the next try, over every model of the request (``fallback.py``)."""
-        return await choose(req, self._state.cooldowns, self._strategy, self._gates)
+        return await choose(req, self._state.cooldowns, self._strategy, self._gates, self.telemetry.waiting)
 
     def _not_sent(self, req: Request, backend: ResolvedBackend, exc: Exception) -> None:
         """LiteLLM failed before sending: no cooldown, no try.  A parameter the backend's provider
