@@ -419,6 +419,23 @@ async def test_the_fleets_cooldowns_are_read_at_most_one_interval_late(redis_ser
     await other.close()
 
 
+async def test_an_admission_brings_its_backends_cooldown_with_it(redis_server):
+    from xml_pipeline_llm.shared.state import RedisState
+
+    p = prefix()
+    one, other = RedisState(redis_server.url, p, lease=5), RedisState(redis_server.url, p, lease=5)
+    assert await other.cooldowns(["ce-a"]) == {}            # read, and good for an interval
+    await one.cool_down("ce-a", 5)
+    gate = other.gate("ce-a", 4, None)
+    held = await gate.enter(0)                             # ENTER's answer has the cooldown in it
+    left = await other.cooldowns(["ce-a"])
+    assert 4 < left["ce-a"] <= 5
+    gate.leave(held, 0)
+    assert await until(lambda: gate.in_flight == 0)
+    await one.close()
+    await other.close()
+
+
 async def test_keys_are_namespaced_expire_and_hold_no_secret(sim, redis_server):
     p = prefix()
     r = shared_router(redis_server.url, p, [backend(sim, "xai", "rdx-ky-a", rate_limit_tpm=50_000),
@@ -739,3 +756,60 @@ def test_two_processes_on_one_redis_budget_never_spend_more_than_it_together(sim
     status = r.budget_status("agent", "fleet")                           # a third process sees the spend
     assert status.used_tokens == stats.prompt_tokens + stats.completion_tokens
     assert status.reserved_tokens == 0 and status.resets_at is not None
+
+
+async def test_calls_cancelled_while_admitted_give_back_their_slot_and_budget_hold(sim, redis_server):
+    import random
+
+    import redis
+
+    p = prefix()
+    rules = [{"scope": "agent", "max_tokens": 10**9, "window": "1d"}]
+    r = shared_router(redis_server.url, p, [backend(sim, "xai", "rdc-a", max_concurrent=3,
+                                                    rate_limit_tpm=1_000_000)], budgets=rules)
+    sim.set_latency("rdc-a", 0.02)
+    rng = random.Random(11)
+    try:
+        tasks = []
+        for _ in range(80):       # cancelled at random steps: mid RESERVE/ENTER, waiting, or sending
+            tasks.append(asyncio.ensure_future(r.complete("grok-4.1", MESSAGES, agent_id="cx", max_tokens=20)))
+            for _ in range(rng.randrange(4)):
+                await asyncio.sleep(0)
+            if rng.random() < 0.6:
+                rng.choice(tasks).cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        sim.set_latency("rdc-a", 0)
+    served = [x for x in results if not isinstance(x, BaseException)]
+    assert served and any(isinstance(x, asyncio.CancelledError) for x in results)
+    assert await until(lambda: r.budget_status("agent", "cx").reserved_tokens == 0)
+    assert r.budget_status("agent", "cx").used_tokens == sum(x.usage["total_tokens"] for x in served)
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    assert await until(lambda: client.zcard(f"{p}:{{rdc-a}}:slots") == 0)
+    client.close()
+    await r.aclose()
+
+
+async def test_event_log_entries_of_either_format_read_back_the_same(redis_server):
+    import redis
+
+    from xml_pipeline_llm.stores import open_store
+    from xml_pipeline_llm.usage import make_event
+
+    p = prefix()
+    store = open_store(redis_server.url, p)
+    new = make_event(agent_id="now", thread_id="t", model="grok-4.1", backend="b", provider="xai",
+                     usage={"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}, cost_usd=None,
+                     latency_ms=12.5, outcome="ok", call_id="c2", metadata={"team": "a", "n": 2})
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    client.xadd(f"{p}:usage:{{{p}}}:events", {      # an entry as versions before 0.3 wrote it
+        "timestamp": repr(new.timestamp - 1), "agent_id": "before", "thread_id": "t", "model": "grok-4.1",
+        "backend": "b", "provider": "xai", "prompt_tokens": "3", "completion_tokens": "4", "total_tokens": "7",
+        "cost_usd": "", "latency_ms": "12.5", "outcome": "ok", "requested_model": "grok-4.1", "call_id": "c1",
+        "metadata": '{"n":2,"team":"a"}'})
+    await store.append(new)
+    old, got = list(store.events())
+    assert got == new and got.metadata == {"team": "a", "n": 2} and got.cost_usd is None
+    assert old == type(new)(**{**new.__dict__, "agent_id": "before", "timestamp": new.timestamp - 1})
+    client.close()
+    await store.close()

@@ -319,8 +319,9 @@ def test_tls_router_calls_usage_and_cli(sim, tls, tls_server, tmp_path, caplog):
     assert [(x["backend"], x["request_count"], int(x["total_tokens"])) for x in rows] == [("rdx-tls-a", "8", total)]
     asyncio.run(r.aclose())
     assert not any("tls-pw-not-shown" in rec.getMessage() for rec in caplog.records)
-    assert not any(rec.levelno >= logging.WARNING for rec in caplog.records
-                   if rec.name.startswith("xml_pipeline_llm")), caplog.text
+    assert not any(rec.levelno >= logging.WARNING for rec in caplog.records          # (the price warning
+                   if rec.name.startswith("xml_pipeline_llm")                     # comes once a process)
+                   and not rec.getMessage().startswith("no price for")), caplog.text
 
 
 def test_tls_verifies_the_certificate(tls, tls_server, tmp_path):
@@ -426,7 +427,7 @@ async def test_leases_of_several_backends_are_renewed_on_their_own_nodes(sim, cl
                                         strategy="round-robin")})
     r = LLMRouter(cfg, state=RedisState(cluster.url, p, lease=0.6))
     for n in names:
-        sim.set_latency(n, 1.6)
+        sim.set_latency(n, 3.0)       # in flight well past the 1.2 s looked at, however late the last starts
     try:
         calls = [asyncio.ensure_future(r.complete("grok-4.1", MESSAGES)) for _ in names]
         deadline = time.monotonic() + 10

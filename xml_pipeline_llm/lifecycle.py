@@ -15,13 +15,14 @@ later pieces) budgets and telemetry hook in here once, not per call path.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _litellm
-from .budgets import Budgets, Hold, keys_for
+from .budgets import BudgetKey, Budgets, Hold, keys_for
 from .fairness import ANONYMOUS, Turn
 from .reservation import fair_cost, tokens_to_reserve, worst_case, worst_cost
 from .response import LLMResponse
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from .limits import Reservation
     from .request import Request
     from .state import BackendGate
+
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -96,31 +99,41 @@ class Try:
         self._released = False
 
     async def __aenter__(self) -> Try:
-        budgets = self.services.budgets
-        if budgets.scopes:          # before the limits: a call over budget fails at once
-            self.hold = await self._reserve_budgets(budgets)
-        tokens = tokens_to_reserve(self.req, self.backend, self.services.default_max_tokens)
         req = self.req
+        tokens = tokens_to_reserve(req, self.backend, self.services.default_max_tokens)
         agent = req.agent_id or ANONYMOUS
         turn = Turn(agent, self.services.weights.get(agent, 1.0),
                     fair_cost(req, tokens, self.services.default_max_tokens), req.options.priority)
-        try:
+        budgets = self.services.budgets
+        keys = keys_for(req.agent_id, req.thread_id, req.metadata, budgets.scopes) if budgets.scopes else []
+        if keys:
+            await self._admit_within_budgets(budgets, keys, tokens, turn)
+        else:
             self.reservation = await self.gate.enter(tokens, turn)
-        except BaseException:
-            self._settle_budgets(0, 0.0)
-            raise
         self.start = time.perf_counter()
         self.services.telemetry.try_started(self)
         return self
 
-    async def _reserve_budgets(self, budgets: Budgets) -> Hold | None:
-        req = self.req
-        keys = keys_for(req.agent_id, req.thread_id, req.metadata, budgets.scopes)
-        if not keys:
-            return None
-        default = self.services.default_max_tokens
+    async def _admit_within_budgets(self, budgets: Budgets, keys: list[BudgetKey], tokens: int,
+                                    turn: Turn) -> None:
+        """Reserve the worst case in the budgets while asking the gate (with Redis: one round trip).
+
+        A call over budget still fails at once: its admission is called off, and a
+        slot it was given meanwhile goes back.  A failed admission gives the budgets back.
+        """
+        req, default = self.req, self.services.default_max_tokens
         usd = worst_cost(req, self.backend, default) if budgets.usd else 0.0
-        return await budgets.reserve(keys, sum(worst_case(req, default)), usd, req.model)
+        reserving = asyncio.ensure_future(budgets.reserve(keys, sum(worst_case(req, default)), usd, req.model))
+        entering = asyncio.ensure_future(self.gate.enter(tokens, turn))
+        try:
+            self.hold = await reserving
+            self.reservation = await entering
+        except BaseException:
+            _call_off(entering, lambda got: self.gate.leave(got, 0))
+            if self.hold is None:
+                _call_off(reserving, lambda got: None if got is None else budgets.settle(got, 0, 0.0))
+            self._settle_budgets(0, 0.0)
+            raise
 
     def _settle_budgets(self, tokens: int, usd: float | None) -> None:
         hold, self.hold = self.hold, None
@@ -210,3 +223,13 @@ class Try:
         event = self.event(resp.usage, resp.cost_usd, resp.latency_ms, outcome, call_id)
         self.services.telemetry.try_ended(self, event, resp)
         return event
+
+
+def _call_off(fut: asyncio.Future[T], give_back: Callable[[T], None]) -> None:
+    """Cancel what ``fut`` is getting; what it got all the same goes back through ``give_back``."""
+    def after(done: asyncio.Future[T]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            give_back(done.result())
+
+    fut.add_done_callback(after)
+    fut.cancel()

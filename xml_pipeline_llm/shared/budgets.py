@@ -151,7 +151,6 @@ class RedisBudgets(Budgets):
         super().__init__(rules, clock)
         self.conn = conn
         self.tag = f"{prefix}:{{{prefix}:budgets}}"
-        self._tasks: set[asyncio.Task[Any]] = set()
 
     def _keys(self, scope: str, key: str | None) -> list[str]:
         name = f"{scope}:{'' if key is None else key}"
@@ -167,13 +166,19 @@ class RedisBudgets(Budgets):
             rkeys += self._keys(scope, key)
             args += [-1 if limit.max_tokens is None else limit.max_tokens,
                      -1 if limit.max_usd is None else limit.max_usd, *_window_args(limit)]
+        hold = FleetHold([], tokens, usd or 0.0, [k for k, _ in found], [lim for _, lim in found], hold_id)
+
+        def undo(res: Any) -> None:             # cancelled, and it went through all the same: give it back
+            if int(res[0]) == 1:
+                self.settle(hold, 0, 0.0)
+
         try:
-            res = await self.conn.eval(RESERVE, rkeys, args)
+            res = await self.conn.eval(RESERVE, rkeys, args, undo)
         except RedisDown:
             return await super().reserve(keys, tokens, usd, model)
         if int(res[0]) != 1:
             self._refuse(found[int(res[1]) - 1], res, tokens, usd, model)
-        return FleetHold([], tokens, usd or 0.0, [k for k, _ in found], [lim for _, lim in found], hold_id)
+        return hold
 
     def _refuse(self, found: tuple[BudgetKey, Limit], res: list[Any], tokens: int, usd: float | None,
                 model: str) -> None:
@@ -196,28 +201,23 @@ class RedisBudgets(Budgets):
         for (scope, key), limit in zip(hold.keys, hold.limits):
             rkeys += self._keys(scope, key)
             args += _window_args(limit)
+        job = Job(SETTLE, rkeys, args, "release", math.inf)
         try:
-            loop = asyncio.get_running_loop()
+            asyncio.get_running_loop()
         except RuntimeError:
-            self.conn.worker.submit(Job(SETTLE, rkeys, args, "release", math.inf))
+            self.conn.worker.submit(job)
             return
-        task = loop.create_task(self._settle(hold, rkeys, args))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
-    async def _settle(self, hold: FleetHold, rkeys: list[str], args: list[Any]) -> None:
-        try:
-            res = await self.conn.eval(SETTLE, rkeys, args)
-        except RedisDown:
-            self.conn.worker.park(Job(SETTLE, rkeys, args, "release", math.inf))
-            return
-        assert hold.keys is not None and hold.limits is not None
-        events: list[BudgetEvent] = []
-        for (scope, key), limit, row in zip(hold.keys, hold.limits, res):
-            before_t, after_t, before_u, after_u = (float(x) for x in row)
-            events += _crossed((scope, key), limit, "tokens", before_t, after_t)
-            events += _crossed((scope, key), limit, "usd", before_u, after_u)
-        self._fire(events)
+        def then(res: Any) -> None:
+            assert hold.keys is not None and hold.limits is not None
+            events: list[BudgetEvent] = []
+            for (scope, key), limit, row in zip(hold.keys, hold.limits, res):
+                before_t, after_t, before_u, after_u = (float(x) for x in row)
+                events += _crossed((scope, key), limit, "tokens", before_t, after_t)
+                events += _crossed((scope, key), limit, "usd", before_u, after_u)
+            self._fire(events)
+
+        self.conn.eval_soon(SETTLE, rkeys, args, then, lambda: self.conn.worker.submit(job))
 
     def status(self, scope: str, key: str | None) -> BudgetStatus | None:
         limit = self._limit(scope, key)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import sys
 import threading
 import time
 import weakref
@@ -34,6 +35,7 @@ log = logging.getLogger("xml_pipeline_llm")
 
 DEFAULT_LEASE = 10.0
 T = TypeVar("T")
+Op = tuple[tuple[Any, ...], "asyncio.Future[Any]", "Callable[[Any], None] | None"]   # op, its future, undo
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 
 
@@ -217,7 +219,7 @@ class Conn:
             old_loop = old.loop()
             if old_loop is None or old_loop.is_closed() or key == id(loop):
                 del self._aclients[key]
-                _abandon(old.client)
+                old.abandon()
         if self.cluster:
             from redis.asyncio.cluster import RedisCluster
 
@@ -226,9 +228,12 @@ class Conn:
             return entry
         import redis.asyncio as aredis
 
+        # No socket timeout on the connections themselves: a batch has one deadline (LoopClient).
+        opts = {**self._opts, "socket_timeout": None}
         pool = aredis.BlockingConnectionPool.from_url(self.url, max_connections=self.max_connections,
-                                                      timeout=30, **self._opts)
-        entry = self._aclients[id(loop)] = LoopClient(loop, aredis.Redis(connection_pool=pool))
+                                                      timeout=30, **opts)
+        entry = self._aclients[id(loop)] = LoopClient(loop, aredis.Redis(connection_pool=pool),
+                                                      self.max_connections, self._opts["socket_timeout"])
         return entry
 
     async def _await(self, futs: list[asyncio.Future[Any]]) -> list[Any]:
@@ -240,11 +245,48 @@ class Conn:
         self.health.ok()
         return results
 
-    async def eval(self, script: Script, keys: list[str], args: list[Any]) -> Any:
-        """Run ``script``; RedisDown (after noting it) when Redis does not answer."""
+    async def eval(self, script: Script, keys: list[str], args: list[Any],
+                   undo: Callable[[Any], None] | None = None) -> Any:
+        """Run ``script``; RedisDown (after noting it) when Redis does not answer.
+
+        ``undo(result)`` is called when the caller is cancelled while the script
+        is on its way and it ran all the same (a slot or a budget hold taken for
+        nobody goes back).
+        """
         if not self.health.usable():
             raise RedisDown()
-        return (await self._await([self._loop_client().submit(("eval", script, keys, args))]))[0]
+        fut = self._loop_client().submit(("eval", script, keys, args), undo)
+        try:
+            return (await self._await([fut]))[0]
+        except asyncio.CancelledError:      # (cancelled while on its way: the batch calls undo)
+            if undo is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
+                undo(fut.result())          # it had come back, but the caller was cancelled
+            raise
+
+    def eval_soon(self, script: Script, keys: list[str], args: list[Any], then: Callable[[Any], None],
+                  lost: Callable[[], None]) -> None:
+        """Run ``script`` without waiting for it (in this loop's next batch).
+
+        ``then(result)`` once it ran; ``lost()`` if Redis did not answer, or the loop
+        shut down first (the caller hands the work to the background thread).
+        """
+        if not self.health.usable():
+            lost()
+            return
+
+        def done(fut: asyncio.Future[Any]) -> None:
+            exc = None if fut.cancelled() else fut.exception()
+            if fut.cancelled() or isinstance(exc, _errors()):
+                if exc is not None:
+                    self.health.failed(exc)
+                lost()
+            elif exc is not None:
+                raise exc
+            else:
+                self.health.ok()
+                then(fut.result())
+
+        self._loop_client().submit(("eval", script, keys, args)).add_done_callback(done)
 
     async def commands(self, *commands: tuple[Any, ...]) -> list[Any]:
         """Run plain commands (one round trip with whatever else this loop sends now)."""
@@ -258,13 +300,16 @@ class Conn:
         for key, entry in list(self._aclients.items()):
             del self._aclients[key]
             if entry.loop() is loop:
-                try:
-                    await entry.client.aclose()
-                except Exception:  # noqa: BLE001
-                    pass
+                await entry.aclose()
             else:
-                _abandon(entry.client)
+                entry.abandon()
         await loop.run_in_executor(None, self.worker.flush, 5.0)
+
+    async def drain(self) -> None:
+        """Wait for what this loop has sent or is about to send."""
+        entry = self._aclients.get(id(asyncio.get_running_loop()))
+        while entry is not None and (entry.pending or entry.tasks):
+            await asyncio.gather(*list(entry.tasks), return_exceptions=True)
 
     # ---------------------------------------------------------- sync side
 
@@ -311,46 +356,57 @@ class Conn:
 class LoopClient:
     """One event loop's client, sending what the loop asks for in one pipeline per loop iteration.
 
-    Every request needs a few short Redis operations (cooldowns, the gate, the
-    release, the usage record); those that many requests issue in the same
-    iteration of the event loop go to Redis together, in one round trip, instead
-    of one connection and round trip each.
+    Every request needs a few short Redis operations (the admission, the
+    release, the budget settlement, the usage record); those that many
+    requests issue in the same iteration of the event loop go to Redis
+    together, in one round trip, instead of one connection and round trip each.
+
+    A batch is written on a connection of this loop's own (kept idle between
+    batches, at most ``max_connections`` busy) and its replies read back in
+    order: redis-py's connection packs and parses, but its pipeline and pool
+    checkout cost more CPU than the round trip itself (``bench_redis.py``).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, client: Any) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, client: Any, limit: int = 64,
+                 timeout: float = 2.0) -> None:
         self.loop = weakref.ref(loop)
+        self.timeout = timeout
         self.client = client
-        self.pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self.pending: list[Op] = []
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.idle: list[Any] = []            # this loop's connections between batches
+        self.made: set[Any] = set()          # all of them, idle or busy
+        self.busy = asyncio.Semaphore(limit)
 
-    def submit(self, op: tuple[Any, ...]) -> asyncio.Future[Any]:
+    def submit(self, op: tuple[Any, ...], undo: Callable[[Any], None] | None = None) -> asyncio.Future[Any]:
+        """Queue ``op`` for this loop's next batch; its future.
+
+        ``undo(result)`` is called if the future was cancelled while the op was on
+        its way and Redis carried it out all the same.
+        """
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        if not self.pending:
-            loop.call_soon(self._flush)
-        self.pending.append((op, fut))
-        return fut
-
-    def _flush(self) -> None:
-        batch, self.pending = self.pending, []
-        if batch:
-            task = asyncio.get_running_loop().create_task(self._send(batch))
+        if not self.pending:          # the batch goes out when the loop next runs its ready callbacks
+            task = loop.create_task(self._send())
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+        self.pending.append((op, fut, undo))
+        return fut
 
-    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+    async def _send(self) -> None:
         from redis.exceptions import NoScriptError
 
+        batch, self.pending = self.pending, []
         try:
-            ops = [op for op, _ in batch]
+            ops = [op for op, _, _ in batch]
             results = await self._attempt(ops, use_sha=True)
             missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
             if missing:        # Redis does not know a script yet (or restarted): send its text
-                again = await self._attempt([batch[i][0] for i in missing], use_sha=False)
+                again = await self._attempt([ops[i] for i in missing], use_sha=False)
                 for i, r in zip(missing, again):
                     results[i] = r
         except BaseException as exc:
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 if not fut.done():
                     if isinstance(exc, Exception):
                         fut.set_exception(exc)
@@ -359,10 +415,11 @@ class LoopClient:
             if not isinstance(exc, Exception):
                 raise
             return
-        for (_, fut), result in zip(batch, results):
-            if fut.done():
-                continue
-            if isinstance(result, Exception):
+        for (_, fut, undo), result in zip(batch, results):
+            if fut.done():            # its caller was cancelled meanwhile
+                if undo is not None and fut.cancelled() and not isinstance(result, Exception):
+                    undo(result)
+            elif isinstance(result, Exception):
                 fut.set_exception(result)
             else:
                 fut.set_result(result)
@@ -374,24 +431,96 @@ class LoopClient:
         try:
             return await self._pipeline(ops, use_sha)
         except Lost:
-            # Most often a connection kept in the pool from before Redis restarted: the
-            # server closed it without seeing these commands.  Drop the idle connections
+            # Most often a connection kept from before Redis restarted: the server
+            # closed it without seeing these commands.  Drop the idle connections
             # (the rest are as stale) and send once more; a real outage fails again.
-            await self.client.connection_pool.disconnect(inuse_connections=False)
+            await self._drop_idle()
             return await self._pipeline(ops, use_sha)
 
     async def _pipeline(self, ops: list[tuple[Any, ...]], use_sha: bool) -> list[Any]:
-        pipe = self.client.pipeline(transaction=False)
-        for op in ops:
-            if op[0] == "eval":       # execute_command: a cluster pipeline has no evalsha()
-                _, script, keys, args = op
-                if use_sha:
-                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                else:
-                    pipe.execute_command("EVAL", script.src, len(keys), *keys, *args)
+        commands = [_command(op, use_sha) for op in ops]
+        async with self.busy:
+            if self.idle:
+                conn = self.idle.pop()
             else:
-                pipe.execute_command(*op[1])
-        return list(await pipe.execute(raise_on_error=False))
+                conn = self.client.connection_pool.make_connection()
+                self.made.add(conn)
+            try:
+                if sys.version_info >= (3, 11):   # one deadline for the batch (no task per read)
+                    async with asyncio.timeout(self.timeout):
+                        out = await self._exchange(conn, commands)
+                else:                              # pragma: no cover - Python 3.10
+                    out = await asyncio.wait_for(self._exchange(conn, commands), self.timeout)
+            except BaseException:
+                await self._disconnect(conn)
+                raise
+            self.idle.append(conn)
+        return out
+
+    @staticmethod
+    async def _exchange(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Write the commands, read a reply per command (an error in its place)."""
+        from redis.exceptions import ResponseError
+
+        if not conn.is_connected:
+            await conn.connect()
+        await conn.send_packed_command(_pack(commands), check_health=False)
+        out: list[Any] = []
+        for _ in commands:
+            try:
+                out.append(await conn.read_response())
+            except ResponseError as exc:     # this command's error; the replies stay in step
+                out.append(exc)
+        return out
+
+    async def _disconnect(self, conn: Any) -> None:
+        self.made.discard(conn)
+        try:
+            await conn.disconnect()
+        except Exception:  # noqa: BLE001 - it is going away either way
+            pass
+
+    async def _drop_idle(self) -> None:
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            await self._disconnect(conn)
+
+    async def aclose(self) -> None:
+        """Close this client's connections (on its own loop)."""
+        await self._drop_idle()
+        try:
+            await self.client.aclose()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def abandon(self) -> None:
+        """Drop the sockets of a client whose event loop has ended (it cannot be awaited any more)."""
+        made, self.made, self.idle = list(self.made), set(), []
+        _abandon(self.client, made)
+
+
+def _pack(commands: list[tuple[Any, ...]]) -> bytes:
+    """Commands in the Redis protocol (RESP): what redis-py's packer makes, for a fraction of its CPU.
+
+    Arguments are str, int, float (sent as ``repr``) or bytes, as everywhere in this package.
+    """
+    out: list[bytes] = []
+    for command in commands:
+        out.append(b"*%d\r\n" % len(command))
+        for arg in command:
+            raw = arg if isinstance(arg, bytes) else (repr(arg) if isinstance(arg, float) else str(arg)).encode()
+            out.append(b"$%d\r\n%b\r\n" % (len(raw), raw))
+    return b"".join(out)
+
+
+def _command(op: tuple[Any, ...], use_sha: bool) -> tuple[Any, ...]:
+    """The Redis command of a batched op: a script by EVALSHA (or EVAL with its text), or a plain one."""
+    if op[0] != "eval":
+        return tuple(op[1])
+    _, script, keys, args = op
+    if use_sha:
+        return ("EVALSHA", script.sha, len(keys), *keys, *args)
+    return ("EVAL", script.src, len(keys), *keys, *args)
 
 
 class ClusterLoopClient(LoopClient):
@@ -408,9 +537,15 @@ class ClusterLoopClient(LoopClient):
     REFRESH_EVERY = 1.0      # seconds between topology refreshes while a node fails
 
     def __init__(self, loop: asyncio.AbstractEventLoop, client: Any, limit: int) -> None:
-        super().__init__(loop, client)
-        self.limit = asyncio.Semaphore(limit)
+        super().__init__(loop, client, limit)
         self.next_refresh = 0.0
+
+    async def _pipeline(self, ops: list[tuple[Any, ...]], use_sha: bool) -> list[Any]:
+        """A node's share, through the cluster client's pipeline (it follows MOVED and ASK)."""
+        pipe = self.client.pipeline(transaction=False)
+        for op in ops:
+            pipe.execute_command(*_command(op, use_sha))   # a cluster pipeline has no evalsha()
+        return list(await pipe.execute(raise_on_error=False))
 
     async def _attempt(self, ops: list[tuple[Any, ...]], use_sha: bool) -> list[Any]:
         await self.client.initialize()
@@ -427,7 +562,7 @@ class ClusterLoopClient(LoopClient):
                      use_sha: bool) -> None:
         from redis.exceptions import ConnectionError as Lost
 
-        async with self.limit:
+        async with self.busy:
             try:
                 try:
                     out = await self._pipeline(ops, use_sha)
@@ -475,10 +610,10 @@ def _cluster_enabled(client: Any) -> bool:
         return False
 
 
-def _abandon(client: Any) -> None:
-    """Drop the sockets of a client whose event loop has ended (it cannot be awaited any more)."""
+def _abandon(client: Any, own: list[Any]) -> None:
+    """Drop the sockets of a client whose event loop has ended, and of ``own`` connections made for it."""
     pool = getattr(client, "connection_pool", None)
-    conns = list(getattr(pool, "_available_connections", []) or []) + \
+    conns = own + list(getattr(pool, "_available_connections", []) or []) + \
         list(getattr(pool, "_in_use_connections", []) or [])
     manager = getattr(client, "nodes_manager", None)        # a cluster client: each node's connections
     for node in list(getattr(manager, "nodes_cache", {}).values()) if manager is not None else []:

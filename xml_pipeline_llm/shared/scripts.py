@@ -24,12 +24,16 @@ local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local function f(x) return string.format('%.17g', x) end
 """
 
-# KEYS: bucket, slots.  ARGV: tokens, capacity (0: no bucket), refill per ms, max_concurrent,
-# lease ms, lease id, waiter id, claim ms, when the waiter started waiting (server ms; '' on its
-# first try).  Takes a slot and the tokens together or nothing.  A waiter whose tokens are not
-# there claims them (amount, expiry) unless an older waiter holds the claim; others then only
-# take tokens above the claimed amount, so the oldest waiter of the fleet is served first.
-# Returns {ok, in flight, bucket level, ms until the tokens are there, server ms now}.
+# KEYS: bucket, slots, start log, cooldown (one backend's, one hash tag).  ARGV: tokens, capacity
+# (0: no bucket), refill per ms, max_concurrent, lease ms, lease id, waiter id, claim ms, when the
+# waiter started waiting (server ms; '' on its first try), rate_limit_rpm (0: none), window ms.
+# Admission in one step: a slot, the tokens and (with rate_limit_rpm) a start in the window are
+# taken together or none is, so a start is logged when the call really starts (at most
+# rate_limit_rpm in any window, the semantics of ``limits.StartWindow``).  A waiter whose tokens
+# are not there claims them (amount, expiry) unless an older waiter holds the claim; others then
+# only take tokens above the claimed amount, so the oldest waiter of the fleet is served first.
+# Returns {ok, in flight, bucket level, ms until the tokens are there, server ms the waiter started,
+# ms until the window has room for one more start (0: room), ms the backend still cools down}.
 ENTER = Script(_NOW + """
 local n = tonumber(ARGV[1])
 local cap = tonumber(ARGV[2])
@@ -37,9 +41,17 @@ local rate = tonumber(ARGV[3])
 local lease = tonumber(ARGV[5])
 local me = ARGV[7]
 local since = tonumber(ARGV[9]) or now
+local rpm = tonumber(ARGV[10])
+local win = tonumber(ARGV[11])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 local count = redis.call('ZCARD', KEYS[2])
-local slot_ok = count < tonumber(ARGV[4])
+local ok = count < tonumber(ARGV[4])
+local starts = 0
+if rpm > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - win)
+  starts = redis.call('ZCARD', KEYS[3])
+  ok = ok and starts < rpm
+end
 local tok_ok = true
 local level = 0
 local wait = 0
@@ -61,7 +73,7 @@ if cap > 0 then
     tok_ok = false
     wait = (n + other - level) / rate
   end
-  if slot_ok and tok_ok then
+  if ok and tok_ok then
     level = level - n
     if mine then redis.call('HDEL', KEYS[1], 'cid', 'camt', 'cexp', 'csince') end
   elseif mine or (not tok_ok and other == 0) then
@@ -71,12 +83,25 @@ if cap > 0 then
   redis.call('HSET', KEYS[1], 'level', f(level), 'ts', f(now))
   redis.call('PEXPIRE', KEYS[1], math.ceil((cap - level) / rate) + 60000)
 end
-if slot_ok and tok_ok then
+ok = ok and tok_ok
+if ok then
   redis.call('ZADD', KEYS[2], now + lease, ARGV[6])
   redis.call('PEXPIRE', KEYS[2], math.ceil(lease * 2))
-  return {1, count + 1, f(level), '0', f(now)}
+  count = count + 1
+  if rpm > 0 then
+    redis.call('ZADD', KEYS[3], now, ARGV[6])
+    redis.call('PEXPIRE', KEYS[3], math.ceil(win) + 1000)
+    starts = starts + 1
+  end
+  since = now
 end
-return {0, count, f(level), f(wait), f(since)}
+local full = 0
+if rpm > 0 and starts >= rpm then
+  local oldest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+  full = math.max(0, tonumber(oldest[2]) + win - now)
+end
+local cool = math.max(0, redis.call('PTTL', KEYS[4]))
+return {ok and 1 or 0, count, f(level), f(ok and 0 or wait), f(since), f(full), cool}
 """)
 
 # KEYS: bucket, slots.  ARGV: lease id ('' for none), tokens to give back (taken - used;
@@ -128,28 +153,4 @@ ROTATE = Script("""
 local v = redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return v - 1
-""")
-
-# KEYS: the backend's start log (a sorted set of start ids scored by server ms).  ARGV: rate_limit_rpm,
-# window ms, start id.  At most rate_limit_rpm starts in any window (a sliding-window log, the
-# semantics of ``limits.StartWindow``).  Returns {ok, starts in the window, ms until one more may
-# start (0 while there is room)}.
-START = Script(_NOW + """
-local limit = tonumber(ARGV[1])
-local win = tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - win)
-local count = redis.call('ZCARD', KEYS[1])
-local ok = 0
-if count < limit then
-  redis.call('ZADD', KEYS[1], now, ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], math.ceil(win) + 1000)
-  count = count + 1
-  ok = 1
-end
-local wait = 0
-if count >= limit then
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  wait = math.max(0, tonumber(oldest[2]) + win - now)
-end
-return {ok, count, f(wait)}
 """)

@@ -13,19 +13,24 @@ every process using the same Redis and ``redis_prefix`` share:
   their lease runs out (10 s by default, ``$XML_PIPELINE_LLM_REDIS_LEASE``);
 * the starts of each backend with ``rate_limit_rpm`` (sorted set ``<p>:{<backend>}:rpm``:
   one member per provider call started in the last 60 s, scored by Redis server
-  time; script ``START``): at most that many start in any 60 s across the
-  fleet, taken once a slot and the tokens are held (as in memory).  A waiter
-  polls again when the oldest start leaves the window;
+  time): at most that many start in any 60 s across the fleet.  A waiter polls
+  again when the oldest start leaves the window;
 * cooldowns (``<p>:{<backend>}:cool``, a key that expires when the cooldown ends;
-  a longer cooldown is never shortened; read at most every 50 ms per process);
+  a longer cooldown is never shortened).  Every admission's answer carries its
+  backend's; the others are read when what this process knows of them is
+  older than 50 ms;
 * the round-robin position per model (``<p>:rr:<model>``, an INCR counter that
   expires after a week unused);
 * the usage totals (``shared/usage.py``).
 
 A backend's keys share the hash tag ``{<backend>}``, so on a Redis Cluster they
-live on one node and a script may touch them together (ENTER and LEAVE touch
-the bucket and the slots; the cooldown is there too).  No script or command
-touches keys of two tags at once.
+live on one node and a script may touch them together.  Admission is one
+script, ``ENTER``: the slot, the tokens and the start are taken together or not
+at all, and the answer brings the backend's cooldown.  No script or command
+touches keys of two tags at once.  What a call asks of Redis in one loop tick
+(with budgets, their reservation, which ``lifecycle.Try`` starts alongside)
+goes out in one pipeline (``connection.py``): one round trip to admit a call,
+one to finish it (release, budget settlement, usage increments).
 
 A call asks Redis at once while no call of this process waits for that
 backend.  Once the limits refuse, this process's waiters queue in the fair
@@ -59,7 +64,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from ..config import BudgetConfig
@@ -71,7 +76,7 @@ from ..limits import Reservation
 from ..limits import wake as _wake
 from ..state import MemoryState
 from .connection import DEFAULT_LEASE, Conn, RedisDown
-from .scripts import COOL, ENTER, LEAVE, ROTATE, START
+from .scripts import COOL, ENTER, LEAVE, ROTATE
 from .worker import Job
 
 LEASE_ENV = "XML_PIPELINE_LLM_REDIS_LEASE"
@@ -81,6 +86,18 @@ COOLDOWN_READ_EVERY = 0.05   # how stale the fleet's cooldowns may be (this proc
 TOKEN_POLL_MAX = 0.25        # longest nap between bucket polls (refunds elsewhere are seen this fast)
 RPM_WINDOW_MS = 60_000       # rate_limit_rpm: starts in any 60 s
 START_POLL_MAX = 1.0         # longest nap between start-window polls
+
+
+class Answer(NamedTuple):
+    """What ``ENTER`` said."""
+
+    ok: bool
+    in_flight: int          # the fleet's calls in flight on the backend
+    level: float            # tokens in the bucket
+    token_wait: float       # seconds until the tokens are there
+    since: str              # server ms the waiter started waiting (its claim's age)
+    full_for: float         # seconds until the start window has room (0: room now)
+    cooling: float          # seconds the backend still cools down
 
 
 class RedisGate:
@@ -97,10 +114,9 @@ class RedisGate:
         self.limit = max_concurrent
         self.capacity = float(tpm) if tpm else 0.0
         self.rate_ms = self.capacity / 60_000.0
-        self.keys = [state.key("bucket", backend), state.key("slots", backend)]
+        self.keys = [state.key("bucket", backend), state.key("slots", backend)]     # LEAVE's
+        self.enter_keys = [*self.keys, state.key("rpm", backend), state.key("cool", backend)]
         self.rpm = rpm
-        self.rpm_key = state.key("rpm", backend)
-        self.starting = 0                 # this process's calls waiting for a start
         self.full_until = 0.0             # monotonic time the fleet's window was last seen full until
         self.local = state._local.gate(backend, max_concurrent, tpm, rpm)   # used while Redis is away
         self.queued = 0
@@ -123,63 +139,31 @@ class RedisGate:
 
     @property
     def has_capacity(self) -> bool:
-        """As far as this process knows (the last START answer): a call could start now."""
+        """As far as this process knows (the last ENTER answer): the fleet's start window has room."""
         if not self.rpm:
             return True
         if not self.state.conn.health.usable():
             return self.local.has_capacity
-        return self.starting == 0 and time.monotonic() >= self.full_until
+        return time.monotonic() >= self.full_until
 
     async def enter(self, tokens: int, turn: Turn = NO_TURN) -> Reservation:
-        """Wait for a slot and the tokens, then for a start (fleet-wide); the reservation for ``leave``."""
+        """Wait for a slot, the tokens and a start (fleet-wide, together); the reservation for ``leave``."""
         self.queued += 1
         try:
             if self.state.conn.health.usable():
                 try:
-                    reservation = await self._enter_shared(tokens, turn)
+                    return await self._enter_shared(tokens, turn)
                 except RedisDown:
                     pass
-                else:
-                    if self.rpm:
-                        await self._start(reservation)
-                    return reservation
             return await self.local.enter(tokens, turn)
         finally:
             self.queued -= 1
-
-    async def _start(self, reservation: Reservation) -> None:
-        """Wait until the fleet's window has room for one more start, holding the slot (C14)."""
-        assert self.rpm is not None
-        self.starting += 1
-        ok = False
-        try:
-            while True:
-                try:
-                    res = await self.state.conn.eval(START, [self.rpm_key],
-                                                     [self.rpm, RPM_WINDOW_MS, uuid.uuid4().hex])
-                except RedisDown:           # the slot stays fleet-wide; the window goes local
-                    if self.local.window is not None:
-                        await self.local.window.acquire()
-                    ok = True
-                    return
-                wait = float(res[2]) / 1000.0
-                self.full_until = time.monotonic() + wait
-                if int(res[0]) == 1:
-                    ok = True
-                    return
-                await asyncio.sleep(min(wait, START_POLL_MAX) * random.uniform(1.0, 1.1) + 0.001)
-        finally:
-            self.starting -= 1
-            if not ok:
-                self.leave(reservation, 0)
 
     async def _enter_shared(self, tokens: int, turn: Turn) -> Reservation:
         amount = min(float(tokens), self.capacity) if self.capacity else 0.0
         if not self._waiters:       # nobody of this process is held back: ask Redis at once
             lease = f"{os.getpid()}-{uuid.uuid4().hex[:16]}"
-            ok, count, level, _, _ = await self._try_enter(amount, lease, "")
-            self.fleet, self.level = count, level
-            if ok:
+            if (await self._try_enter(amount, lease, "")).ok:
                 return self._admitted(amount, lease)
         loop = asyncio.get_running_loop()
         me = Waiter(turn)
@@ -199,14 +183,14 @@ class RedisGate:
                 if not self.state.conn.health.usable():
                     raise RedisDown()
                 lease = f"{os.getpid()}-{uuid.uuid4().hex[:16]}"
-                ok, count, level, wait_ms, since = await self._try_enter(amount, lease, since)
-                self.fleet, self.level = count, level
-                if ok:
+                answer = await self._try_enter(amount, lease, since)
+                if answer.ok:
                     served = True
                     return self._admitted(amount, lease)
-                if wait_ms > 0:
-                    nap = min(wait_ms / 1000.0, TOKEN_POLL_MAX)
-                else:
+                since = answer.since
+                if answer.token_wait > 0 or answer.full_for > 0:   # waiting for time to pass
+                    nap = max(min(answer.token_wait, TOKEN_POLL_MAX), min(answer.full_for, START_POLL_MAX))
+                else:                                              # for a slot: freed elsewhere, or kicked
                     nap, backoff = backoff, min(backoff * 2, self.state.poll_max)
                 await self._nap(loop, nap * random.uniform(0.8, 1.2))
         finally:
@@ -222,19 +206,21 @@ class RedisGate:
         self.state.conn.worker.hold(lease, self.keys[1])
         return Reservation(amount, lease)
 
-    async def _try_enter(self, amount: float, lease: str, since: str) -> tuple[bool, int, float, float, str]:
+    async def _try_enter(self, amount: float, lease: str, since: str) -> Answer:
         args = [repr(amount), repr(self.capacity), repr(self.rate_ms), self.limit,
-                int(self.state.conn.lease * 1000), lease, self._id, CLAIM_TTL_MS, since]
-        task = asyncio.ensure_future(self.state.conn.eval(ENTER, self.keys, args))
-        try:
-            res = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            def undo(t: asyncio.Task[Any]) -> None:     # it went through after all: give it back
-                if not t.cancelled() and t.exception() is None and int(t.result()[0]) == 1:
-                    self.state.release_later(self, lease, amount)
-            task.add_done_callback(undo)
-            raise
-        return int(res[0]) == 1, int(res[1]), float(res[2]), float(res[3]), str(res[4])
+                int(self.state.conn.lease * 1000), lease, self._id, CLAIM_TTL_MS, since,
+                self.rpm or 0, RPM_WINDOW_MS]
+        def undo(res: Any) -> None:             # cancelled, and it went through all the same: give it back
+            if int(res[0]) == 1:
+                self.state.release_later(self, lease, amount)
+
+        res = await self.state.conn.eval(ENTER, self.enter_keys, args, undo)
+        answer = Answer(int(res[0]) == 1, int(res[1]), float(res[2]), float(res[3]) / 1000.0, str(res[4]),
+                        float(res[5]) / 1000.0, int(res[6]) / 1000.0)
+        self.fleet, self.level = answer.in_flight, answer.level
+        self.full_until = time.monotonic() + answer.full_for
+        self.state.saw_cooldown(self.backend, answer.cooling)
+        return answer
 
     async def _nap(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
         """Sleep until it is time to ask Redis again, or until this process frees a slot."""
@@ -294,8 +280,7 @@ class RedisState:
             self.conn.check()
         self._local = MemoryState(priority_aging)
         self._gates: dict[str, RedisGate] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._cool_reads: dict[tuple[str, ...], tuple[float, dict[str, float]]] = {}
+        self._cool_seen: dict[str, tuple[float, float]] = {}   # backend: (monotonic when, seconds left)
         from .usage import RedisUsageStore
 
         self.usage = RedisUsageStore(url, prefix, conn=self.conn)
@@ -318,59 +303,56 @@ class RedisState:
     def release_later(self, gate: RedisGate, lease: str, delta: float) -> None:
         """Give back a lease (and settle tokens) without blocking: on this loop, else in the thread."""
         args = [lease, repr(delta), repr(gate.capacity), repr(gate.rate_ms)]
+        job = Job(LEAVE, gate.keys, args, "release", time.monotonic() + self.conn.lease)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        if loop is None or loop.is_closed():
-            self.conn.worker.submit(Job(LEAVE, gate.keys, args, "release",
-                                        time.monotonic() + self.conn.lease))
-            gate.kick()
-            return
-        task = loop.create_task(self._release(gate, args))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
-    async def _release(self, gate: RedisGate, args: list[Any]) -> None:
-        job = Job(LEAVE, gate.keys, args, "release", time.monotonic() + self.conn.lease)
-        try:
-            res = await self.conn.eval(LEAVE, gate.keys, args)
-            gate.fleet, gate.level = int(res[0]), float(res[1])
-        except RedisDown:
-            self.conn.worker.park(job)          # retried until the lease would have ended anyway
-        except asyncio.CancelledError:          # the loop is shutting down: the thread does it
+        def lost() -> None:          # Redis away, or no loop to send on: the thread does it (or keeps it)
             self.conn.worker.submit(job)
-            raise
-        finally:
             gate.kick()
+
+        if loop is None or loop.is_closed():
+            lost()
+            return
+
+        def then(res: Any) -> None:
+            gate.fleet, gate.level = int(res[0]), float(res[1])
+            gate.kick()
+
+        self.conn.eval_soon(LEAVE, gate.keys, args, then, lost)
+
+    def saw_cooldown(self, backend: str, seconds: float) -> None:
+        """What Redis said of a backend's cooldown just now (ENTER's answer, or a read)."""
+        self._cool_seen[backend] = (time.monotonic(), seconds)
 
     async def cooldowns(self, backends: Iterable[str]) -> dict[str, float]:
         """Seconds each backend still cools down: this process's own, and the fleet's from Redis.
 
-        The fleet's are read at most every ``COOLDOWN_READ_EVERY`` seconds per set of
-        backends (a Retry-After seen elsewhere is honoured that much later; this
-        process's own cooldowns count at once), which saves a Redis command per request.
+        What this process heard of a backend's cooldown (from its last admission
+        there, or a read) counts for ``COOLDOWN_READ_EVERY`` seconds; the backends
+        heard of longer ago are read, together.  A Retry-After seen elsewhere is
+        thus honoured at most that much later; this process's own count at once.
         """
         names = list(backends)
         out = await self._local.cooldowns(names)
-        if not names:
-            return out
-        key = tuple(names)
         now = time.monotonic()
-        read = self._cool_reads.get(key)
-        if read is None or now - read[0] > COOLDOWN_READ_EVERY:
+        seen = self._cool_seen
+        stale = [n for n in names if n not in seen or now - seen[n][0] > COOLDOWN_READ_EVERY]
+        if stale:
             try:
-                ttls = await self.conn.commands(*(("PTTL", self.key("cool", n)) for n in names))
+                ttls = await self.conn.commands(*(("PTTL", self.key("cool", n)) for n in stale))
             except RedisDown:
                 return out
-            read = (now, {n: int(t) / 1000.0 for n, t in zip(names, ttls) if t is not None and int(t) > 0})
-            if len(self._cool_reads) > 1024:
-                self._cool_reads.clear()
-            self._cool_reads[key] = read
-        elapsed = now - read[0]
-        for name, left in read[1].items():
-            if left > elapsed:
-                out[name] = max(out.get(name, 0.0), left - elapsed)
+            for name, ttl in zip(stale, ttls):
+                self.saw_cooldown(name, max(0, int(ttl or 0)) / 1000.0)
+            now = time.monotonic()
+        for name in names:
+            when, left = seen[name] if name in seen else (now, 0.0)
+            left -= now - when
+            if left > 0:
+                out[name] = max(out.get(name, 0.0), left)
         return out
 
     async def cool_down(self, backend: str, seconds: float) -> None:
@@ -395,8 +377,7 @@ class RedisState:
 
     async def close(self) -> None:
         """Close this loop's connections and write what usage is still queued."""
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.conn.drain()
         await self.conn.aclose()
 
 

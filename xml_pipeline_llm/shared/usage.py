@@ -9,7 +9,9 @@ Keys (``<p>`` is ``redis_prefix``):
   group ``agent``, ``model``, ``backend`` and ``thread``;
 * ``<p>:usage:{<p>}:<group>`` - the set of keys seen in that group;
 * ``<p>:usage:{<p>}:events`` - a stream of the newest events (about 100,000), one
-  entry per provider call, for ``by="event"`` exports and the CLI.
+  entry per provider call (one field ``e``: the event as JSON; entries written
+  before 0.3 have a field per event field, and read back alike), for
+  ``by="event"`` exports and the CLI.
 
 One Lua script adds an event to all of them at once, so totals are exact
 however many processes write.  They share the hash tag ``{<p>}``, so on a Redis
@@ -25,6 +27,7 @@ answers from this process's own totals.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -37,7 +40,6 @@ from ..usage import (
     UsageEvent,
     group_key,
     metadata_from,
-    metadata_json,
 )
 from .connection import Conn, RedisDown
 from .scripts import Script
@@ -109,15 +111,10 @@ class RedisUsageStore:
         keys.append(f"{self._base}:events")
         ok = event.succeeded
         err = event.ended_in_error
-        fields: list[Any] = []
-        for name in _EVENT_FIELDS:
-            value = getattr(event, name)
-            if name == "metadata":
-                value = metadata_json(value)
-            fields += [name, "" if value is None else repr(value) if isinstance(value, float) else value]
         unpriced = ok and event.cost_usd is None
         args = [*names, event.prompt_tokens, event.completion_tokens, event.total_tokens, int(ok), int(err),
-                int(unpriced), "" if event.cost_usd is None else repr(event.cost_usd), self.max_events, *fields]
+                int(unpriced), "" if event.cost_usd is None else repr(event.cost_usd), self.max_events,
+                "e", _event_json(event)]
         return Job(ADD, keys, args, "usage")
 
     # ---------------------------------------------------------- writes
@@ -213,7 +210,17 @@ def _usage(h: dict[str, str]) -> AgentUsage:
                       cost_usd=None if cost in (None, "") else float(cost))
 
 
+def _event_json(event: UsageEvent) -> str:
+    found = {name: getattr(event, name) for name in _EVENT_FIELDS}
+    found["metadata"] = dict(event.metadata)
+    return json.dumps(found, separators=(",", ":"))
+
+
 def _event(f: dict[str, str]) -> UsageEvent:
+    if "e" in f:
+        found = json.loads(f["e"])
+        return UsageEvent(**{k: v for k, v in found.items() if k in _EVENT_FIELDS})
+
     def num(name: str, kind: Any) -> Any:
         raw = f.get(name, "")
         return kind(raw) if raw != "" else (None if name == "cost_usd" else kind(0))
