@@ -12,6 +12,9 @@ Sections:
   limits, cooldown check, usage totals written before the call returns) against
   the in-memory state, sequentially and with 64 calls in flight; limits set
   but not binding.  Rounds alternate A/B/B/A; ratios are medians of per-round ratios.
+  Then the same sequentially with ``rate_limit_rpm`` and two budgets (agent and
+  global) on every call, and Redis's own count of the reads (round trips) and
+  commands it served per call, from ``INFO stats``.
 * ``fleet`` four processes (real processes, forked from one that imported
   LiteLLM) hammer one backend with ``rate_limit_tpm`` L and ``max_concurrent``
   for ``--fleet-seconds``; the simulator counts the tokens served.  Shown: the
@@ -122,18 +125,27 @@ class Redis:
 
 # ------------------------------------------------------------------ per-call cost
 
+FULL = {"rate_limit_rpm": 10**8}
+BUDGETS = [{"scope": "agent", "max_tokens": 10**12}, {"scope": "global", "max_tokens": 10**12, "window": "1d"}]
+
+
 def cost(sim: common.SimProcess, redis_url: str, rounds: int, n: int, inflight: int) -> None:
     from xml_pipeline_llm import LLMRouter, load_config
 
     limits = {"rate_limit_tpm": 10**9, "max_concurrent": 100_000}
 
-    def router(shared: bool) -> Any:
-        block: dict[str, Any] = {"timeout": 60, "backends": [common.backend_entry(sim, "rb-cost", **limits)]}
+    def router(shared: bool, full: bool = False) -> Any:
+        name = "rb-full" if full else "rb-cost"
+        block: dict[str, Any] = {"timeout": 60, "backends": [
+            common.backend_entry(sim, name, **limits, **(FULL if full else {}))]}
+        if full:
+            block["budgets"] = BUDGETS
         if shared:
             block.update(shared_state=redis_url, redis_prefix=f"bench{os.getpid()}")
         return LLMRouter(load_config({"llm": block}))
 
     routers = {"memory": router(False), "redis": router(True)}
+    full = {"memory": router(False, True), "redis": router(True, True)}
 
     async def seq(r: Any) -> dict[str, float]:
         cpu, wall = time.process_time(), time.perf_counter()
@@ -154,21 +166,39 @@ def cost(sim: common.SimProcess, redis_url: str, rounds: int, n: int, inflight: 
         elapsed = time.perf_counter() - wall
         return {"rps": total / elapsed, "cpu_ms": (time.process_time() - cpu) * 1000 / total}
 
+    import redis
+
+    server = redis.Redis.from_url(redis_url)
+
+    async def trips(r: Any) -> dict[str, float]:
+        """Redis's reads (one per round trip) and commands per sequential call."""
+        before = server.info("stats")
+        await seq(r)
+        after = server.info("stats")
+        return {k: (after[f"total_{k}_processed"] - before[f"total_{k}_processed"]) / n
+                for k in ("reads", "commands")}
+
     async def main() -> dict[str, dict[str, list[dict[str, float]]]]:
-        for r in routers.values():                   # warm up: imports, tokenizer, connections
+        for r in [*routers.values(), *full.values()]:   # warm up: imports, tokenizer, connections
             for _ in range(5):
                 await r.complete(MODEL, MESSAGES, max_tokens=64)
-        out: dict[str, dict[str, list[dict[str, float]]]] = {"seq": {k: [] for k in routers},
-                                                             "tput": {k: [] for k in routers}}
+        out: dict[str, dict[str, list[dict[str, float]]]] = {
+            kind: {k: [] for k in routers} for kind in ("seq", "tput", "full")}
+        out["trips"] = {"limits": [], "full": []}
         for rnd in range(rounds):
             order = list(routers) if rnd % 2 == 0 else list(reversed(routers))
             for name in order:
                 out["seq"][name].append(await seq(routers[name]))
             for name in order:
                 out["tput"][name].append(await tput(routers[name]))
+            for name in order:
+                out["full"][name].append(await seq(full[name]))
+        out["trips"]["limits"].append(await trips(routers["redis"]))
+        out["trips"]["full"].append(await trips(full["redis"]))
         return out
 
     res = asyncio.run(main())
+    server.close()
 
     def med(kind: str, name: str, key: str) -> float:
         return statistics.median(r[key] for r in res[kind][name])
@@ -185,8 +215,15 @@ def cost(sim: common.SimProcess, redis_url: str, rounds: int, n: int, inflight: 
          rat("tput", "rps")],
         [f"{inflight} in flight: CPU ms/call", med("tput", "memory", "cpu_ms"), med("tput", "redis", "cpu_ms"),
          rat("tput", "cpu_ms")],
+        ["+ rpm, 2 budgets: seq CPU ms/call", med("full", "memory", "cpu_ms"), med("full", "redis", "cpu_ms"),
+         rat("full", "cpu_ms")],
     ], title=f"per-call cost, {rounds} rounds of {n} sequential calls and {inflight * 4} calls "
              f"{inflight} at a time (simulator latency 0)")
+    table(["sequential, per call", "Redis round trips", "Redis commands"], [
+        ["limits (tpm, max_concurrent)", res["trips"]["limits"][0]["reads"], res["trips"]["limits"][0]["commands"]],
+        ["limits + rate_limit_rpm + 2 budgets", res["trips"]["full"][0]["reads"],
+         res["trips"]["full"][0]["commands"]],
+    ], title="what Redis served (INFO stats: reads processed, commands processed)")
 
 
 # ------------------------------------------------------------------ fleet
