@@ -15,6 +15,9 @@ Sections:
   Then the same sequentially with ``rate_limit_rpm`` and two budgets (agent and
   global) on every call, and Redis's own count of the reads (round trips) and
   commands it served per call, from ``INFO stats``.
+* ``floor`` what Redis itself costs a call, without LiteLLM: the CPU of one
+  admission (ENTER), its release and its usage record, in a loop, with
+  redis-py's own reply parser and with hiredis (in alternating subprocesses).
 * ``fleet`` four processes (real processes, forked from one that imported
   LiteLLM) hammer one backend with ``rate_limit_tpm`` L and ``max_concurrent``
   for ``--fleet-seconds``; the simulator counts the tokens served.  Shown: the
@@ -226,6 +229,53 @@ def cost(sim: common.SimProcess, redis_url: str, rounds: int, n: int, inflight: 
     ], title="what Redis served (INFO stats: reads processed, commands processed)")
 
 
+# ------------------------------------------------------------------ floor
+
+FLOOR = r'''
+import asyncio, sys, time
+if sys.argv[2] == "python":
+    sys.modules["hiredis"] = None          # redis-py then uses its own parser
+from xml_pipeline_llm.shared.state import RedisState
+from xml_pipeline_llm.usage import make_event
+
+async def main():
+    state = RedisState(sys.argv[1], f"floor{time.time_ns()}")
+    gate = state.gate("floor", 100_000, 10**9)
+    event = make_event(agent_id="a", thread_id=None, model="gpt-4o", backend="floor", provider="openai",
+                       usage={"prompt_tokens": 20, "completion_tokens": 10, "total_tokens": 30},
+                       cost_usd=0.0001, latency_ms=3.0, outcome="ok", call_id="x")
+    n = int(sys.argv[3])
+    for warm in (True, False):
+        cpu = time.process_time()
+        for _ in range(200 if warm else n):
+            held = await gate.enter(100)
+            gate.leave(held, 30)
+            await state.usage.append(event)
+    print((time.process_time() - cpu) / n * 1e6)
+    await state.close()
+
+asyncio.run(main())
+'''
+
+
+def floor(redis_url: str, rounds: int) -> None:
+    try:
+        import hiredis  # noqa: F401
+    except ImportError:
+        print("floor: hiredis is not installed (pip install hiredis); skipped")
+        return
+    got: dict[str, list[float]] = {"python": [], "hiredis": []}
+    for rnd in range(rounds):
+        for parser in (["python", "hiredis"] if rnd % 2 == 0 else ["hiredis", "python"]):
+            out = subprocess.run([sys.executable, "-c", FLOOR, redis_url, parser, "3000"], capture_output=True,
+                                 text=True, cwd=str(common.REPO), check=True)
+            got[parser].append(float(out.stdout.strip().splitlines()[-1]))
+    py, hi = statistics.median(got["python"]), statistics.median(got["hiredis"])
+    table(["reply parser", "CPU µs per call (admit + release + usage)", "vs redis-py's"],
+          [["redis-py (pure Python)", py, 1.0], ["hiredis", hi, hi / py]],
+          title=f"what Redis costs a call, without LiteLLM ({rounds} rounds of 3000 sequential calls)")
+
+
 # ------------------------------------------------------------------ fleet
 
 class Fleet:
@@ -298,7 +348,7 @@ def fleet(sim: common.SimProcess, redis_url: str, procs: int, tpm: int, conc: in
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="cost,fleet")
+    ap.add_argument("--only", default="cost,floor,fleet")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--n", type=int, default=40, help="sequential calls per variant per round")
     ap.add_argument("--inflight", type=int, default=64)
@@ -320,6 +370,8 @@ def main() -> int:
                       args.memory_seconds)
             if "cost" in only:
                 cost(sim, server.url, args.rounds, args.n, args.inflight)
+            if "floor" in only:
+                floor(server.url, args.rounds)
     finally:
         server.close()
     return 0
