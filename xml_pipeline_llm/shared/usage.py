@@ -56,14 +56,15 @@ _INT_FIELDS = COUNT_COLUMNS
 # ('' when unknown), stream length, event field pairs.
 ADD = Script("""
 local n = (#KEYS - 1) / 2
+local function add(h, field, v) if v ~= '0' then redis.call('HINCRBY', h, field, v) end end
 for i = 1, n do
   local h = KEYS[i]
-  redis.call('HINCRBY', h, 'prompt_tokens', ARGV[n + 1])
-  redis.call('HINCRBY', h, 'completion_tokens', ARGV[n + 2])
-  redis.call('HINCRBY', h, 'total_tokens', ARGV[n + 3])
-  redis.call('HINCRBY', h, 'request_count', ARGV[n + 4])
-  redis.call('HINCRBY', h, 'error_count', ARGV[n + 5])
-  redis.call('HINCRBY', h, 'unpriced_requests', ARGV[n + 6])
+  redis.call('HINCRBY', h, 'request_count', ARGV[n + 4])      -- even 0: the totals hash exists
+  add(h, 'prompt_tokens', ARGV[n + 1])
+  add(h, 'completion_tokens', ARGV[n + 2])
+  add(h, 'total_tokens', ARGV[n + 3])
+  add(h, 'error_count', ARGV[n + 5])
+  add(h, 'unpriced_requests', ARGV[n + 6])
   if ARGV[n + 7] ~= '' then redis.call('HINCRBYFLOAT', h, 'cost_usd', ARGV[n + 7]) end
   redis.call('SADD', KEYS[i + n], ARGV[i])
 end
