@@ -178,15 +178,17 @@ def test_budget_config_mistakes_name_the_place_and_the_fix(sim):
 def test_a_restarted_process_does_not_get_a_fresh_budget(sim, tmp_path):
     db = tmp_path / "usage.db"
     config = {"llm": {"usage_store": f"sqlite:///{db}", "timeout": 10,
-                      "budgets": [{"scope": "agent", "max_tokens": 4 * WORST, "window": "1d"}],
+                      "budgets": [{"scope": "agent", "max_tokens": 4 * WORST, "window": "1d"},
+                                  {"scope": "metadata.org", "max_tokens": 4 * WORST, "window": "1d"},
+                                  {"scope": "metadata.tier", "max_tokens": 4 * WORST}],
                       "backends": [backend(sim, "xai", "bs-a")]}}
     code = textwrap.dedent(f"""
         import asyncio, json
         from xml_pipeline_llm import LLMRouter, load_config
         r = LLMRouter(load_config(json.loads({json.dumps(json.dumps(config))})))
         async def go():
-            for _ in range(2):
-                await r.complete("grok-4.1", {MESSAGES!r}, agent_id="restarter", max_tokens=20)
+            for meta in ({{"org": "acme", "tier": 2}}, {{"org": "acme"}}, {{"org": "other_co"}}):
+                await r.complete("grok-4.1", {MESSAGES!r}, agent_id="restarter", max_tokens=20, metadata=meta)
             await r.aclose()
         asyncio.run(go())
     """)
@@ -196,8 +198,13 @@ def test_a_restarted_process_does_not_get_a_fresh_budget(sim, tmp_path):
 
     r = LLMRouter(load_config(config))
     status = r.budget_status("agent", "restarter")
-    assert 0 < status.used_tokens <= 2 * WORST            # what the first process spent
+    assert 0 < status.used_tokens <= 3 * WORST            # what the first process spent
     assert status.remaining_tokens == 4 * WORST - status.used_tokens
+    each = status.used_tokens // 3                          # the three calls are alike
+    assert r.budget_status("metadata.org", "acme").used_tokens == 2 * each
+    assert r.budget_status("metadata.org", "other_co").used_tokens == each
+    assert r.budget_status("metadata.tier", "2").used_tokens == each
+    assert r.budget_status("metadata.org", "nobody").used_tokens == 0
 
 
 async def test_budgets_cost_nothing_when_none_is_set(sim):

@@ -167,6 +167,11 @@ Restore = Callable[[str, "str | None", "float | None"], tuple[int, float]]
 Clock = Callable[[], float]
 
 
+def metadata_key(value: Any) -> str:
+    """The key a ``metadata.<name>`` budget gives a call by its metadata value: the value's text."""
+    return str(value)
+
+
 def keys_for(agent_id: str | None, thread_id: str | None,
              metadata: Mapping[str, Any], scopes: Iterable[str]) -> list[BudgetKey]:
     """The budgets a call could fall under: its agent's, its thread's, global, its metadata values'."""
@@ -179,7 +184,7 @@ def keys_for(agent_id: str | None, thread_id: str | None,
         elif scope == "thread" and thread_id:
             out.append(("thread", thread_id))
         elif scope.startswith("metadata.") and scope[9:] in metadata:
-            out.append((scope, str(metadata[scope[9:]])))
+            out.append((scope, metadata_key(metadata[scope[9:]])))
     return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import json
 import logging
 import queue
 import random
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .budgets import metadata_key
 from .config import REDIS_SCHEMES
 from .errors import ConfigError
 from .usage import EVENT_FIELDS, UsageEvent, metadata_from, metadata_json
@@ -251,8 +253,11 @@ class SqliteStore:
     def spend(self, scope: str, key: str | None, since: float | None) -> tuple[int, float]:
         """Tokens and dollars the ledger holds for a budget's key since a time (budgets after a restart).
 
-        Scopes ``agent``, ``thread`` and ``global``; a ``metadata.<key>`` budget starts from zero.
+        Scopes ``agent``, ``thread``, ``global`` and ``metadata.<key>`` (the calls whose
+        metadata has that key, with a value whose text is ``key``).
         """
+        if scope.startswith("metadata."):
+            return self._metadata_spend(scope[len("metadata."):], key, since)
         column = {"agent": "agent_id", "thread": "thread_id", "global": None}.get(scope, "")
         if column == "":
             return 0, 0.0
@@ -274,6 +279,27 @@ class SqliteStore:
         finally:
             conn.close()
         return int(tokens), float(usd)
+
+    def _metadata_spend(self, name: str, value: str | None, since: float | None) -> tuple[int, float]:
+        """``spend`` of a ``metadata.<name>`` budget: the rows that name it are read and their JSON compared."""
+        self.flush()
+        needle = json.dumps(name) + ":"          # how the key appears in the stored (compact) JSON
+        sql = "SELECT total_tokens, cost_usd, metadata FROM usage_events WHERE instr(metadata, ?) > 0"
+        args: list[str | float] = [needle]
+        if since is not None:
+            sql += " AND timestamp >= ?"
+            args.append(since)
+        tokens, usd = 0, 0.0
+        conn = _connect(self.path)
+        try:
+            for row_tokens, row_usd, text in conn.execute(sql, args):
+                found = metadata_from(text)
+                if name in found and metadata_key(found[name]) == value:
+                    tokens += int(row_tokens or 0)
+                    usd += float(row_usd or 0.0)
+        finally:
+            conn.close()
+        return tokens, usd
 
 
 def read_events(path: Path, since: float | None = None) -> Iterator[UsageEvent]:
