@@ -277,3 +277,32 @@ async def test_budget_gauges_ask_the_router_for_its_budgets(sim, otel):
               if p.attributes.get("xpl.budget.key") == "ot-budget-agent"]
     assert [(p.value, p.attributes["xpl.budget.unit"]) for p in points] == [(900, "tokens")]
     await r.aclose()
+
+
+async def test_the_try_span_is_the_current_span_while_the_provider_is_called(sim, otel):
+    import litellm
+    from litellm.integrations.custom_logger import CustomLogger
+
+    seen: list[int] = []
+
+    class Watch(CustomLogger):            # what LiteLLM's own callbacks (and HTTP instrumentation) see
+        def log_pre_api_call(self, model: Any, messages: Any, kwargs: Any) -> None:
+            seen.append(trace.get_current_span().get_span_context().span_id)
+
+    watch = Watch()
+    litellm.callbacks.append(watch)
+    try:
+        sim.script("ot-cur-a", [Fault.status(500)])
+        r = make_router([backend(sim, "xai", "ot-cur-a"), backend(sim, "xai", "ot-cur-b", priority=2)],
+                        retry_base_delay=0.01)
+        await r.complete("grok-4.1", MESSAGES)
+    finally:
+        litellm.callbacks.remove(watch)
+    spans = otel.spans()
+    (req,) = by_name(spans, "grok-4.1")
+    tries = children(spans, req)
+    assert [s.name for s in tries] == ["try ot-cur-a", "try ot-cur-b"]
+    assert seen == [s.context.span_id for s in tries]
+    assert trace.get_current_span().get_span_context().span_id not in seen    # not left current after
+    assert tries[0].status.status_code is StatusCode.ERROR and not tries[0].events[1:]
+    await r.aclose()

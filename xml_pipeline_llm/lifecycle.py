@@ -189,9 +189,10 @@ class Try:
                 "xpl_model": req.model, "xpl_requested": req.requested_model or req.model,
                 "xpl_metadata": req.metadata}
         kwargs = {**req.kwargs, **extra} if extra else req.kwargs
-        return await self.services.deployments().acompletion(
-            backend.name, req.model, messages=req.messages, metadata=meta, timeout=req.options.timeout,
-            drop_params=req.options.drop_params, **kwargs)
+        with self.services.telemetry.sending(self):
+            return await self.services.deployments().acompletion(
+                backend.name, req.model, messages=req.messages, metadata=meta, timeout=req.options.timeout,
+                drop_params=req.options.drop_params, **kwargs)
 
     def release(self, used: int, cost_usd: float | None = 0.0) -> None:
         """Free the slot; settle the limits and budgets against ``used`` tokens and ``cost_usd`` (once)."""

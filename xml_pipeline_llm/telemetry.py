@@ -66,6 +66,10 @@ class NoTelemetry:
     def try_started(self, t: Try) -> None:
         pass
 
+    def sending(self, t: Try) -> contextlib.AbstractContextManager[object]:
+        """Around the provider call: the try's span is the current span (LiteLLM's and HTTP spans nest in it)."""
+        return _NULL
+
     def try_ended(self, t: Try, event: UsageEvent, resp: LLMResponse | None = None,
                   cooldown: float | None = None) -> None:
         pass
@@ -177,6 +181,13 @@ class OTelTelemetry(NoTelemetry):
         context = self._trace.set_span_in_context(held.span)
         t.span = self._tracer.start_span(f"try {backend.name}", context=context, kind=self._kind,
                                          attributes=attrs)
+
+    def sending(self, t: Try) -> contextlib.AbstractContextManager[object]:
+        if t.span is None:
+            return _NULL
+        # the try's outcome, not the exception as such, sets its status (try_ended)
+        return self._trace.use_span(t.span, end_on_exit=False, record_exception=False,
+                                    set_status_on_exception=False)
 
     def try_ended(self, t: Try, event: UsageEvent, resp: LLMResponse | None = None,
                   cooldown: float | None = None) -> None:
