@@ -816,3 +816,28 @@ async def test_event_log_entries_of_either_format_read_back_the_same(redis_serve
     assert old == type(new)(**{**new.__dict__, "agent_id": "before", "timestamp": new.timestamp - 1})
     client.close()
     await store.close()
+
+
+def test_totals_kept_under_the_key_names_of_version_0_1_are_moved_once(sim, redis_server, caplog):
+    import redis
+
+    from xml_pipeline_llm.stores import open_store
+
+    p = prefix()
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    for group, name in (("agent", "veteran"), ("model", "grok-4.1"), ("backend", "rdx-old"), ("thread", "-")):
+        client.hset(f"{p}:usage:{group}:{name}", mapping={       # as 0.1's ADD wrote them
+            "prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150, "request_count": 3,
+            "error_count": 1, "cost_usd": "0.25"})
+        client.sadd(f"{p}:usage:{group}", name)
+    caplog.set_level(logging.INFO, logger="xml_pipeline_llm")
+    r = shared_router(redis_server.url, p, [backend(sim, "xai", "rdx-old")])
+    assert "moved 4 usage totals" in caplog.text and "key names of version 0.1" in caplog.text
+    got = r.get_agent_usage("veteran")
+    assert (got.total_tokens, got.request_count, got.error_count, got.cost_usd) == (150, 3, 1, 0.25)
+    assert not client.keys(f"{p}:usage:agent*")                  # nothing left under the old names
+    again = shared_router(redis_server.url, p, [backend(sim, "xai", "rdx-old")])     # a second process
+    assert again.get_agent_usage("veteran").total_tokens == 150                     # not counted twice
+    store = open_store(redis_server.url, p)
+    assert store.totals("backend")["rdx-old"].request_count == 3
+    client.close()

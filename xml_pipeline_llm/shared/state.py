@@ -283,7 +283,7 @@ class RedisState:
         self._cool_seen: dict[str, tuple[float, float]] = {}   # backend: (monotonic when, seconds left)
         from .usage import RedisUsageStore
 
-        self.usage = RedisUsageStore(url, prefix, conn=self.conn)
+        self.usage = RedisUsageStore(url, prefix, conn=self.conn, check=check)
 
     def __repr__(self) -> str:
         return f"RedisState({self.conn.shown!r}, prefix={self.prefix!r})"

@@ -41,7 +41,7 @@ from ..usage import (
     group_key,
     metadata_from,
 )
-from .connection import Conn, RedisDown
+from .connection import Conn, RedisDown, log
 from .scripts import Script
 from .worker import Job
 
@@ -75,6 +75,36 @@ return 1
 """)
 
 
+# No KEYS (a single server only: version 0.1 ran on no cluster).  ARGV: prefix, how many keys per
+# group to move, the groups.  Moves totals kept under 0.1's names (``<p>:usage:<group>:<key>``,
+# index ``<p>:usage:<group>``) into today's: added, then deleted, in one step, so however many
+# processes run it (an old one still writing meanwhile) nothing is counted twice or lost.
+# Returns how many totals it moved (0: nothing left).
+MOVE_OLD = Script("""
+local p, batch, moved = ARGV[1], tonumber(ARGV[2]), 0
+for g = 3, #ARGV do
+  local old_index = p .. ':usage:' .. ARGV[g]
+  local new_index = p .. ':usage:{' .. p .. '}:' .. ARGV[g]
+  for _, name in ipairs(redis.call('SPOP', old_index, batch)) do
+    local old, new = old_index .. ':' .. name, new_index .. ':' .. name
+    local h = redis.call('HGETALL', old)
+    for i = 1, #h, 2 do
+      if h[i] == 'cost_usd' then
+        redis.call('HINCRBYFLOAT', new, h[i], h[i + 1])
+      else
+        redis.call('HINCRBY', new, h[i], h[i + 1])
+      end
+    end
+    redis.call('HINCRBY', new, 'request_count', 0)
+    redis.call('SADD', new_index, name)
+    redis.call('DEL', old)
+    moved = moved + 1
+  end
+end
+return moved
+""")
+
+
 class RedisUsageStore:
     """Fleet-wide usage totals (and recent events) in Redis; the ledger reads its totals here."""
 
@@ -89,8 +119,28 @@ class RedisUsageStore:
         self.groups: tuple[str, ...] = tuple(GROUPS)     # plus llm.telemetry.group_by_metadata keys
         self._own = conn is None
         self.conn = conn if conn is not None else Conn(url, place="usage store")
-        if self._own and check:
-            self.conn.check()
+        if check:
+            if self._own:
+                self.conn.check()
+            self._move_old_totals()
+
+    def _move_old_totals(self) -> None:
+        """Totals written under version 0.1's key names are moved to today's (once there are none, a no-op)."""
+        if self.conn.cluster:
+            return
+        moved = 0
+        try:
+            while True:
+                step = int(self.conn.sync_call(lambda c: c.eval(MOVE_OLD.src, 0, self.prefix, 500, *GROUPS)))
+                if not step:
+                    break
+                moved += step
+        except RedisDown:
+            return
+        if moved:
+            log.info("usage store: moved %d usage totals of %s from the key names of version 0.1 "
+                     "(%s:usage:<group>:<key>) to %s:<group>:<key>", moved, self.conn.shown, self.prefix,
+                     self._base)
 
     def __repr__(self) -> str:
         return f"RedisUsageStore({self.conn.shown!r}, prefix={self.prefix!r})"
