@@ -539,6 +539,35 @@ async def test_redis_stopped_and_restarted_during_a_run(sim, caplog):
         server.stop()
 
 
+async def test_a_redis_that_hangs_holds_calls_only_until_the_batch_deadline(sim, caplog):
+    server = RedisServer().start()
+    try:
+        p = prefix()
+        r = shared_router(server.url, p, [backend(sim, "xai", "rdx-hang", max_concurrent=4, rate_limit_tpm=100_000)])
+        caplog.set_level(logging.WARNING, logger="xml_pipeline_llm")
+        await r.complete("grok-4.1", MESSAGES, agent_id="hang")
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)          # up, but answering nothing
+        try:
+            started = time.monotonic()
+            out = await asyncio.wait_for(asyncio.gather(
+                *(r.complete("grok-4.1", MESSAGES, agent_id="hang") for _ in range(4))), 30)
+            assert len(out) == 4 and time.monotonic() - started < 20      # one 2 s deadline, then local
+            assert r._state.conn.health.down
+            assert any("unreachable" in m and "TimeoutError" in m for m in caplog.messages)
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 15
+        while r._state.conn.health.down:                   # tried again once a second
+            assert time.monotonic() < deadline, "shared state did not resume"
+            await asyncio.sleep(0.3)
+            await r.complete("grok-4.1", MESSAGES, agent_id="hang")
+        assert await until(lambda: r.get_agent_usage("hang").request_count >= 6, timeout=10)
+        await r.aclose()
+    finally:
+        server.stop()
+
+
 # ------------------------------------------------------------------ several processes
 
 async def test_usage_kept_while_redis_was_away_is_written_before_the_next_read():
