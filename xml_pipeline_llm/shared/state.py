@@ -128,6 +128,9 @@ class RedisGate:
         self._lock = threading.Lock()
         self._kick: asyncio.Future[None] | None = None
         self._id = uuid.uuid4().hex[:12]
+        # ENTER's arguments after the lease id that never change for this gate
+        self._enter_const = (repr(self.capacity), repr(self.rate_ms), max_concurrent,
+                             int(state.conn.lease * 1000))
 
     @property
     def in_flight(self) -> int:
@@ -162,7 +165,7 @@ class RedisGate:
     async def _enter_shared(self, tokens: int, turn: Turn) -> Reservation:
         amount = min(float(tokens), self.capacity) if self.capacity else 0.0
         if not self._waiters:       # nobody of this process is held back: ask Redis at once
-            lease = f"{os.getpid()}-{uuid.uuid4().hex[:16]}"
+            lease = _new_lease()
             if (await self._try_enter(amount, lease, "")).ok:
                 return self._admitted(amount, lease)
         loop = asyncio.get_running_loop()
@@ -182,7 +185,7 @@ class RedisGate:
             while True:
                 if not self.state.conn.health.usable():
                     raise RedisDown()
-                lease = f"{os.getpid()}-{uuid.uuid4().hex[:16]}"
+                lease = _new_lease()
                 answer = await self._try_enter(amount, lease, since)
                 if answer.ok:
                     served = True
@@ -207,9 +210,9 @@ class RedisGate:
         return Reservation(amount, lease)
 
     async def _try_enter(self, amount: float, lease: str, since: str) -> Answer:
-        args = [repr(amount), repr(self.capacity), repr(self.rate_ms), self.limit,
-                int(self.state.conn.lease * 1000), lease, self._id, CLAIM_TTL_MS, since,
+        args = [repr(amount), *self._enter_const, lease, self._id, CLAIM_TTL_MS, since,
                 self.rpm or 0, RPM_WINDOW_MS]
+
         def undo(res: Any) -> None:             # cancelled, and it went through all the same: give it back
             if int(res[0]) == 1:
                 self.state.release_later(self, lease, amount)
@@ -379,6 +382,11 @@ class RedisState:
         """Close this loop's connections and write what usage is still queued."""
         await self.conn.drain()
         await self.conn.aclose()
+
+
+def _new_lease() -> str:
+    """A slot lease's id, unique across the fleet (the process id keeps forked children apart)."""
+    return f"{os.getpid()}-{uuid.uuid4().hex[:16]}"
 
 
 def _lease_from_env() -> float:
