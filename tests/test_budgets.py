@@ -229,3 +229,71 @@ async def test_a_stream_holds_its_reservation_until_it_ends_and_is_charged_what_
     after = r.budget_status("thread", "streamed")
     assert after.used_tokens == status.used_tokens + full.response.usage["total_tokens"]
     assert after.reserved_tokens == 0
+
+
+async def test_the_first_refused_call_fires_one_exhausted_event_per_window(sim, caplog):
+    from xml_pipeline_llm import LLMRouter, load_config
+
+    now = [1_767_225_600.0 + 3600 * 5 + 10]          # 2026-01-01 05:00:10 UTC
+    config = load_config({"llm": {"budgets": [{"scope": "agent", "max_tokens": WORST + 5, "window": "1h",
+                                               "warn_at": [50, 80]}],
+                                  "backends": [backend(sim, "xai", "bx-a")]}})
+    r = LLMRouter(config, clock=lambda: now[0])
+    events = []
+    r.on_budget(events.append)
+    sim.reset_stats("bx-a")
+    await r.complete("grok-4.1", MESSAGES, agent_id="runaway", max_tokens=20)
+    for _ in range(6):                               # refused again and again: one exhausted event
+        with pytest.raises(BudgetExceededError):
+            await r.complete("grok-4.1", MESSAGES, agent_id="runaway", max_tokens=20)
+    assert sim.stats("bx-a").requests == 1
+    exhausted = [e for e in events if e.severity == "exhausted"]
+    used = r.budget_status("agent", "runaway").used_tokens
+    assert len(exhausted) == 1 and used < WORST + 5
+    e = exhausted[0]
+    assert (e.scope, e.key, e.percent, e.used, e.limit, e.unit) == ("agent", "runaway", 100, used, WORST + 5,
+                                                                     "tokens")
+    assert events[-1] == e and [x.percent for x in events[:-1]] == [p for p in (50, 80) if used * 100 >= p * e.limit]
+    assert sum("budget agent runaway: exhausted at 100%" in m for m in caplog.messages) == 1
+    now[0] += 3600                                   # a new window: spend, then refused again: fires again
+    await r.complete("grok-4.1", MESSAGES, agent_id="runaway", max_tokens=20)
+    for _ in range(3):
+        with pytest.raises(BudgetExceededError):
+            await r.complete("grok-4.1", MESSAGES, agent_id="runaway", max_tokens=20)
+    assert [x.severity for x in events].count("exhausted") == 2
+    with pytest.raises(BudgetExceededError):         # another budget has its own
+        await r.complete("grok-4.1", MESSAGES, agent_id="other", max_tokens=WORST + 6)
+    assert [(x.key, x.severity) for x in events].count(("other", "exhausted")) == 1
+
+
+async def test_a_budget_spent_to_its_limit_fires_exhausted_there_and_not_again_when_it_refuses(sim):
+    # No max_tokens and default_max_tokens 1: the call reserves less than it uses, so its spend reaches
+    # the limit (the budget lets the calls in flight overshoot by what they use beyond their reservation).
+    estimate = token_estimate("grok-4.1", MESSAGES)
+    r = make_router([backend(sim, "xai", "bx-b")], default_max_tokens=1,
+                    budgets=[{"scope": "agent", "max_tokens": estimate + 1}])
+    events = []
+    r.on_budget(events.append)
+    await r.complete("grok-4.1", MESSAGES, agent_id="spender")
+    status = r.budget_status("agent", "spender")
+    assert status.used_tokens >= estimate + 1
+    assert [(e.percent, e.severity) for e in events] == [(75, "warning"), (90, "critical"), (95, "final"),
+                                                          (100, "exhausted")]
+    for _ in range(3):
+        with pytest.raises(BudgetExceededError):
+            await r.complete("grok-4.1", MESSAGES, agent_id="spender")
+    assert [e.severity for e in events].count("exhausted") == 1
+    r.reset_budget("agent", "spender")               # spend back to zero: it can be exhausted again
+    await r.complete("grok-4.1", MESSAGES, agent_id="spender")
+    assert [e.severity for e in events].count("exhausted") == 2
+
+
+async def test_a_call_refused_for_a_model_without_a_price_is_not_an_exhausted_budget(sim):
+    r = make_router([backend(sim, "xai", "bx-c", supported_models=["unpriced-*"])],
+                    budgets=[{"scope": "agent", "max_usd": 1.0}])
+    events = []
+    r.on_budget(events.append)
+    for _ in range(2):
+        with pytest.raises(BudgetExceededError, match="no price"):
+            await r.complete("unpriced-model", MESSAGES, agent_id="a", max_tokens=20)
+    assert events == []

@@ -787,6 +787,57 @@ def test_two_processes_on_one_redis_budget_never_spend_more_than_it_together(sim
     assert status.reserved_tokens == 0 and status.resets_at is not None
 
 
+async def test_a_fleet_budget_fires_exhausted_once_across_processes_at_its_first_refusal(sim, redis_server):
+    from xml_pipeline_llm import BudgetExceededError
+    from xml_pipeline_llm._litellm import token_estimate
+
+    worst = token_estimate("grok-4.1", MESSAGES) + 20
+    p = prefix()
+    rules = [{"scope": "agent", "max_tokens": worst + 5, "window": "1d", "warn_at": [50, 80]}]
+    routers = [shared_router(redis_server.url, p, [backend(sim, "xai", "rdx-a")], budgets=rules)
+               for _ in range(2)]            # two routers: their own memory, one budget in Redis
+    events: list[Any] = []
+    for r in routers:
+        r.on_budget(events.append)
+    await routers[0].complete("grok-4.1", MESSAGES, agent_id="fleet-x", max_tokens=20)
+    for i in range(6):
+        with pytest.raises(BudgetExceededError):
+            await routers[i % 2].complete("grok-4.1", MESSAGES, agent_id="fleet-x", max_tokens=20)
+    exhausted = [e for e in events if e.severity == "exhausted"]
+    used = routers[1].budget_status("agent", "fleet-x").used_tokens
+    assert len(exhausted) == 1 and used < worst + 5
+    assert (exhausted[0].percent, exhausted[0].used, exhausted[0].limit, exhausted[0].unit) == (
+        100, used, worst + 5, "tokens")
+    routers[1].reset_budget("agent", "fleet-x")      # spend back to zero: it can be exhausted again
+    await routers[1].complete("grok-4.1", MESSAGES, agent_id="fleet-x", max_tokens=20)
+    for i in range(4):
+        with pytest.raises(BudgetExceededError):
+            await routers[i % 2].complete("grok-4.1", MESSAGES, agent_id="fleet-x", max_tokens=20)
+    assert [e.severity for e in events].count("exhausted") == 2
+    for r in routers:
+        await r.aclose()
+
+
+async def test_a_fleet_budget_spent_to_its_limit_fires_exhausted_once(sim, redis_server):
+    from xml_pipeline_llm import BudgetExceededError
+    from xml_pipeline_llm._litellm import token_estimate
+
+    estimate = token_estimate("grok-4.1", MESSAGES)
+    p = prefix()      # no max_tokens and default_max_tokens 1: the call uses more than it reserved
+    r = shared_router(redis_server.url, p, [backend(sim, "xai", "rdx-b")], default_max_tokens=1,
+                      budgets=[{"scope": "agent", "max_tokens": estimate + 1}])
+    events: list[Any] = []
+    r.on_budget(events.append)
+    await r.complete("grok-4.1", MESSAGES, agent_id="spender")
+    assert await until(lambda: any(e.severity == "exhausted" for e in events))
+    assert [e.percent for e in events] == [75, 90, 95, 100]
+    for _ in range(3):
+        with pytest.raises(BudgetExceededError):
+            await r.complete("grok-4.1", MESSAGES, agent_id="spender")
+    assert [e.severity for e in events].count("exhausted") == 1
+    await r.aclose()
+
+
 async def test_calls_cancelled_while_admitted_give_back_their_slot_and_budget_hold(sim, redis_server):
     import random
 

@@ -87,7 +87,12 @@ class BudgetExceededError(BackendError):
 
 @dataclass(frozen=True)
 class BudgetEvent:
-    """A ``warn_at`` threshold crossed (once per budget, unit and window), or the budget exhausted."""
+    """A ``warn_at`` threshold crossed (once per budget, unit and window), or the budget exhausted.
+
+    ``exhausted`` (percent 100) fires once per budget, unit and window: when the spend reaches the
+    limit, or else at the first call the budget refuses (``used`` is then the settled spend, which
+    may be below the limit: the call's worst case did not fit in what was left).
+    """
 
     scope: str
     key: str | None
@@ -251,12 +256,18 @@ class Budgets:
             accounts = [a for a in (self._account(s, k, now) for s, k in keys) if a is not None]
             if not accounts:
                 return None
-            for acct in accounts:
-                _check(acct, tokens, usd, model)
-            for acct in accounts:
-                acct.reserved_tokens += tokens
-                acct.reserved_usd += usd or 0.0
-        return Hold(accounts, tokens, usd or 0.0)
+            try:
+                for acct in accounts:
+                    _check(acct, tokens, usd, model)
+            except BudgetExceededError as exc:
+                refused, events = exc, _exhausted(acct, exc, usd)
+            else:
+                for acct in accounts:
+                    acct.reserved_tokens += tokens
+                    acct.reserved_usd += usd or 0.0
+                return Hold(accounts, tokens, usd or 0.0)
+        self._fire(events)
+        raise refused
 
     def settle(self, hold: Hold, tokens: int, usd: float | None) -> None:
         """The try ended: give back its reservation and charge what it really used."""
@@ -357,6 +368,21 @@ def _check(acct: Account, tokens: int, usd: float | None, model: str) -> None:
             acct.scope, acct.key, "usd", lim.max_usd, acct.used_usd, acct.reserved_usd, resets)
 
 
+def _exhausted(acct: Account, refused: BudgetExceededError, usd: float | None) -> list[BudgetEvent]:
+    """The ``exhausted`` event of the first call a budget refuses in a window (caller holds the lock).
+
+    None when this budget and unit already had it in this window (its spend reached 100%, or a call
+    was refused before), nor for a call refused only because its model has no price.
+    """
+    if refused.unit == "usd" and usd is None:
+        return []
+    if (refused.unit, 100) in acct.crossed:
+        return []
+    acct.crossed.add((refused.unit, 100))
+    used = acct.used_tokens if refused.unit == "tokens" else round(acct.used_usd, 10)
+    return [BudgetEvent(acct.scope, acct.key, 100, used, refused.limit, refused.unit, "exhausted")]
+
+
 def _crossings(acct: Account) -> list[BudgetEvent]:
     """The thresholds this account's spend has newly crossed, in order (once per window)."""
     out: list[BudgetEvent] = []
@@ -413,7 +439,8 @@ class BudgetMethods:
         return self._budgets.forget("thread", thread_id)
 
     def on_budget(self, callback: Callable[[BudgetEvent], Any]) -> Callable[[], None]:
-        """Call ``callback(BudgetEvent)`` at each threshold crossed; returns the unsubscribe function."""
+        """Call ``callback(BudgetEvent)`` at each threshold crossed and when a budget is exhausted (the
+        spend reaches it, or the first call it refuses in a window); returns the unsubscribe function."""
         return self._budgets.on_budget(callback)
 
 

@@ -60,6 +60,7 @@ local function roll(b, secs, off)
   local win = tonumber(redis.call('HGET', b, 'win') or '-1')
   if win ~= ws then
     redis.call('HSET', b, 'win', f(ws), 'used_t', 0, 'used_u', 0)
+    redis.call('HDEL', b, 'x_tokens', 'x_usd')
   end
   if secs > 0 then redis.call('PEXPIRE', b, math.ceil(ws + secs - now) + ARGV[3]) end
   return ws
@@ -81,7 +82,9 @@ end
 
 # KEYS: budget hash, holds zset, per budget.  ARGV: n, hold id, lease ms, tokens, usd (-1: no price),
 # then per budget: max tokens (-1: none), max usd (-1: none), window ms (0: none), window offset ms.
-# Returns {1, window starts...} or {0, index, unit, limit, used, reserved, window start}.
+# Returns {1, window starts...} or {0, index, unit, limit, used, reserved, window start, exhausted}: exhausted
+# is 1 for the first refusal of that budget and unit in its window (x_<unit> marks it fleet-wide), else 0.
+# A call refused because its model has no price ('unpriced') marks nothing.
 RESERVE = Script(_WINDOW + """
 local n, id, lease = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local tokens, usd = tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -93,9 +96,12 @@ for i = 1, n do
   purge(b, h)
   local v = redis.call('HMGET', b, 'used_t', 'used_u', 'res_t', 'res_u')
   local ut, uu, rt, ru = tonumber(v[1] or 0), tonumber(v[2] or 0), tonumber(v[3] or 0), tonumber(v[4] or 0)
-  if max_t >= 0 and ut + rt + tokens > max_t then return {0, i, 'tokens', f(max_t), f(ut), f(rt), f(starts[i])} end
-  if max_u >= 0 and (usd < 0 or uu + ru + usd > max_u) then
-    return {0, i, usd < 0 and 'unpriced' or 'usd', f(max_u), f(uu), f(ru), f(starts[i])}
+  if max_t >= 0 and ut + rt + tokens > max_t then
+    return {0, i, 'tokens', f(max_t), f(ut), f(rt), f(starts[i]), redis.call('HSETNX', b, 'x_tokens', 1)}
+  end
+  if max_u >= 0 and usd < 0 then return {0, i, 'unpriced', f(max_u), f(uu), f(ru), f(starts[i]), 0} end
+  if max_u >= 0 and uu + ru + usd > max_u then
+    return {0, i, 'usd', f(max_u), f(uu), f(ru), f(starts[i]), redis.call('HSETNX', b, 'x_usd', 1)}
   end
 end
 for i = 1, n do
@@ -111,20 +117,26 @@ for i = 1, n do out[i + 1] = f(starts[i]) end
 return out
 """)
 
-# KEYS: as RESERVE.  ARGV: n, hold id, lease ms, tokens used, usd used, then per budget: window ms, offset ms.
-# Gives the hold back and charges what was used.  Returns per budget {tokens before, after, usd before, after}.
+# KEYS: as RESERVE.  ARGV: n, hold id, lease ms, tokens used, usd used, then per budget: window ms, offset ms,
+# max tokens (-1: none), max usd (-1: none).  Gives the hold back and charges what was used.  Returns per
+# budget {tokens before, after, usd before, after, exhausted tokens, exhausted usd}: 1 when this charge
+# reached the limit and no exhausted event was fired for it in this window yet (x_<unit> marks it).
 SETTLE = Script(_WINDOW + """
 local n, id = tonumber(ARGV[1]), ARGV[2]
 local tokens, usd = tonumber(ARGV[4]), tonumber(ARGV[5])
 local out = {}
 for i = 1, n do
-  local b, h, a = KEYS[2 * i - 1], KEYS[2 * i], 5 + 2 * (i - 1)
+  local b, h, a = KEYS[2 * i - 1], KEYS[2 * i], 5 + 4 * (i - 1)
   unhold(b, h, id)
   roll(b, tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]))
+  local max_t, max_u = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
   local bt, bu = tonumber(redis.call('HGET', b, 'used_t') or 0), tonumber(redis.call('HGET', b, 'used_u') or 0)
   redis.call('HINCRBYFLOAT', b, 'used_t', tokens)
   redis.call('HINCRBYFLOAT', b, 'used_u', usd)
-  out[i] = {f(bt), f(bt + tokens), f(bu), f(bu + usd)}
+  local xt, xu = 0, 0
+  if max_t > 0 and bt + tokens >= max_t then xt = redis.call('HSETNX', b, 'x_tokens', 1) end
+  if max_u > 0 and bu + usd >= max_u then xu = redis.call('HSETNX', b, 'x_usd', 1) end
+  out[i] = {f(bt), f(bt + tokens), f(bu), f(bu + usd), xt, xu}
 end
 return out
 """)
@@ -184,10 +196,13 @@ class RedisBudgets(Budgets):
                 model: str) -> None:
         (scope, key), limit = found
         acct = Account(scope, key, limit, start=float(res[6]) / 1000 if WINDOW_SECONDS[limit.window] else None)
-        if res[2] == "tokens":
+        unit: Unit = "tokens" if res[2] == "tokens" else "usd"
+        if unit == "tokens":
             acct.used_tokens, acct.reserved_tokens = int(float(res[4])), int(float(res[5]))
         else:
             acct.used_usd, acct.reserved_usd = float(res[4]), float(res[5])
+        if res[2] != "unpriced" and len(res) > 7 and int(res[7]) == 1:   # the first refusal in this window
+            self._fire([BudgetEvent(scope, key, 100, float(res[4]), float(res[3]), unit, "exhausted")])
         _check(acct, tokens, usd, model)
         raise AssertionError("a refused reservation passed the local check")    # pragma: no cover
 
@@ -200,7 +215,8 @@ class RedisBudgets(Budgets):
         args: list[Any] = [len(hold.keys), hold.hold_id, HOLD_LEASE_MS, tokens, usd or 0.0]
         for (scope, key), limit in zip(hold.keys, hold.limits):
             rkeys += self._keys(scope, key)
-            args += _window_args(limit)
+            args += [*_window_args(limit), -1 if limit.max_tokens is None else limit.max_tokens,
+                     -1 if limit.max_usd is None else limit.max_usd]
         job = Job(SETTLE, rkeys, args, "release", math.inf)
         try:
             asyncio.get_running_loop()
@@ -212,9 +228,9 @@ class RedisBudgets(Budgets):
             assert hold.keys is not None and hold.limits is not None
             events: list[BudgetEvent] = []
             for (scope, key), limit, row in zip(hold.keys, hold.limits, res):
-                before_t, after_t, before_u, after_u = (float(x) for x in row)
-                events += _crossed((scope, key), limit, "tokens", before_t, after_t)
-                events += _crossed((scope, key), limit, "usd", before_u, after_u)
+                before_t, after_t, before_u, after_u = (float(x) for x in row[:4])
+                events += _crossed((scope, key), limit, "tokens", before_t, after_t, int(row[4]) == 1)
+                events += _crossed((scope, key), limit, "usd", before_u, after_u, int(row[5]) == 1)
             self._fire(events)
 
         self.conn.eval_soon(SETTLE, rkeys, args, then, lambda: self.conn.worker.submit(job))
@@ -250,7 +266,8 @@ class RedisBudgets(Budgets):
         super().reset(scope, key)
         b = self._keys(scope, key)[0]
         try:
-            self.conn.sync_call(lambda c: c.hset(b, mapping={"used_t": 0, "used_u": 0}))
+            self.conn.sync_call(lambda c: c.pipeline().hset(b, mapping={"used_t": 0, "used_u": 0})
+                                .hdel(b, "x_tokens", "x_usd").execute())
         except RedisDown:
             pass
 
@@ -264,9 +281,15 @@ class RedisBudgets(Budgets):
         return final
 
 
-def _crossed(bkey: BudgetKey, limit: Limit, unit: Unit, before: float, after: float) -> list[BudgetEvent]:
+def _crossed(bkey: BudgetKey, limit: Limit, unit: Unit, before: float, after: float,
+             exhausted: bool) -> list[BudgetEvent]:
+    """The ``warn_at`` thresholds one charge crossed, in order, then ``exhausted`` when the script says
+    this charge is the first in the window to reach the limit (a refusal may have fired it already)."""
     cap = limit.max_tokens if unit == "tokens" else limit.max_usd
     if not cap:
         return []
-    return [BudgetEvent(bkey[0], bkey[1], p, after, cap, unit, severity(p))
-            for p in sorted({*limit.warn_at, 100}) if before * 100 < p * cap <= after * 100]
+    out = [BudgetEvent(bkey[0], bkey[1], p, after, cap, unit, severity(p))
+           for p in sorted(set(limit.warn_at) - {100}) if before * 100 < p * cap <= after * 100]
+    if exhausted:
+        out.append(BudgetEvent(bkey[0], bkey[1], 100, after, cap, unit, "exhausted"))
+    return out
