@@ -748,6 +748,30 @@ async def test_fleet_totals_keep_an_unknown_cost_unknown(sim, redis_server):
     await r.aclose()
 
 
+def test_a_start_with_redis_and_first_calls_show_no_warning(sim, redis_server):
+    # Every warning category shown (-W always), but ResourceWarning: Python hides it unless asked
+    # (-X dev), and LiteLLM's pooled HTTP connections are still open when the interpreter exits.
+    block = llm_block(redis_server.url, prefix(), [backend(sim, "xai", "rdw-a"),
+                                                   backend(sim, "anthropic", "rdw-b")])
+    code = textwrap.dedent(f"""
+        import asyncio, json
+        from xml_pipeline_llm import LLMRouter, load_config
+        r = LLMRouter(load_config({{"llm": json.loads({json.dumps(json.dumps(block))})}}))
+        async def go():
+            print((await r.complete("grok-4.1", {MESSAGES!r}, agent_id="w", max_tokens=10)).content)
+            async with r.stream("claude-sonnet-4", {MESSAGES!r}, agent_id="w", max_tokens=10) as s:
+                print("".join([d async for d in s]))
+            print(r.get_agent_usage("w").request_count)
+            await r.aclose()
+        asyncio.run(go())
+    """)
+    proc = subprocess.run([sys.executable, "-W", "always", "-W", "ignore::ResourceWarning", "-c", code],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **FAKE_KEYS})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "2"
+    assert "Warning" not in proc.stderr, proc.stderr[-3000:]
+
+
 # ------------------------------------------------------------------ budgets for a fleet (C11)
 
 def test_two_processes_on_one_redis_budget_never_spend_more_than_it_together(sim, redis_server):

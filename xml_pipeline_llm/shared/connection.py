@@ -130,6 +130,7 @@ class Conn:
                  max_connections: int = 64, place: str = "llm.shared_state") -> None:
         try:
             import redis
+            from redis.asyncio.retry import Retry as AsyncRetry
             from redis.backoff import NoBackoff
             from redis.retry import Retry
         except ImportError:
@@ -145,9 +146,11 @@ class Conn:
         cluster = _cluster_url(url)
         self.cluster = cluster is not None
         self._client_url = cluster or url
-        # Our own rules decide what happens when Redis fails: no client-side retries.
+        # Our own rules decide what happens when Redis fails: no client-side retries.  The asyncio
+        # clients get redis-py's asyncio Retry (given the sync one, redis-py warns at every start).
         self._opts: dict[str, Any] = dict(decode_responses=True, socket_connect_timeout=connect_timeout,
                                           socket_timeout=socket_timeout, retry=Retry(NoBackoff(), 0))
+        self._aopts: dict[str, Any] = {**self._opts, "retry": AsyncRetry(NoBackoff(), 0)}
         self._sync: Any = None
         self._sync_lock = threading.Lock()
         try:
@@ -223,13 +226,13 @@ class Conn:
         if self.cluster:
             from redis.asyncio.cluster import RedisCluster
 
-            client = RedisCluster.from_url(self._client_url, max_connections=self.max_connections, **self._opts)
+            client = RedisCluster.from_url(self._client_url, max_connections=self.max_connections, **self._aopts)
             entry = self._aclients[id(loop)] = ClusterLoopClient(loop, client, self.max_connections)
             return entry
         import redis.asyncio as aredis
 
         # No socket timeout on the connections themselves: a batch has one deadline (LoopClient).
-        opts = {**self._opts, "socket_timeout": None}
+        opts = {**self._aopts, "socket_timeout": None}
         pool = aredis.BlockingConnectionPool.from_url(self.url, max_connections=self.max_connections,
                                                       timeout=30, **opts)
         entry = self._aclients[id(loop)] = LoopClient(loop, aredis.Redis(connection_pool=pool),
