@@ -86,7 +86,7 @@ def write_config(path: Path, backends: list[dict], **llm) -> Path:
 
 # ---------------------------------------------------------------- help, version
 
-@pytest.mark.parametrize("command", ["", "check", "complete", "usage", "budgets", "simulate", "demo"])
+@pytest.mark.parametrize("command", ["", "init", "check", "complete", "usage", "budgets", "simulate", "demo"])
 def test_help_answers_fast_with_an_example(tmp_path, command):
     start = time.perf_counter()
     p = run(tmp_path, *([command] if command else []), "--help")
@@ -118,6 +118,110 @@ def test_version_and_usage_mistakes(tmp_path):
     assert_user_error(run(tmp_path, "simulate", "--fault-rate", "2"), "--fault-rate")
     assert_user_error(run(tmp_path, "frobnicate"), "invalid choice")
     assert_user_error(run(tmp_path, "complete", "hello"), "-m/--model")
+
+
+# ---------------------------------------------------------------- init, packaged files
+
+def _packaged(name: str) -> str:
+    from importlib.resources import files
+
+    return files("xml_pipeline_llm").joinpath("data", name).read_text(encoding="utf-8")
+
+
+def test_init_writes_a_commented_organism_yaml_and_env_and_never_overwrites_without_force(tmp_path):
+    p = run(tmp_path, "init")
+    assert p.returncode == 0, p.stderr
+    organism, env = tmp_path / "organism.yaml", tmp_path / ".env"
+    assert organism.read_text(encoding="utf-8") == _packaged("organism.example.yaml")
+    assert "wrote organism.yaml" in p.stdout and "wrote .env" in p.stdout
+    assert "xml-pipeline-llm check" in p.stdout and "xml-pipeline-llm complete" in p.stdout
+    assert_plain(p.stdout + p.stderr)
+    lines = env.read_text(encoding="utf-8").splitlines()
+    assert [x for x in lines if not x.startswith("#")] == ["XAI_API_KEY=", "ANTHROPIC_API_KEY=", "OPENAI_API_KEY="]
+    assert lines[0].startswith("# ") and "# GROQ_API_KEY=" in lines         # a commented-out backend's
+    assert env.stat().st_mode & 0o077 == 0                                  # keys go there: owner only
+    assert sorted(x.name for x in tmp_path.iterdir()) == [".env", "organism.yaml"]
+
+    organism.write_text("# mine\n", encoding="utf-8")
+    again = run(tmp_path, "init")
+    assert_user_error(again, "organism.yaml and .env already exist", "--force", "nothing was written")
+    assert len(again.stderr.splitlines()) == 1 and again.stdout == ""
+    assert organism.read_text(encoding="utf-8") == "# mine\n"
+    env.unlink()                                  # one of the two there: still refused, and named
+    assert_user_error(run(tmp_path, "init"), "organism.yaml already exists", "--force")
+    assert not env.exists()
+    p = run(tmp_path, "init", "--force", "--dashboard")
+    assert p.returncode == 0, p.stderr
+    assert organism.read_text(encoding="utf-8") == _packaged("organism.example.yaml") and env.exists()
+    assert json.loads((tmp_path / "grafana-dashboard.json").read_text())["panels"]
+
+    # the written files work: with keys in .env, check validates them; --simulate answers from them
+    env.write_text(env.read_text().replace("XAI_API_KEY=", "XAI_API_KEY=xai-not-a-real-key")
+                   .replace("ANTHROPIC_API_KEY=", "ANTHROPIC_API_KEY=sk-ant-not-real")
+                   .replace("OPENAI_API_KEY=", "OPENAI_API_KEY=sk-not-real"))
+    env_vars = {k: v for k, v in _env({"COLUMNS": "200"}).items()
+                if k not in ("XAI_API_KEY", "ANTHROPIC_API_KEY", "OPENAI_API_KEY")}    # from .env only
+    checked = subprocess.run([*CLI, "check"], cwd=tmp_path, env=env_vars, capture_output=True, text=True,
+                             timeout=90)
+    assert checked.returncode == 0, checked.stderr
+    assert "XAI_API_KEY (set)" in checked.stdout and "xai-not-a-real-key" not in checked.stdout
+
+
+def test_complete_simulate_uses_the_organism_yaml_here_and_names_a_model_no_backend_serves(tmp_path):
+    here, bare = tmp_path / "here", tmp_path / "bare"
+    here.mkdir()
+    bare.mkdir()
+    write_config(here / "organism.yaml", [{"provider": "openai", "name": "my-openai", "api_key_env": "NOT_SET_KEY"},
+                                          {"provider": "ollama", "name": "my-ollama", "supported_models": ["llama3"]}])
+    other = write_config(tmp_path / "other.yaml", [{"provider": "anthropic", "name": "other-anthropic"}])
+    env = {k: "" for k in ("XAI_API_KEY", "ANTHROPIC_API_KEY", "OPENAI_API_KEY", "NOT_SET_KEY")}
+    sent, local, unknown = run_many(here, ("complete", "--simulate", "-m", "gpt-4o", "hi"),
+                                    ("complete", "--simulate", "-m", "llama3", "hi"),
+                                    ("complete", "--simulate", "-m", "grok-4.1", "hi"),   # no xai backend there
+                                    env=env)
+    given, built_in, built_in_unknown = run_many(
+        bare, ("complete", "--simulate", "-c", str(other), "-m", "claude-sonnet-4", "hi"),
+        ("complete", "--simulate", "-m", "gpt-4o", "hi"),           # no organism.yaml: the built-in backends
+        ("complete", "--simulate", "-m", "frobnicator-1", "hi"),    # none serves it: no silent catch-all
+        env=env)
+    assert sent.returncode == 0 and sent.stdout == "Hello from my-openai: hi\n", sent.stderr
+    assert local.returncode == 0 and local.stdout == "Hello from my-ollama: hi\n", local.stderr
+    assert_user_error(unknown, 'no backend serves model "grok-4.1"', "my-openai", "my-ollama")
+    assert len(unknown.stderr.splitlines()) == 1
+    assert given.returncode == 0 and given.stdout == "Hello from other-anthropic: hi\n", given.stderr
+    assert built_in.returncode == 0 and built_in.stdout == "Hello from openai: hi\n", built_in.stderr
+    assert_user_error(built_in_unknown, 'no backend serves model "frobnicator-1"', "ollama (ollama): llama*")
+    assert sorted(x.name for x in here.iterdir()) == ["organism.yaml"] and not list(bare.iterdir())
+
+
+def test_the_example_and_the_dashboard_ship_inside_the_package():
+    example, dashboard = _packaged("organism.example.yaml"), json.loads(_packaged("grafana-dashboard.json"))
+    assert yaml.safe_load(example)["llm"]["backends"] and dashboard["panels"]
+    root = Path(__file__).parent.parent
+    assert not (root / "organism.example.yaml").exists()         # one copy: the package's
+
+
+@pytest.mark.skipif(not (Path(__file__).parent.parent / "pyproject.toml").exists(), reason="a source checkout only")
+def test_a_built_wheel_holds_the_example_and_the_dashboard(tmp_path):
+    import zipfile
+
+    root, src = Path(__file__).parent.parent, tmp_path / "src"      # a clean copy: no build/ or egg-info
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    shutil.copytree(root / "xml_pipeline_llm", src / "xml_pipeline_llm",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(src)],
+                       capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    if p.returncode != 0 and ("No matching distribution found for setuptools" in p.stderr
+                              or "Could not find a version that satisfies" in p.stderr):
+        pytest.skip(f"pip cannot fetch the build backend here (offline?): {p.stderr.strip()[-200:]}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    wheel = next(tmp_path.glob("xml_pipeline_llm-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        assert {"xml_pipeline_llm/data/organism.example.yaml", "xml_pipeline_llm/data/grafana-dashboard.json"} <= names
+        assert z.read("xml_pipeline_llm/data/organism.example.yaml").decode() == _packaged("organism.example.yaml")
 
 
 # ---------------------------------------------------------------- check

@@ -13,7 +13,7 @@ import json
 import re
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
+from importlib.resources import files
 from typing import Any
 
 import pytest
@@ -252,7 +252,7 @@ async def test_prometheus_serves_the_histograms_and_the_backend_gauges(sim, otel
     assert total == sum(u.total_tokens for u in r.get_all_usage(by="backend").values())
     assert not any(key in body for key in FAKE_KEYS.values())
     # the shipped Grafana dashboard asks only for series that are served
-    dashboard = json.loads((Path(__file__).parent.parent / "docs" / "grafana-dashboard.json").read_text())
+    dashboard = json.loads(files("xml_pipeline_llm").joinpath("data", "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     wanted = {m for e in exprs for m in re.findall(r"\b((?:gen_ai|xpl)_[a-zA-Z_]+)(?:\{|\[|$)", e)}
     served = {line.split("{")[0] for line in lines if not line.startswith("#")}

@@ -315,7 +315,7 @@ def config_file(source: str | os.PathLike[str] | None = None) -> Path:
         if not env and not Path(source).exists():
             raise ConfigError(
                 f"no organism.yaml in {Path.cwd()}: create one with an llm: block "
-                f"(see organism.example.yaml), or set {CONFIG_ENV} to its path")
+                f"(xml-pipeline-llm init writes a commented one), or set {CONFIG_ENV} to its path")
     path = Path(source)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file; give the path of an organism.yaml with an llm: block")
@@ -354,7 +354,7 @@ def _llm_block(doc: Any, where: str) -> Mapping[str, Any]:
     if "backends" in doc:
         return doc
     raise ConfigError(f"{where}: no llm: block; add one with at least one backend "
-                      f"(see organism.example.yaml)")
+                      f"(xml-pipeline-llm init writes a commented organism.yaml)")
 
 
 # ------------------------------------------------------------- validation

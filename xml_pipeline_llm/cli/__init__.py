@@ -1,12 +1,13 @@
 """``xml-pipeline-llm``: the command line (contract C9).
 
     xml-pipeline-llm demo                      # offline tour: simulator, 3 strategies, usage tables
+    xml-pipeline-llm init                      # a commented organism.yaml and a .env template here
     xml-pipeline-llm check -c organism.yaml    # validate the llm: block, print the routing table
     xml-pipeline-llm complete -m grok-4.1 "Say hello"
     xml-pipeline-llm usage --store sqlite:///usage.db --by model
     xml-pipeline-llm simulate --port 8099      # provider simulator in the foreground
 
-One module per command (check, complete, usage, simulate, demo); output.py
+One module per command (init, check, complete, usage, simulate, demo); output.py
 holds how they all print.  ``--help`` must answer at once, so nothing here
 imports more than the standard library at import time; rich, the router,
 LiteLLM and the simulator are imported inside the command that needs them.
@@ -26,6 +27,7 @@ from .budgets import cmd_budgets
 from .check import cmd_check
 from .complete import cmd_complete
 from .demo import STRATEGY_NAMES, cmd_demo
+from .init import cmd_init
 from .output import describe, print_error, setup_logging, terminal_columns
 from .simulate import cmd_simulate
 from .usage import CONFIG_ENV, cmd_usage
@@ -90,6 +92,16 @@ def _by(text: str) -> str:
 CONFIG_HELP = f"organism file with an llm: block (default: ${CONFIG_ENV}, else ./organism.yaml)"
 
 EPILOGS = {
+    "init": """\
+examples:
+  xml-pipeline-llm init                      # ./organism.yaml and ./.env
+  xml-pipeline-llm init --force --dashboard  # overwrite them; also ./grafana-dashboard.json
+
+organism.yaml is the commented example shipped in the package (every key of
+the llm: block); .env names the key variables its backends use, empty.
+Neither is overwritten without --force. Then: put your keys in .env,
+xml-pipeline-llm check, then xml-pipeline-llm complete.
+""",
     "check": """\
 examples:
   xml-pipeline-llm check                     # ./organism.yaml or $XML_PIPELINE_LLM_CONFIG
@@ -100,14 +112,18 @@ Exit status 0 when the llm: block is valid, 1 with one line per problem otherwis
     "complete": """\
 examples:
   xml-pipeline-llm complete --simulate -m grok-4.1 "Say hello"      # offline, no keys
+  xml-pipeline-llm complete --simulate -c organism.yaml -m claude-sonnet-4 "Say hello"
   xml-pipeline-llm complete -c organism.yaml -m claude-sonnet-4 --agent writer \\
       --system "You are terse." --stream "Write a haiku about routers"
   echo "Summarise this" | xml-pipeline-llm complete -m gpt-4o-mini --json -
 
 The answer goes to stdout; the backend, tokens, cost and latency to stderr.
---simulate starts a local provider simulator and points every backend at it
-(the backends of -c FILE, or built-in xai, anthropic and ollama backends);
-it uses no key, no network and no usage store.
+--simulate starts a local provider simulator and points every backend at it:
+the backends of -c FILE, else of $XML_PIPELINE_LLM_CONFIG or ./organism.yaml
+when there is one, else built-in xai (grok-*), anthropic (claude-*), openai
+(gpt-*, o1*, o3*, o4*, chatgpt-*) and ollama (llama*, mistral*, qwen*, gemma*,
+phi*) backends. A model none of them serves is an error, as without
+--simulate. It uses no key, no network and no usage store.
 """,
     "usage": """\
 examples:
@@ -170,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="One model-agnostic call for language models: routing, retries,\n"
                     "limits and per-agent accounting over LiteLLM.",
         epilog="start here:\n  xml-pipeline-llm demo          # offline tour, no keys needed\n"
+               "  xml-pipeline-llm init          # organism.yaml and .env to start from\n"
                "  xml-pipeline-llm COMMAND --help")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -180,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
         commands[name] = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
                                         epilog=EPILOGS[name], formatter_class=_Formatter, parents=[common])
         return commands[name]
+
+    p = command("init", "write a commented organism.yaml and a .env template here")
+    p.add_argument("--force", action="store_true", help="overwrite organism.yaml and .env if they exist")
+    p.add_argument("--dashboard", action="store_true",
+                   help="also write grafana-dashboard.json (the Grafana dashboard of the Prometheus metrics)")
+    p.set_defaults(func=cmd_init)
 
     p = command("check", "validate the llm: block and print the routing table")
     p.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
@@ -197,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the whole response as JSON once complete (content, model, usage, backend, "
                         "cost, ...)")
     p.add_argument("--simulate", action="store_true",
-                   help="answer from a local provider simulator instead of the real providers")
+                   help="answer from a local provider simulator instead of the real providers (the "
+                        "backends of -c FILE or ./organism.yaml, pointed at it)")
     p.add_argument("prompt", nargs="+", metavar="PROMPT", help="the user message ('-' reads stdin)")
     p.set_defaults(func=cmd_complete)
 

@@ -109,17 +109,23 @@ def _config_for_complete(args: argparse.Namespace) -> Iterator[RouterConfig]:
     if not args.simulate:
         yield load_config(args.config)
         return
+    from ..config import CONFIG_ENV, config_file
     from ..simulator import run_simulator
 
+    config = args.config
+    if config is None and (os.environ.get(CONFIG_ENV) or os.path.exists("organism.yaml")):
+        config = str(config_file(None))     # the organism file `check` and `complete` would read
     with run_simulator() as sim:
-        yield load_config({"llm": simulated_block(sim, args.config)})
+        yield load_config({"llm": simulated_block(sim, config)})
 
 
-#: Backends of ``complete --simulate`` without ``-c``: one per provider wire format.
-SIMULATED_BACKENDS = [
+#: Backends of ``complete --simulate`` with no organism file: one per provider wire format.  The
+#: ollama one serves a list (not any model): a model none of them serves is a ModelNotFoundError.
+SIMULATED_BACKENDS: list[dict[str, Any]] = [
     {"provider": "xai", "name": "xai"},
     {"provider": "anthropic", "name": "anthropic"},
-    {"provider": "ollama", "name": "ollama"},
+    {"provider": "openai", "name": "openai"},
+    {"provider": "ollama", "name": "ollama", "supported_models": ["llama*", "mistral*", "qwen*", "gemma*", "phi*"]},
 ]
 _SIM_FORMATS = ("xai", "openai", "anthropic", "ollama")
 
@@ -129,7 +135,7 @@ def simulated_block(sim: Any, config: str | None) -> dict[str, Any]:
 
     From ``config``'s backends when given (a provider without a simulated
     wire format is simulated as an OpenAI-compatible server with its
-    ``supported_models``), else the built-in xai/anthropic/ollama trio.  Keys
+    ``supported_models``), else the built-in xai/anthropic/openai/ollama set.  Keys
     are replaced by a fake one, and the usage store and shared state are
     dropped so that a simulated call never lands in a real ledger.
     """

@@ -166,8 +166,8 @@ def run_demo(requests: int = 60, concurrency: int = 8, strategy: str = "all",
     rows = write_csv(path, "agent", totals=agents)
     console.print(f"Usage CSV, one row per agent ({rows}):", soft_wrap=True)
     console.print(f"  {path.resolve()}", soft_wrap=True)
-    console.print(f"Done in {time.perf_counter() - started:.1f} s. Next: write an organism.yaml "
-                  f"(see organism.example.yaml) and run `xml-pipeline-llm check`.")
+    console.print(f"Done in {time.perf_counter() - started:.1f} s. Next: `xml-pipeline-llm init` writes a "
+                  f"commented organism.yaml and a .env for your keys; then `xml-pipeline-llm check`.")
     return 0
 
 
