@@ -116,10 +116,12 @@ async def test_thresholds_fire_once_each_in_order_under_concurrency(sim, caplog)
             await r.complete("grok-4.1", MESSAGES, max_tokens=20)
         except BudgetExceededError:
             break
-    percents = [e.percent for e in events]
-    assert percents[:3] == [75, 90, 95] and len(percents) == len(set(percents))
-    assert [e.severity for e in events[:3]] == ["warning", "critical", "final"]
-    assert all(e.used * 100 >= e.percent * e.limit for e in events)
+    # exhausted: once, at the first refusal (calls in flight may hold what is left before it is spent)
+    assert [e.severity for e in events].count("exhausted") == 1
+    crossed = [e for e in events if e.severity != "exhausted"]
+    assert [e.percent for e in crossed] == [75, 90, 95]
+    assert [e.severity for e in crossed] == ["warning", "critical", "final"]
+    assert all(e.used * 100 >= e.percent * e.limit for e in crossed)
     assert all(e.scope == "global" and e.key is None and e.unit == "tokens" for e in events)
     assert sum("budget global" in m for m in caplog.messages) == len(events)
 
