@@ -57,8 +57,45 @@ def load() -> Any:
         _callback = _make_callback()
         litellm.callbacks = [*litellm.callbacks, _callback]
         _logging_worker_per_loop()
+        _module_client_per_loop(litellm)
     _module = litellm
     return litellm
+
+
+def _module_client_per_loop(litellm: Any) -> None:
+    """Make ``litellm.module_level_aclient`` the running loop's own HTTP client.
+
+    Several of LiteLLM's paths (Anthropic's streams, Ollama's completions, the
+    OpenAI-compatible handler, a stream wrapper's deferred ``make_call``) send
+    through ``litellm.module_level_aclient``.  LiteLLM builds that client once,
+    through its per-loop client cache, for whichever loop first asks, and then
+    keeps it as a plain module attribute: every other event loop then sends
+    over the first loop's connection pool, and its calls fail with connection
+    errors or hang.  Giving the module a class whose ``module_level_aclient``
+    is a property that asks the per-loop cache on each access puts every loop
+    on its own client (LiteLLM's cache keys clients by loop), on every path
+    that reads the attribute.
+    """
+    from litellm.llms.custom_httpx.http_handler import get_async_httpx_client
+
+    module_type = type(litellm)
+    if getattr(module_type, "_xpl_per_loop", False):
+        return
+
+    def current(_: Any) -> Any:
+        timeout = vars(litellm).get("request_timeout")
+        return get_async_httpx_client(
+            llm_provider="litellm_module_level_client",
+            params={"timeout": timeout if isinstance(timeout, (int, float)) else None,
+                    "client_alias": "module level aclient"})
+
+    def ignore(_: Any, value: Any) -> None:   # LiteLLM caches the first client here: ours wins
+        pass
+
+    per_loop = type("LiteLLMModule", (module_type,), {
+        "_xpl_per_loop": True, "module_level_aclient": property(current, ignore)})
+    vars(litellm).pop("module_level_aclient", None)
+    litellm.__class__ = per_loop
 
 
 class _LoopWorkers:

@@ -148,6 +148,9 @@ async def choose(req: Request, cooldowns: Cooldowns, strategy: Strategy, gates: 
         if chosen is not None:
             return chosen
         wait = until_ready(cooling, remaining)
+        if req.deadline.at is not None:
+            req.deadline.refuse_if(wait, f"the cooldown of {', '.join(b.name for b in remaining)}",
+                                   req.name, req.attempts)
         log.debug("%s: every backend cools down; waiting %.2fs", req.name, wait)
         if on_wait is not None:
             on_wait(req, wait)

@@ -170,6 +170,12 @@ class TokenBucket:
                 nxt = self._waiters.peek()
             wake(nxt.fut if nxt else None)
 
+    def min_wait(self, amount: float) -> float:
+        """Seconds at least until ``amount`` tokens are there (0: now; waiters ahead add to it)."""
+        with self._lock:
+            self._refill()
+            return max(0.0, (min(float(amount), self.capacity) - self._tokens) / self.rate)
+
     def settle(self, taken: float, used: float) -> None:
         """Refund ``taken - used`` (or charge the excess) once the real usage is known."""
         with self._lock:
@@ -263,6 +269,16 @@ class StartWindow:
             self._expire(time.monotonic())
             return not self._waiters and len(self._starts) < self.limit
 
+    def min_wait(self) -> float:
+        """Seconds at least until a newcomer could start (after the waiters ahead of it)."""
+        with self._lock:
+            now = time.monotonic()
+            self._expire(now)
+            j = len(self._starts) + len(self._waiters) - self.limit    # starts that must expire first, -1
+            if j < 0:
+                return 0.0
+            return self._starts[j] + self.period - now if j < len(self._starts) else self.period
+
     def _expire(self, now: float) -> None:
         edge = now - self.period
         while self._starts and self._starts[0] <= edge:
@@ -325,6 +341,12 @@ class Gate:
     @property
     def in_flight(self) -> int:
         return self.slots.in_use
+
+    def min_wait(self, tokens: int) -> float:
+        """Seconds at least before a call of ``tokens`` could start: the bucket's refill and the
+        start window's next room (slots are freed by calls ending, which no clock predicts)."""
+        wait = self.bucket.min_wait(tokens) if self.bucket is not None else 0.0
+        return max(wait, self.window.min_wait()) if self.window is not None else wait
 
     @property
     def load(self) -> float:

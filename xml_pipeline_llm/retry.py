@@ -184,8 +184,13 @@ class wait_for_a_ready_backend:
         self.cooldowns = cooldowns
 
     async def __call__(self, retry_state: RetryCallState) -> float:
-        pool = self.req.remaining()       # every backend of every model left (C13)
-        return until_ready(await self.cooldowns(b.name for b in pool), pool) if pool else 0.0
+        req = self.req
+        pool = req.remaining()       # every backend of every model left
+        wait = until_ready(await self.cooldowns(b.name for b in pool), pool) if pool else 0.0
+        if wait and req.deadline.at is not None and not req.exhausted():
+            req.deadline.refuse_if(wait, f"the cooldown of {', '.join(b.name for b in pool)}",
+                                   req.name, req.attempts)
+        return wait
 
 
 def retrying(req: Request, cooldowns: Cooldowns) -> AsyncRetrying:
