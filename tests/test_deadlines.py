@@ -280,3 +280,40 @@ async def test_n_choices_reserve_n_answers(sim: Simulator) -> None:
     assert sim.stats("n-choices").requests == 0
     resp = await r.complete("gpt-4o", MESSAGES, max_tokens=40)        # one answer fits
     assert resp.content
+
+
+# ---------------------------------------------------------------- synchronous callers
+
+
+def test_complete_sync_and_stream_sync_from_plain_code(sim: Simulator) -> None:
+    from xml_pipeline_llm import complete_sync, stream_sync
+
+    r = make_router([backend(sim, "anthropic", "sync-plain")])
+    resp = complete_sync("claude-sonnet-4-5", MESSAGES, router=r, agent_id="sync")
+    assert resp.content.startswith("Hello from sync-plain")
+    with stream_sync("claude-sonnet-4-5", MESSAGES, router=r, agent_id="sync") as s:
+        text = "".join(s)
+    assert text == resp.content and s.response is not None and s.response.usage == resp.usage
+    assert r.get_agent_usage("sync").request_count == 2
+    with pytest.raises(BadRequestError):
+        complete_sync("claude-sonnet-4-5", MESSAGES, router=r, max_tokens=-1)
+
+
+async def test_complete_sync_works_inside_a_running_loop(sim: Simulator) -> None:
+    from xml_pipeline_llm import complete_sync, stream_sync
+
+    r = make_router([backend(sim, "openai", "sync-in-loop")])
+    resp = complete_sync("gpt-4o", MESSAGES, router=r)          # this thread runs a loop: no error
+    parts = list(stream_sync("gpt-4o", MESSAGES, router=r))
+    assert resp.content == "".join(parts)
+
+
+def test_a_sync_stream_left_early_is_recorded_and_gives_its_slot_back(sim: Simulator) -> None:
+    from xml_pipeline_llm import stream_sync
+
+    r = make_router([backend(sim, "openai", "sync-early")])
+    s = stream_sync("gpt-4o", [{"role": "user", "content": "one two three four five"}], router=r, agent_id="e")
+    first = next(iter(s))
+    s.close()
+    assert first and r.gate("sync-early").in_flight == 0
+    assert r.get_agent_usage("e").request_count == 1
