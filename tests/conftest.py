@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-# LiteLLM must never reach the network from the tests (contract C1).
+# LiteLLM must never reach the network from the tests.
 for _k, _v in {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_OFFLINE_MODE": "true",
                "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS": "True"}.items():
     os.environ.setdefault(_k, _v)

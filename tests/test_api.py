@@ -1,4 +1,4 @@
-"""The public API (contract C1): names, cheap import, configure_router, any event loop."""
+"""The public API: names, cheap import, configure_router, any event loop."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Budgets (C11): reserve the worst case before sending, settle after, never exceed."""
+"""Budgets: reserve the worst case before sending, settle after, never exceed."""
 
 from __future__ import annotations
 

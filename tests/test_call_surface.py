@@ -1,4 +1,4 @@
-"""What a caller passes on every call (C1, C1a): per-call options, refusals before sending,
+"""What a caller passes on every call: per-call options, refusals before sending,
 unsupported parameters, call shapes, error kinds, threads and cancellation."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The ``llm:`` block (contract C2): every mistake is a precise ConfigError at load time,
+"""The ``llm:`` block: every mistake is a precise ConfigError at load time,
 the loading forms and ``.env``, and no secret in any message, repr or log line.
 
 The secret tests at the end go through LiteLLM's real HTTP path to the simulator.
@@ -44,7 +44,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch):
     return clean
 
 
-# ------------------------------------------------------------ every mistake of C2
+# ------------------------------------------------------------ every mistake in the llm: block
 
 def test_unknown_backend_key_names_the_path_and_suggests_the_right_key():
     line = one_problem({"backends": [XAI, {**XAI, "name": "b", "rate_limt_tpm": 1000}]})

@@ -1,4 +1,4 @@
-"""Fair shares and priorities when a backend is saturated (C15), through the real path."""
+"""Fair shares and priorities when a backend is saturated, through the real path."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-backend limits (C6): exact concurrency, the token bucket, cancellation."""
+"""Per-backend limits: exact concurrency, the token bucket, cancellation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Shared state in Redis (C8): several processes, one quota, one set of cooldowns, one usage ledger.
+"""Shared state in Redis: several processes, one quota, one set of cooldowns, one usage ledger.
 
 A real redis-server (the Debian package; .ci/run installs it) runs on a free
 port for the session.  The multi-process tests use real processes: one
@@ -748,7 +748,7 @@ async def test_fleet_totals_keep_an_unknown_cost_unknown(sim, redis_server):
     await r.aclose()
 
 
-# ------------------------------------------------------------------ budgets for a fleet (C11)
+# ------------------------------------------------------------------ budgets for a fleet
 
 def test_two_processes_on_one_redis_budget_never_spend_more_than_it_together(sim, redis_server):
     from xml_pipeline_llm._litellm import token_estimate

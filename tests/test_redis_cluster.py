@@ -1,4 +1,4 @@
-"""Shared state beyond one Redis server (C8): a Redis Cluster, and TLS (``rediss://``).
+"""Shared state beyond one Redis server: a Redis Cluster, and TLS (``rediss://``).
 
 The session starts its own servers on 127.0.0.1, as test_redis.py does: a
 3-master cluster (``redis-server --cluster-enabled yes`` x3, then ``redis-cli

@@ -1,4 +1,4 @@
-"""Requests per minute shared by a fleet (C14 with C8): one window in Redis for every process.
+"""Requests per minute shared by a fleet: one window in Redis for every process.
 
 A throw-away redis-server (as in test_redis.py) and two real worker
 processes, each with its own router on the same backend and Redis prefix:

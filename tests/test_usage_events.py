@@ -1,4 +1,4 @@
-"""Usage events (contract C12): on_usage callbacks and metadata on events, in stores and as a grouping key."""
+"""Usage events: on_usage callbacks and metadata on events, in stores and as a grouping key."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""How many tokens a try reserves in its backend's bucket before it is sent (contract C6).
+"""How many tokens a try reserves in its backend's bucket before it is sent.
 
 The reservation is the request's worst case: LiteLLM's count of the prompt
 tokens (made once per request) plus ``max_tokens`` (or ``max_completion_tokens``,

@@ -1,11 +1,11 @@
 """LLMRouter: find the backends serving a model, then serve the request by the retry rules.
 
-A request goes: candidates (C3) -> the strategy picks a ready backend (C4,
-``strategies.py``) -> a ``Try`` (``lifecycle.py``) is admitted by the
-backend's gate (C6, ``limits.py``), sent through LiteLLM, settled, recorded
-(C7, ``usage.py``) and released -> on failure the error is classified, the
+A request goes: candidates (``routing.py``) -> the strategy picks a ready
+backend (``strategies.py``) -> a ``Try`` (``lifecycle.py``) is admitted by the
+backend's gate (``limits.py``), sent through LiteLLM, settled, recorded
+(``usage.py``) and released -> on failure the error is classified, the
 backend cools down and tenacity runs the next try by the policy in
-``retry.py`` (C5).  This file is the routing and that loop, nothing more.
+``retry.py``.  This file is the routing and that loop, nothing more.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ class LLMRouter(UsageMethods, BudgetMethods):
         req.note(backend, verdict, exc, detail)
         if verdict.kind == "context_window" and len(req.chain) > 1 and req.skip(
                 f"{backend.name} said the prompt exceeds its context window ({verdict.status}: {detail})"):
-            pass      # the next model may take it: a try like any other (C13)
+            pass      # the next model may take it: a try like any other
         elif verdict.action is Action.FATAL:
             await t.record_failure(outcome(True, verdict))
             raise BadRequestError(f"{req.name}: {backend.name} rejected the request ({verdict.status}): "
