@@ -35,7 +35,7 @@ MESSAGES = [{"role": "user", "content": "hello"}]
 
 async def main():
     r = LLMRouter(load_config({"llm": llm}))
-    r._deployments()                       # LiteLLM loaded before the start signal
+    r.warm_up()                            # LiteLLM loaded before the start signal
     await asyncio.sleep(max(0.0, start_at - time.time()))
     tasks = [asyncio.ensure_future(r.complete("grok-4.1", MESSAGES)) for _ in range(k)]
     deadline = time.monotonic() + wait

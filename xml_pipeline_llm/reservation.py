@@ -10,13 +10,21 @@ Budgets (``budgets.py``) reserve the same worst case, and its price in dollars.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import _litellm
 
 if TYPE_CHECKING:
     from .config import ResolvedBackend
     from .request import Request
+
+
+def prompt_tokens(model: str, messages: list[dict[str, Any]], tools: Any = None) -> int:
+    """LiteLLM's count of a prompt's tokens: what a try reserves for its prompt (``max_tokens`` on top).
+
+    Loads LiteLLM (and the model's tokenizer) on first use.
+    """
+    return _litellm.token_estimate(model, messages, tools)
 
 
 def worst_case(req: Request, default_max_tokens: int) -> tuple[int, int]:

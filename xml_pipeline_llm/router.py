@@ -76,6 +76,12 @@ class LLMRouter(UsageMethods, BudgetMethods):
         """The model name to send and the backends that may serve it (file order; ``routing.py``)."""
         return self._routes.route(model)
 
+    @property
+    def state(self) -> State:
+        """Where limits, cooldowns and rotation are kept: ``MemoryState``, or ``RedisState`` with
+        ``shared_state`` (``shared/state.py``); the object passed as ``state=``, if one was."""
+        return self._state
+
     def gate(self, backend: str) -> BackendGate:
         """The limits of one backend (``in_flight``, ``queued``, ``load``)."""
         return self._gates[backend]
@@ -203,6 +209,11 @@ class LLMRouter(UsageMethods, BudgetMethods):
             self._llm = _litellm.Deployments(self.backends, self.config.pricing)
             _litellm.register(self.id, self._services)
         return self._llm
+
+    def warm_up(self) -> None:
+        """Import LiteLLM and build the deployments now rather than at the first call (seconds):
+        before forking workers, or before a timed section."""
+        self._deployments()
 
     def litellm_router(self) -> Any:
         """A ``litellm.Router`` over the same backends (``"<backend>/<model>"``), its own rules off;
