@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import pytest
+from conftest import MESSAGES, backend, make_router, until
 
 from xml_pipeline_llm import (
     BackendError,
@@ -25,8 +26,6 @@ from xml_pipeline_llm import (
     UsageEvent,
 )
 from xml_pipeline_llm.simulator import Fault, Simulator
-
-from conftest import MESSAGES, backend, make_router, until
 
 MODELS = {"openai": "gpt-4o", "xai": "grok-4.1", "anthropic": "claude-sonnet-4-5", "ollama": "llama3"}
 

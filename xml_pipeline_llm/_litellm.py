@@ -3,8 +3,7 @@
 ``import litellm`` takes seconds, so the package imports this module only when
 a router makes its first call.  Before LiteLLM is imported its run-time fetches
 (cost map, Anthropic beta headers) are switched off unless the user chose
-otherwise, so nothing leaves the machine except calls to configured backends
-(contract C1).
+otherwise, so nothing leaves the machine except calls to configured backends.
 """
 
 from __future__ import annotations
@@ -170,7 +169,7 @@ class Deployments:
 
     Once ``litellm.Router`` has picked a deployment it calls
     ``litellm.acompletion`` with that deployment's ``litellm_params``.  The
-    picking, retries, fallbacks and cooldowns are ours (C4, C5), so we make
+    picking, retries, fallbacks and cooldowns are ours (strategies.py, retry.py), so we make
     that last call ourselves: the Router's per-call bookkeeping cost about a
     quarter of LiteLLM's CPU per call here, and grew with the number of
     deployments (benchmarks/README.md).  ``build_router`` gives a real Router
@@ -182,7 +181,6 @@ class Deployments:
         self.model_list = [deployment(b) for b in backends]
         self._params = {d["model_name"][:-2]: d["litellm_params"] for d in self.model_list}
         self._acompletion = load().acompletion
-        self._ollama = next((b.base_url for b in backends if b.provider.name == "ollama"), None)
 
     async def acompletion(self, backend: str, model: str, *, timeout: float | None = None,
                           drop_params: bool | None = None, **kwargs: Any) -> Any:
@@ -222,7 +220,7 @@ def _ollama_lookups_to(base_url: str | None) -> Iterator[None]:
     Registering an ``ollama_chat/`` deployment makes LiteLLM POST ``/api/show``
     to ``$OLLAMA_API_BASE`` or ``localhost:11434``, whatever the deployment's
     ``api_base``; aiming it at a configured Ollama backend keeps traffic to the
-    configured backends only (contract C1).
+    configured backends only.
     """
     if base_url is None:
         yield

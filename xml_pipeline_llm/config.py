@@ -2,7 +2,7 @@
 
 Every mistake becomes one line of a ``ConfigError`` that names the place, what
 was expected, what was found and the fix, so that a wrong config fails when the
-organism starts, not at its first request hours later (contract C2).
+organism starts, not at its first request hours later.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class BudgetConfig(BaseModel):
 
 
 class TelemetryConfig(BaseModel):
-    """``llm.telemetry``: OpenTelemetry spans and metrics, Prometheus, metadata totals (contract C12)."""
+    """``llm.telemetry``: OpenTelemetry spans and metrics, Prometheus, metadata totals."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -245,7 +245,7 @@ class RouterConfig:
         self.skipped: list[tuple[str, str]] = list(skipped or [])
         #: ``llm.pricing``: model name or shell pattern -> price (registered with LiteLLM on first use)
         self.pricing: dict[str, ModelPrice] = dict(raw.pricing)
-        #: ``llm.models``: alias -> the models it stands for, tried in this order (contract C13)
+        #: ``llm.models``: alias -> the models it stands for, tried in this order
         self.models: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in raw.models.items()}
         self.strategy = raw.strategy
         #: a strategy object given as ``strategy:`` (``configure_router``), else None
@@ -470,7 +470,7 @@ def _budget_problems(budgets: list[BudgetConfig]) -> list[str]:
 
 def _check_models(models: Mapping[str, list[str]], backends: list[ResolvedBackend],
                   skipped: list[tuple[str, str]]) -> list[str]:
-    """``llm.models``: each alias a new name standing for models that some backend serves (C13)."""
+    """``llm.models``: each alias a new name standing for models that some backend serves."""
     from .errors import ModelNotFoundError
     from .routing import Routes
 

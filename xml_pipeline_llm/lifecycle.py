@@ -9,8 +9,8 @@ ends (read to the end, closed early or dropped).  On an error the try is
 released by ``__aexit__`` with nothing charged; the router classifies the
 error (``retry.py``) and records it with ``t.record_failure(outcome)``.
 
-``complete()`` and ``stream()`` use it alike, so limits, accounting and (in
-later pieces) budgets and telemetry hook in here once, not per call path.
+``complete()`` and ``stream()`` use it alike, so limits, budgets, accounting
+and telemetry hook in here once, not per call path.
 """
 
 from __future__ import annotations

@@ -5,9 +5,8 @@ Waiters are served in the fair order of ``fairness.py`` (priorities, then
 fair shares by tokens across agents, then arrival order within an agent), and
 the waiter at the head is never overtaken, so a large request cannot be starved
 by a stream of small ones; ``max_concurrent`` is exact because a freed slot is
-handed straight to the next waiter instead of being raced for (contract C6,
-C15).  The start window of ``rate_limit_rpm`` (C14) is first come, first
-served among calls that already hold a slot.
+handed straight to the next waiter instead of being raced for.  The start
+window of ``rate_limit_rpm`` is first come, first served among calls that already hold a slot.
 
 Neither holds an asyncio primitive: futures are made on the loop of the task
 that waits, and a waiter is woken on its own loop (``call_soon_threadsafe``
@@ -20,17 +19,17 @@ Cancellation: a waiter that is cancelled (or timed out) gives back what it
 was handed: a slot handed to it just as it was cancelled goes on to the next
 waiter, and tokens it had taken go back into the bucket.
 
-Requests per minute (``StartWindow``, contract C14): a sliding-window log of
+Requests per minute (``StartWindow``): a sliding-window log of
 start times, at most ``rate_limit_rpm`` starts in any 60 s.  Not
-``aiolimiter.AsyncLimiter``, which the design card names, for three reasons:
+``aiolimiter.AsyncLimiter``, the usual choice, for three reasons:
 an ``AsyncLimiter`` belongs to one event loop (reused from another it warns
 and drops that loop's waiters) and is not thread-safe, so a router serving
 several loops would need one per loop, and N limiters each allowing the full
 rate let N times the limit start; one limiter cannot serve several loops
 without the cross-loop waking done here anyway.  Second, it is a leaky bucket:
 a burst of ``rpm`` at once and then ``rpm / 60`` per second, so up to twice the
-limit can start within one 60 s window, where C14 says "at most that many in
-any 60 s"; the fleet-wide Redis limiter (a ZSET of start times in
+limit can start within one 60 s window, where the limit means "at most that many
+in any 60 s"; the fleet-wide Redis limiter (a ZSET of start times in
 ``shared/scripts.py``) keeps exactly this window, and in memory the semantics
 must be the same.  Third, waiters would not be served in arrival order across
 loops.  The window here shares the token bucket's machinery (one lock,
@@ -241,7 +240,7 @@ class StartWindow:
 
     ``acquire()`` records a start now, or waits (first-come first-served) until
     the oldest start in the window is ``period`` seconds old.  A start is never
-    given back: every provider call counts, whatever its outcome (contract C14).
+    given back: every provider call counts, whatever its outcome.
     """
 
     def __init__(self, limit: int, period: float = 60.0) -> None:
@@ -320,9 +319,9 @@ class Gate:
     """A backend's limits together: its token bucket and start window (if any) and its slots.
 
     ``load`` is what least-loaded compares: calls in flight plus calls waiting
-    for this backend, relative to ``max_concurrent`` (contract C4, C6).
+    for this backend, relative to ``max_concurrent``.
     ``has_capacity`` says whether a call could start now as far as
-    ``rate_limit_rpm`` goes (the strategies prefer backends that can, C14).
+    ``rate_limit_rpm`` goes (the strategies prefer backends that can).
     """
 
     def __init__(self, max_concurrent: int, tpm: int | None, rpm: int | None = None,

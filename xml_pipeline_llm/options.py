@@ -1,6 +1,6 @@
 """What the caller asked for: the call's shape and its per-call options, checked before anything is sent.
 
-``complete()`` and ``stream()`` take the package's own options (contract C1a)
+``complete()`` and ``stream()`` take the package's own options
 beside the provider parameters that go to LiteLLM in OpenAI form:
 
     timeout=30          seconds for each try of this call (replaces the configured timeout)
@@ -9,7 +9,7 @@ beside the provider parameters that go to LiteLLM in OpenAI form:
     retries=1           tries after the first, for this call (num_retries= and max_retries= too)
     drop_params=True    let LiteLLM drop parameters a provider does not support
     priority="high"     high, normal (default) or low: the order among waiters (fairness.py)
-    fallbacks=[...]     models (or aliases) to try, in order, once the model's backends are out (C13)
+    fallbacks=[...]     models (or aliases) to try, in order, once the model's backends are out
 
 These are never handed to LiteLLM as LiteLLM options, and LiteLLM's and the
 OpenAI SDK's own retries are always switched off on the call itself
@@ -42,7 +42,6 @@ BYPASS = {
 }
 RETRY_SYNONYMS = ("retries", "num_retries", "max_retries")
 ROLES = frozenset({"system", "user", "assistant", "tool", "function", "developer"})
-NOT_YET: dict[str, str] = {}     # options of later contract sections, refused until they exist
 
 
 @dataclass(frozen=True)
@@ -64,10 +63,6 @@ def split_options(kwargs: dict[str, Any], *, streaming: bool) -> tuple[CallOptio
         if name in kwargs:
             raise BadRequestError(f"{name}= is not accepted per call: {fix}; remove the argument "
                                   f"(nothing was sent)")
-    for name, what in NOT_YET.items():
-        if name in kwargs:
-            raise BadRequestError(f"{name}= ({what}) is not supported by this version; remove the "
-                                  f"argument (nothing was sent)")
     if "stream" in kwargs:
         if kwargs["stream"] and not streaming:
             raise BadRequestError("stream=True is not accepted by complete(): use stream(...), an async "

@@ -1,6 +1,6 @@
 """One caller request while it is served: what it asked for and what its tries have learnt.
 
-A request is a chain of ``Step``s, one per model (contract C13): a plain call
+A request is a chain of ``Step``s, one per model: a plain call
 has one; an alias of ``llm.models`` or a call with ``fallbacks=[...]`` has one
 per model, in order.  ``model`` and ``candidates`` are those of the step being
 tried (``use(i)`` moves them; ``fallback.choose`` decides which), so

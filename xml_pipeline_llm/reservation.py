@@ -1,4 +1,4 @@
-"""How many tokens a try reserves in its backend's bucket before it is sent (contract C6).
+"""How many tokens a try reserves in its backend's bucket before it is sent.
 
 The reservation is the request's worst case: LiteLLM's count of the prompt
 tokens (made once per request) plus ``max_tokens`` (or ``max_completion_tokens``,
@@ -17,6 +17,14 @@ from . import _litellm
 if TYPE_CHECKING:
     from .config import ResolvedBackend
     from .request import Request
+
+
+def prompt_tokens(model: str, messages: list[dict[str, Any]], tools: Any = None) -> int:
+    """LiteLLM's count of a prompt's tokens: what a try reserves for its prompt (``max_tokens`` on top).
+
+    Loads LiteLLM (and the model's tokenizer) on first use.
+    """
+    return _litellm.token_estimate(model, messages, tools)
 
 
 def worst_case(req: Request, default_max_tokens: int) -> tuple[int, int]:

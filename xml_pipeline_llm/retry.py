@@ -1,4 +1,4 @@
-"""The retry policy: which errors are worth another try, how long to wait, when to stop (C5).
+"""The retry policy: which errors are worth another try, how long to wait, when to stop.
 
 ``retrying(req, cooldowns)`` is tenacity's ``AsyncRetrying`` with the three
 policy objects: ``retry`` on ``TryFailed`` (a try that another try may fix),
@@ -11,8 +11,8 @@ provider's Retry-After or the jittered backoff (``cooldown``).
 Errors are classified by the exception chain's classes first (a refused
 connection, a timeout, an unsupported parameter: ``_litellm.cause``) and then
 by HTTP status: LiteLLM maps a 502 to ``BadGatewayError``, a refused
-connection to a 500, and malformed JSON to an ``APIError`` with status 200
-(contract C5).  Message text is never looked at.
+connection to a 500, and malformed JSON to an ``APIError`` with status 200.
+Message text is never looked at.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """LLMRouter: find the backends serving a model, then serve the request by the retry rules.
 
-A request goes: candidates (C3) -> the strategy picks a ready backend (C4,
-``strategies.py``) -> a ``Try`` (``lifecycle.py``) is admitted by the
-backend's gate (C6, ``limits.py``), sent through LiteLLM, settled, recorded
-(C7, ``usage.py``) and released -> on failure the error is classified, the
+A request goes: candidates (``routing.py``) -> the strategy picks a ready
+backend (``strategies.py``) -> a ``Try`` (``lifecycle.py``) is admitted by the
+backend's gate (``limits.py``), sent through LiteLLM, settled, recorded
+(``usage.py``) and released -> on failure the error is classified, the
 backend cools down and tenacity runs the next try by the policy in
-``retry.py`` (C5).  This file is the routing and that loop, nothing more.
+``retry.py``.  This file is the routing and that loop, nothing more.
 """
 
 from __future__ import annotations
@@ -76,6 +76,12 @@ class LLMRouter(UsageMethods, BudgetMethods):
     def route(self, model: str) -> tuple[str, list[ResolvedBackend]]:
         """The model name to send and the backends that may serve it (file order; ``routing.py``)."""
         return self._routes.route(model)
+
+    @property
+    def state(self) -> State:
+        """Where limits, cooldowns and rotation are kept: ``MemoryState``, or ``RedisState`` with
+        ``shared_state`` (``shared/state.py``); the object passed as ``state=``, if one was."""
+        return self._state
 
     def gate(self, backend: str) -> BackendGate:
         """The limits of one backend (``in_flight``, ``queued``, ``load``)."""
@@ -187,7 +193,7 @@ class LLMRouter(UsageMethods, BudgetMethods):
         req.note(backend, verdict, exc, detail)
         if verdict.kind == "context_window" and len(req.chain) > 1 and req.skip(
                 f"{backend.name} said the prompt exceeds its context window ({verdict.status}: {detail})"):
-            pass      # the next model may take it: a try like any other (C13)
+            pass      # the next model may take it: a try like any other
         elif verdict.action is Action.FATAL:
             await t.record_failure(outcome(True, verdict))
             raise BadRequestError(f"{req.name}: {backend.name} rejected the request ({verdict.status}): "
@@ -215,6 +221,11 @@ class LLMRouter(UsageMethods, BudgetMethods):
             self._llm = _litellm.Deployments(self.backends, self.config.pricing)
             _litellm.register(self.id, self._services)
         return self._llm
+
+    def warm_up(self) -> None:
+        """Import LiteLLM and build the deployments now rather than at the first call (seconds):
+        before forking workers, or before a timed section."""
+        self._deployments()
 
     def litellm_router(self) -> Any:
         """A ``litellm.Router`` over the same backends (``"<backend>/<model>"``), its own rules off;

@@ -1,4 +1,4 @@
-"""Shared state in Redis: one quota, one set of cooldowns and one rotation for a fleet (contract C8).
+"""Shared state in Redis: one quota, one set of cooldowns and one rotation for a fleet.
 
 ``shared_state: redis://host:port/db`` (or ``$XML_PIPELINE_LLM_REDIS_URL``) makes
 every process using the same Redis and ``redis_prefix`` share:
