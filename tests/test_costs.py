@@ -1,4 +1,4 @@
-"""Costs (C7): LiteLLM's cost map, ``llm.pricing`` through LiteLLM's own machinery, and an
+"""Costs: LiteLLM's cost map, ``llm.pricing`` through LiteLLM's own machinery, and an
 unknown cost that stays unknown (None, an empty CSV cell, ``-``) everywhere.
 
 Prices registered with LiteLLM are process-wide, so each test prices its own model names

@@ -1,4 +1,4 @@
-"""Fallbacks across models (C13): aliases, fallbacks=, context windows, through the simulator.
+"""Fallbacks across models: aliases, fallbacks=, context windows, through the simulator.
 
 Every call goes through LiteLLM's real HTTP code to the simulator; the
 timing bounds are generous (a loaded 2-core machine), and nothing is
@@ -254,6 +254,6 @@ async def test_the_event_csv_has_requested_model_after_the_documented_columns(si
     await r.complete("claude-sonnet-4", MESSAGES, agent_id="c")
     r.export_usage_csv(tmp_path / "e.csv", by="event")
     rows = list(csv.DictReader((tmp_path / "e.csv").open()))
-    assert list(rows[0])[-2:] == ["requested_model", "metadata"]      # C13's column, then C12's
+    assert list(rows[0])[-2:] == ["requested_model", "metadata"]      # the fallback column, then metadata
     assert [(x["model"], x["requested_model"]) for x in rows] == [("grok-4.1", "smart"),
                                                                   ("claude-sonnet-4", "claude-sonnet-4")]
