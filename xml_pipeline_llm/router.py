@@ -94,6 +94,7 @@ class LLMRouter(UsageMethods, BudgetMethods):
         req = await self._request(model, messages, agent_id, thread_id, metadata, kwargs, options)
         resp = await self._serve(req, stream=False)
         assert isinstance(resp, LLMResponse)
+        resp.attempts = len(req.attempts) + 1
         return resp
 
     def stream(self, model: str, messages: list[dict[str, Any]], *,
