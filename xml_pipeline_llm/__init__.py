@@ -30,6 +30,7 @@ from .usage import AgentUsage, UsageEvent
 if TYPE_CHECKING:
     from .budgets import BudgetEvent, BudgetExceededError, BudgetStatus
     from .config import RouterConfig
+    from .gateway.inprocess import openai_client
     from .router import LLMRouter
     from .streaming import LLMStream
 
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 # the package together, and LiteLLM (seconds) is only imported by a first call.
 _LAZY = {"load_config": "config", "RouterConfig": "config", "LLMRouter": "router",
          "LLMStream": "streaming", "BudgetExceededError": "budgets", "BudgetStatus": "budgets",
-         "BudgetEvent": "budgets"}
+         "BudgetEvent": "budgets", "openai_client": "gateway.inprocess"}
 
 
 def __getattr__(name: str) -> Any:
@@ -73,6 +74,7 @@ __all__ = [
     "configure_router",
     "get_router",
     "load_config",
+    "openai_client",
     "stream",
 ]
 
