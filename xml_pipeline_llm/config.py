@@ -693,7 +693,7 @@ def _describe(err: Mapping[str, Any], block: Mapping[str, Any]) -> str:
     loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list[")))]
     path, field = _place(loc)
     if err["type"] == "extra_forbidden":
-        return _unknown_key(path, field, loc)
+        return _unknown_key(path, str(loc[-1]), loc)
     if err["type"] == "missing":
         return f"{path}: required key missing; expected {EXPECTED.get(field, 'a value')}"
     if field == "backends" and err["type"] in ("too_short", "list_type"):

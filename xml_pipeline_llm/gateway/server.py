@@ -130,11 +130,13 @@ def run_worker(config: RouterConfig, keys: Keys, sock: socket.socket, grace: flo
 async def _worker(config: RouterConfig, keys: Keys, sock: socket.socket, grace: float, worker: int | None) -> None:
     from aiohttp import web
 
+    from .. import _litellm
     from ..router import LLMRouter
     from .app import Gateway, aiohttp_app
     from .metrics import install
 
     render = install(worker)
+    _litellm.load()                          # LiteLLM's import (seconds) before the first caller, not in its call
     router = LLMRouter(config)
     gateway = Gateway(lambda: router, keys, metrics=render)
     runner = web.AppRunner(aiohttp_app(gateway), handler_cancellation=True, shutdown_timeout=grace,
