@@ -222,9 +222,9 @@ def test_sync_sdk_extra_body_and_headers_book_agent_thread_and_metadata(server: 
     client = openai.OpenAI(base_url=server.url, api_key=TEAM, max_retries=0)
     reply = client.chat.completions.create(
         model="grok-4.1", messages=MESSAGES, max_tokens=3,
-        extra_body={"metadata": {"org_id": "not-acme", "ticket": "T-1"}, "retries": 0, "priority": "high",
-                    "timeout": 5},
-        extra_headers={"X-Agent-Id": "writer", "X-Thread-Id": "gw-thread-1", "X-Metadata-Team": "blue"})
+        extra_body={"metadata": {"org_id": "not-acme", "ticket": "T-1"}, "retries": 0, "timeout": 5},
+        extra_headers={"X-Agent-Id": "writer", "X-Thread-Id": "gw-thread-1", "X-Metadata-Team": "blue",
+                       "X-Priority": "high"})
     assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 3
     assert sim.stats("gw-x").last_request.json["max_tokens"] == 3
     usage = get_json(server.port, "/v1/usage?by=thread")[1]
@@ -251,8 +251,13 @@ async def test_errors_are_openai_errors_the_sdk_raises_as_its_own_classes(server
     with pytest.raises(openai.NotFoundError) as nf:
         await aclient(server, key=TEAM).chat.completions.create(model="no-such-model", messages=MESSAGES)
     assert nf.value.code == "model_not_found" and "no-such-model" in nf.value.message
-    with pytest.raises(openai.AuthenticationError):
+    with pytest.raises(openai.AuthenticationError) as unknown:
         await aclient(server, key="not-a-key").chat.completions.create(model="grok-4.1", messages=MESSAGES)
+    assert "not-a-key" not in unknown.value.response.text
+    with pytest.raises(openai.BadRequestError) as priority:
+        await client.chat.completions.create(model="grok-4.1", messages=MESSAGES,
+                                             extra_headers={"X-Priority": "urgent"})
+    assert "priority" in priority.value.message
     with pytest.raises(openai.PermissionDeniedError) as denied:      # alice may not use gpt-4o
         await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert denied.value.code == "model_not_allowed"
@@ -473,6 +478,8 @@ async def test_two_workers_on_one_redis_hold_max_concurrent_and_totals(sim: Any,
         assert len(workers) == 24
         usage = get_json(srv.port, "/v1/usage", key=None)[1]["usage"]        # either worker: fleet totals
         assert usage["fleet-0"]["request_count"] + usage["fleet-1"]["request_count"] == 24
+        status, _, text = request(srv.port, "GET", "/metrics")               # per worker, labelled
+        assert status == 200 and re.search(rb'xpl_worker="[01]"', text)
         assert srv.stop() == 0, "".join(srv.output)
     finally:
         sim.set_latency("gw-fleet", 0.0)
