@@ -138,6 +138,7 @@ def server(sim: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve
          backend(sim, "openai", "gw-o", supported_models=["gpt-4o"])],
         retries=2, models={"smart": ["grok-4.1", "gpt-4o"]},
         budgets=[{"scope": "agent", "match": "capped-*", "max_tokens": 60},
+                 {"scope": "agent", "match": "windowed-*", "max_tokens": 60, "window": "1h"},
                  {"scope": "agent", "match": "dc-*", "max_tokens": 10_000_000}],
         telemetry={"group_by_metadata": ["org_id"]})
     srv = Server(cfg).wait_ready()
@@ -287,6 +288,11 @@ async def test_errors_are_openai_errors_the_sdk_raises_as_its_own_classes(server
         await team.chat.completions.create(model="grok-4.1", messages=MESSAGES, max_tokens=100,
                                            extra_headers={"X-Agent-Id": "capped-1"})
     assert broke.value.code == "budget_exceeded" and "retry-after" not in broke.value.response.headers
+    with pytest.raises(openai.RateLimitError) as hourly:             # windowed-* agents: 60 tokens an hour
+        await team.chat.completions.create(model="grok-4.1", messages=MESSAGES, max_tokens=100,
+                                           extra_headers={"X-Agent-Id": "windowed-1"})
+    assert hourly.value.code == "budget_exceeded"
+    assert 1 <= int(hourly.value.response.headers["retry-after"]) <= 3600
 
 
 def test_malformed_bodies_and_oversized_ones_over_raw_http(server: Server) -> None:
@@ -332,6 +338,10 @@ def test_admin_endpoints_health_and_models(server: Server) -> None:
     assert {"smart", "grok-4.1", "gpt-4o", "dc-model"} <= ids
     alice_ids = {m.id for m in openai.OpenAI(base_url=server.url, api_key=ALICE).models.list().data}
     assert "gpt-4o" not in alice_ids and {"smart", "grok-4.1"} <= alice_ids
+    alice = openai.OpenAI(base_url=server.url, api_key=ALICE, max_retries=0)
+    assert alice.models.retrieve("smart").owned_by == "alias"
+    with pytest.raises(openai.NotFoundError):
+        alice.models.retrieve("gpt-4o")
 
 
 async def test_clients_that_go_away_leave_nothing_in_flight_or_reserved(server: Server, sim: Any) -> None:
@@ -480,6 +490,13 @@ async def test_two_workers_on_one_redis_hold_max_concurrent_and_totals(sim: Any,
         assert usage["fleet-0"]["request_count"] + usage["fleet-1"]["request_count"] == 24
         status, _, text = request(srv.port, "GET", "/metrics")               # per worker, labelled
         assert status == 200 and re.search(rb'xpl_worker="[01]"', text)
+        assert request(srv.port, "GET", "/readyz")[0] == 200
+        redis.stop()                                                         # shared state gone: not ready
+        deadline = time.monotonic() + 20
+        while request(srv.port, "GET", "/readyz")[0] != 503 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        status, _, body = request(srv.port, "GET", "/readyz")
+        assert status == 503 and "shared state" in json.loads(body)["reason"]
         assert srv.stop() == 0, "".join(srv.output)
     finally:
         sim.set_latency("gw-fleet", 0.0)

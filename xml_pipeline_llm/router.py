@@ -84,6 +84,17 @@ class LLMRouter(UsageMethods, BudgetMethods):
         """Seconds left for each backend cooling down now (shared ones with Redis state)."""
         return await self._state.cooldowns(b.name for b in self.backends)
 
+    async def shared_state_problem(self) -> str | None:
+        """None when shared state answers a PING (or there is none), else why not (readiness probes)."""
+        conn = getattr(self._state, "conn", None)
+        if conn is None:
+            return None
+        try:
+            await conn.commands(("PING",))
+        except Exception as exc:
+            return f"shared state (Redis) does not answer: {type(exc).__name__}"
+        return None
+
     # ------------------------------------------------------------ calls
 
     async def complete(self, model: str, messages: list[dict[str, Any]], *,

@@ -14,6 +14,7 @@ is closed, which charges what was received.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -97,6 +98,8 @@ class Gateway:
         rid = uuid.uuid4().hex
         try:
             handler = self._routes.get((method, path))
+            if handler is None and method == "GET" and path.startswith(("/v1/models/", "/models/")):
+                handler = functools.partial(self._model, path.split("/models/", 1)[1])
             if handler is None:
                 return self._not_found(method, path, rid)
             reply: Reply = await handler(rid, query, headers, body, identity)
@@ -182,6 +185,16 @@ class Gateway:
             {"id": name, "object": "model", "created": 0, "owned_by": owner}
             for name, owner in model_list(self.router()).items() if who.allows(name)]}, {})
 
+    async def _model(self, model: str, rid: str, query: Mapping[str, str], headers: Mapping[str, str],
+                     raw: bytes, identity: Identity | None) -> Reply:
+        """``GET /v1/models/{id}``: one model of the list, or 404."""
+        who = self._identify(headers, identity)
+        owner = model_list(self.router()).get(model)
+        if owner is None or not who.allows(model):
+            raise HTTPError(404, f"model {model!r} is not served here; GET /v1/models lists the models",
+                            "invalid_request_error", "model_not_found", "model")
+        return json_reply(200, {"id": model, "object": "model", "created": 0, "owned_by": owner}, {})
+
     async def _healthz(self, *_: Any) -> Reply:
         return json_reply(200, {"status": "ok"}, {})
 
@@ -189,11 +202,11 @@ class Gateway:
         if self.draining:
             return json_reply(503, {"status": "shutting down"}, {})
         try:
-            router = self.router()
-            await asyncio.wait_for(router.cooldowns(), 2.0)      # with Redis: one round trip
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            return json_reply(503, {"status": "not ready", "reason": reason[:300]}, {})
+            problem = await asyncio.wait_for(self.router().shared_state_problem(), 2.0)   # with Redis: a PING
+        except Exception as exc:                 # no config (ConfigError), or the PING took over 2 s
+            problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if problem:
+            return json_reply(503, {"status": "not ready", "reason": problem[:300]}, {})
         return json_reply(200, {"status": "ready"}, {})
 
     async def _metrics(self, rid: str, query: Mapping[str, str], headers: Mapping[str, str], raw: bytes,
