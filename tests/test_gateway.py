@@ -302,7 +302,8 @@ def test_malformed_bodies_and_oversized_ones_over_raw_http(server: Server) -> No
                        (b'{"model": 7, "messages": []}', "model"),
                        (b'{"model": "grok-4.1", "messages": [{"role": "robot", "content": "x"}]}', "role"),
                        (b'{"model": "grok-4.1", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}',
-                        "stream")]:
+                        "stream"),
+                       (b'{"model": "grok-4.1", "messages": [{"role": "user", "content": "x"}], "n": 2}', "n:")]:
         status, headers, raw = request(server.port, "POST", "/v1/chat/completions", body, auth)
         err = json.loads(raw)["error"]
         assert status == 400 and err["type"] == "invalid_request_error", raw
@@ -444,6 +445,35 @@ def test_sigterm_lets_the_call_in_flight_finish_then_exits_0(sim: Any, tmp_path:
             assert db.execute("select count(*) from usage_events where outcome = 'ok'").fetchone()[0] == 1
     finally:
         sim.set_latency("gw-drain", 0.0)
+        srv.stop(signal.SIGKILL)
+
+
+def test_sigterm_cancels_what_outlives_the_grace_and_still_exits_0(sim: Any, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "organism.yaml", sim, {}, [backend(sim, "xai", "gw-grace")])
+    srv = Server(cfg, "--grace", "0.5").wait_ready()
+    sim.set_latency("gw-grace", 30.0)
+    try:
+        result: dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                result["reply"] = request(srv.port, "POST", "/v1/chat/completions", json.dumps(
+                    {"model": "grok-4.1", "messages": MESSAGES, "stream": True}).encode())
+            except Exception as exc:           # the connection closed under it: what a client sees
+                result["error"] = exc
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        deadline = time.monotonic() + 10
+        while sim.stats("gw-grace").in_flight == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        started = time.monotonic()
+        assert srv.stop(timeout=20) == 0, "".join(srv.output)
+        assert time.monotonic() - started < 15
+        caller.join(10)
+        assert not caller.is_alive() and ("error" in result or result["reply"][0] != 200)
+    finally:
+        sim.set_latency("gw-grace", 0.0)
         srv.stop(signal.SIGKILL)
 
 

@@ -35,6 +35,23 @@ def router(sim: Any) -> Iterator[Any]:
     sim.set_latency("ip-x", 0.0)
 
 
+async def test_a_wrong_config_is_a_500_naming_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    from xml_pipeline_llm.gateway.app import Gateway
+    from xml_pipeline_llm.gateway.auth import Identity
+    from xml_pipeline_llm.gateway.inprocess import BASE_URL, http_module, transport_class
+
+    def no_config() -> Any:
+        raise xml_pipeline_llm.ConfigError("no organism.yaml in /x: create one with an llm: block")
+
+    hx = http_module(openai)
+    transport = transport_class(hx)(Identity(), gw=Gateway(no_config))
+    client = openai.AsyncOpenAI(api_key="x", base_url=BASE_URL, max_retries=0,
+                                http_client=hx.AsyncClient(transport=transport, base_url=BASE_URL))
+    with pytest.raises(openai.InternalServerError) as failed:
+        await client.chat.completions.create(model="grok-4.1", messages=MESSAGES)
+    assert "create one with an llm: block" in failed.value.message and "Traceback" not in failed.value.message
+
+
 def test_exported_lazily_and_package_import_stays_free_of_openai() -> None:
     import subprocess
     import sys

@@ -89,6 +89,10 @@ def from_exception(exc: BaseException, request_id: str, cooldown: float | None =
         return HTTPError(502, str(exc), "upstream_error", "provider_error")
     if isinstance(exc, BackendError):
         return HTTPError(502, str(exc), "upstream_error", "backend_error")
+    from ..errors import ConfigError
+
+    if isinstance(exc, ConfigError):          # the router's config: the message names the place and the fix
+        return HTTPError(500, f"the gateway's configuration is wrong: {exc}", "server_error", "config_error")
     log.error("request %s: unexpected %s", request_id, type(exc).__name__, exc_info=exc)
     return HTTPError(500, f"internal error in the gateway (request {request_id}); see the gateway's log",
                      "server_error", "internal_error")

@@ -69,6 +69,9 @@ def to_call(body: dict[str, Any], headers: Mapping[str, str], identity: Identity
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise bad_request(f"stream: expected true or false, got {json.dumps(stream)}", "stream")
+    if body.get("n", 1) not in (1, None):
+        raise bad_request(f"n: only one choice per request is served here, got {json.dumps(body['n'])}; send "
+                          f"several requests instead", "n")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise bad_request("stream_options: expected an object such as {\"include_usage\": true}", "stream_options")
