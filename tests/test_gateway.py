@@ -518,8 +518,18 @@ async def test_two_workers_on_one_redis_hold_max_concurrent_and_totals(sim: Any,
         assert len(workers) == 24
         usage = get_json(srv.port, "/v1/usage", key=None)[1]["usage"]        # either worker: fleet totals
         assert usage["fleet-0"]["request_count"] + usage["fleet-1"]["request_count"] == 24
-        status, _, text = request(srv.port, "GET", "/metrics")               # per worker, labelled
-        assert status == 200 and re.search(rb'xpl_worker="[01]"', text)
+        # /metrics answers for every worker (each series labelled), one block per metric family
+        def requests_counted(text: bytes) -> float:
+            return sum(float(m) for m in re.findall(rb"^xpl_requests_total\{[^}]*\} (\S+)$", text, re.M))
+
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            status, _, text = request(srv.port, "GET", "/metrics")
+            if requests_counted(text) == 24:
+                break
+            time.sleep(0.2)
+        assert status == 200 and b'xpl_worker="0"' in text and b'xpl_worker="1"' in text
+        assert text.count(b"# TYPE gen_ai_client_token_usage ") == 1 and requests_counted(text) == 24
         assert request(srv.port, "GET", "/readyz")[0] == 200
         redis.stop()                                                         # shared state gone: not ready
         deadline = time.monotonic() + 20

@@ -18,10 +18,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
@@ -68,11 +71,15 @@ def serve(config: RouterConfig, *, host: str | None = None, port: int | None = N
         f"({workers} worker{'s' if workers > 1 else ''}, {auth}; {config.source})")
     if workers == 1:
         return run_worker(config, keys, sock, grace, None)
-    return _supervise(config, keys, sock, grace, workers, say)
+    share_dir = Path(tempfile.mkdtemp(prefix="xpl-gateway-metrics-"))     # mode 0700
+    try:
+        return _supervise(config, keys, sock, grace, workers, say, share_dir)
+    finally:
+        shutil.rmtree(share_dir, ignore_errors=True)
 
 
 def _supervise(config: RouterConfig, keys: Keys, sock: socket.socket, grace: float, workers: int,
-               say: Callable[[str], None]) -> int:
+               say: Callable[[str], None], share_dir: Path) -> int:
     """Fork the workers, forward SIGTERM/SIGINT to them, wait for them all."""
     children: dict[int, int] = {}
     for i in range(workers):
@@ -80,7 +87,7 @@ def _supervise(config: RouterConfig, keys: Keys, sock: socket.socket, grace: flo
         if pid == 0:                                   # the worker
             code = 1
             try:
-                code = run_worker(config, keys, sock, grace, i)
+                code = run_worker(config, keys, sock, grace, i, share_dir)
             except BaseException as exc:               # never return into the parent's code
                 log.error("worker %d: %s", i, exc)
             finally:
@@ -121,21 +128,23 @@ def _supervise(config: RouterConfig, keys: Keys, sock: socket.socket, grace: flo
     return status
 
 
-def run_worker(config: RouterConfig, keys: Keys, sock: socket.socket, grace: float, worker: int | None) -> int:
+def run_worker(config: RouterConfig, keys: Keys, sock: socket.socket, grace: float, worker: int | None,
+               share_dir: Path | None = None) -> int:
     """Serve on ``sock`` in this process until SIGTERM/SIGINT, then drain; the exit status."""
-    asyncio.run(_worker(config, keys, sock, grace, worker))
+    asyncio.run(_worker(config, keys, sock, grace, worker, share_dir))
     return 0
 
 
-async def _worker(config: RouterConfig, keys: Keys, sock: socket.socket, grace: float, worker: int | None) -> None:
+async def _worker(config: RouterConfig, keys: Keys, sock: socket.socket, grace: float, worker: int | None,
+                  share_dir: Path | None) -> None:
     from aiohttp import web
 
     from .. import _litellm
     from ..router import LLMRouter
     from .app import Gateway, aiohttp_app
-    from .metrics import install
+    from .metrics import install, share
 
-    render = install(worker)
+    render = install(worker, share_dir)
     _litellm.load()                          # LiteLLM's import (seconds) before the first caller, not in its call
     router = LLMRouter(config)
     gateway = Gateway(lambda: router, keys, metrics=render)
@@ -148,9 +157,13 @@ async def _worker(config: RouterConfig, keys: Keys, sock: socket.socket, grace: 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    sharing = (asyncio.ensure_future(share(render, share_dir, worker))
+               if render is not None and share_dir is not None and worker is not None else None)
     try:
         await stop.wait()
     finally:
+        if sharing is not None:
+            sharing.cancel()
         gateway.draining = True
         log.info("gateway%s draining (up to %gs)", "" if worker is None else f" worker {worker}", grace)
         await runner.cleanup()              # stop listening, wait for handlers up to grace, then cancel
