@@ -10,7 +10,7 @@ adds over calling the fake directly, and the server's CPU ms per request
 
 LiteLLM's proxy runs from a venv of its own (never the package's):
 ``--proxy-venv`` (default /work/litellm-proxy-venv; how to build it:
-benchmarks/README.md).  Without it the gateway is measured alone and the
+benchmarks/README.md, "LiteLLM's proxy as a peer").  Without it the gateway is measured alone and the
 output says so.
 
     python benchmarks/bench_gateway.py                        # ~2.5 min

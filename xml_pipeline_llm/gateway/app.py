@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("xml_pipeline_llm.gateway")
 
 JSON = {"Content-Type": "application/json"}
-SSE = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+SSE = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 MB = 1024 * 1024
 
 
