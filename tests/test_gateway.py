@@ -198,6 +198,12 @@ async def test_retries_and_failover_show_in_attempts_and_alias_answers_with_the_
     assert reply.model == "gpt-4o" and reply.choices[0].message.content.startswith("Hello from gw-o")
 
 
+async def test_cost_header_when_the_model_has_a_price(server: Server) -> None:
+    raw = await aclient(server, key=TEAM).chat.completions.with_raw_response.create(model="gpt-4o",
+                                                                                    messages=MESSAGES)
+    assert raw.headers["x-xpl-backend"] == "gw-o" and float(raw.headers["x-xpl-cost-usd"]) > 0
+
+
 async def test_tools_in_openai_form_streamed_and_not(server: Server) -> None:
     client = aclient(server)
     reply = await client.chat.completions.create(model="grok-4.1", messages=MESSAGES, tools=TOOLS)
