@@ -50,7 +50,8 @@ class Server:
         self.env = {**os.environ, **FAKE_KEYS, **KEYS, "PYTHONPATH": str(ROOT), **(env or {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "xml_pipeline_llm.cli", "serve", "-c", str(config),
                                       "--port", "0", *args], env=self.env, cwd=config.parent,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
         self.output: list[str] = []
         self.port = 0
         self._listening = threading.Event()
@@ -93,7 +94,13 @@ class Server:
         return code
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
+        """Signal the server (SIGKILL: its whole process group, workers included); its exit status."""
+        if sig == signal.SIGKILL:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        elif self.proc.poll() is None:
             self.proc.send_signal(sig)
         code = self.proc.wait(timeout)
         self._reader.join(5)
@@ -548,3 +555,36 @@ async def test_two_workers_on_one_redis_hold_max_concurrent_and_totals(sim: Any,
         sim.set_latency("gw-fleet", 0.0)
         srv.stop(signal.SIGKILL)
         redis.stop()
+
+
+@pytest.mark.skipif(REDIS is None, reason="redis-server is not installed")
+def test_workers_stop_when_their_supervisor_is_killed(sim: Any, tmp_path: Path) -> None:
+    from test_redis import RedisServer
+
+    redis = RedisServer().start()
+    cfg = write_config(tmp_path / "organism.yaml", sim, {}, [backend(sim, "xai", "gw-orphan")],
+                       shared_state=redis.url, redis_prefix=f"gwo{os.getpid()}")
+    srv = Server(cfg, "--workers", "2").wait_ready()
+    try:
+        workers = [int(p) for t in Path(f"/proc/{srv.proc.pid}/task").iterdir()
+                   for p in (t / "children").read_text().split()]
+        assert len(workers) == 2
+        srv.proc.kill()                                  # the supervisor only, with no chance to forward
+        srv.proc.wait(10)
+        deadline = time.monotonic() + 20
+        while any(Path(f"/proc/{w}").exists() and "Z" not in _state(w) for w in workers) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(not Path(f"/proc/{w}").exists() or "Z" in _state(w) for w in workers)
+        with pytest.raises(OSError):
+            request(srv.port, "GET", "/healthz")
+    finally:
+        srv.stop(signal.SIGKILL)
+        redis.stop()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

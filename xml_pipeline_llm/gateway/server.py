@@ -82,12 +82,13 @@ def _supervise(config: RouterConfig, keys: Keys, sock: socket.socket, grace: flo
                say: Callable[[str], None], share_dir: Path) -> int:
     """Fork the workers, forward SIGTERM/SIGINT to them, wait for them all."""
     children: dict[int, int] = {}
+    parent = os.getpid()
     for i in range(workers):
         pid = os.fork()
         if pid == 0:                                   # the worker
             code = 1
             try:
-                code = run_worker(config, keys, sock, grace, i, share_dir)
+                code = run_worker(config, keys, sock, grace, i, share_dir, parent)
             except BaseException as exc:               # never return into the parent's code
                 log.error("worker %d: %s", i, exc)
             finally:
@@ -129,14 +130,23 @@ def _supervise(config: RouterConfig, keys: Keys, sock: socket.socket, grace: flo
 
 
 def run_worker(config: RouterConfig, keys: Keys, sock: socket.socket, grace: float, worker: int | None,
-               share_dir: Path | None = None) -> int:
-    """Serve on ``sock`` in this process until SIGTERM/SIGINT, then drain; the exit status."""
-    asyncio.run(_worker(config, keys, sock, grace, worker, share_dir))
+               share_dir: Path | None = None, parent: int | None = None) -> int:
+    """Serve on ``sock`` in this process until SIGTERM/SIGINT (or, for a forked worker, until its
+    supervising process ``parent`` is gone), then drain; the exit status."""
+    asyncio.run(_worker(config, keys, sock, grace, worker, share_dir, parent))
     return 0
 
 
+async def _orphaned(parent: int, stop: asyncio.Event) -> None:
+    """Stop a worker whose supervisor died without forwarding a signal (SIGKILL): no orphans keep the port."""
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    log.warning("gateway worker %d: the supervising process %d is gone; stopping", os.getpid(), parent)
+    stop.set()
+
+
 async def _worker(config: RouterConfig, keys: Keys, sock: socket.socket, grace: float, worker: int | None,
-                  share_dir: Path | None) -> None:
+                  share_dir: Path | None, parent: int | None) -> None:
     from aiohttp import web
 
     from .. import _litellm
@@ -157,13 +167,14 @@ async def _worker(config: RouterConfig, keys: Keys, sock: socket.socket, grace: 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    sharing = (asyncio.ensure_future(share(render, share_dir, worker))
-               if render is not None and share_dir is not None and worker is not None else None)
+    tasks = [asyncio.ensure_future(_orphaned(parent, stop))] if parent is not None else []
+    if render is not None and share_dir is not None and worker is not None:
+        tasks.append(asyncio.ensure_future(share(render, share_dir, worker)))
     try:
         await stop.wait()
     finally:
-        if sharing is not None:
-            sharing.cancel()
+        for task in tasks:
+            task.cancel()
         gateway.draining = True
         log.info("gateway%s draining (up to %gs)", "" if worker is None else f" worker {worker}", grace)
         await runner.cleanup()              # stop listening, wait for handlers up to grace, then cancel
