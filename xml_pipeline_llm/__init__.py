@@ -31,6 +31,7 @@ from .usage import AgentUsage, UsageEvent
 if TYPE_CHECKING:
     from .budgets import BudgetEvent, BudgetExceededError, BudgetStatus
     from .config import RouterConfig
+    from .gateway.inprocess import openai_client
     from .router import LLMRouter
     from .streaming import LLMStream
     from .sync import SyncStream, complete_sync, stream_sync
@@ -39,7 +40,8 @@ if TYPE_CHECKING:
 # the package together, and LiteLLM (seconds) is only imported by a first call.
 _LAZY = {"load_config": "config", "RouterConfig": "config", "LLMRouter": "router",
          "LLMStream": "streaming", "BudgetExceededError": "budgets", "BudgetStatus": "budgets",
-         "BudgetEvent": "budgets", "complete_sync": "sync", "stream_sync": "sync", "SyncStream": "sync"}
+         "BudgetEvent": "budgets", "complete_sync": "sync", "stream_sync": "sync", "SyncStream": "sync",
+         "openai_client": "gateway.inprocess"}
 
 
 def __getattr__(name: str) -> Any:
@@ -78,6 +80,7 @@ __all__ = [
     "configure_router",
     "get_router",
     "load_config",
+    "openai_client",
     "stream",
     "stream_sync",
 ]

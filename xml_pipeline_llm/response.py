@@ -25,3 +25,5 @@ class LLMResponse:
     cost_usd: float | None = None
     latency_ms: float = 0.0
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    #: provider calls this request made, the one that answered included (retries and failovers add one each)
+    attempts: int = 1

@@ -91,6 +91,17 @@ class LLMRouter(UsageMethods, BudgetMethods):
         """Seconds left for each backend cooling down now (shared ones with Redis state)."""
         return await self._state.cooldowns(b.name for b in self.backends)
 
+    async def shared_state_problem(self) -> str | None:
+        """None when shared state answers a PING (or there is none), else why not (readiness probes)."""
+        conn = getattr(self._state, "conn", None)
+        if conn is None:
+            return None
+        try:
+            await conn.commands(("PING",))
+        except Exception as exc:
+            return f"shared state (Redis) does not answer: {type(exc).__name__}"
+        return None
+
     # ------------------------------------------------------------ calls
 
     async def complete(self, model: str, messages: list[dict[str, Any]], *,
@@ -101,6 +112,7 @@ class LLMRouter(UsageMethods, BudgetMethods):
         req = await self._request(model, messages, agent_id, thread_id, metadata, kwargs, options)
         resp = await self._serve(req, stream=False)
         assert isinstance(resp, LLMResponse)
+        resp.attempts = len(req.attempts) + 1
         return resp
 
     def stream(self, model: str, messages: list[dict[str, Any]], *,

@@ -46,31 +46,49 @@ class LLMStream:
         await self.aclose()
 
     async def __anext__(self) -> str:
+        while True:
+            delta = _delta_text(await self.next_chunk())
+            if delta:
+                return delta
+
+    async def next_chunk(self) -> Any:
+        """The provider's next chunk (LiteLLM's ``ModelResponseStream``, OpenAI's chunk form) rather than
+        the next text delta: role, tool-call fragments and finish reasons included.  Raises
+        ``StopAsyncIteration`` at the end; the accounting is the same as when reading text deltas."""
         if self._done:
             raise StopAsyncIteration
         if self._opened is None:
             self._opened = await self._open_stream()
             self._pending = list(self._opened.first)
-        while True:
-            try:
-                chunk = await self._next_chunk()
-            except StopAsyncIteration:
-                await self._finish(OK)
-                raise
-            except StreamCut as cut:     # no chunk in time: cut, charged what came, slot back at once
-                await self._finish("error:deadline" if cut.why == "deadline" else "error:timeout")
-                await close_quietly(self._opened.wrapper)
-                raise self._opened.try_.cut_error(cut.why) from None
-            except Exception as exc:
-                await self._finish("error:stream")
-                t = self._opened.try_
-                raise ProviderError(f"{t.req.model}: the stream from {t.backend.name} broke: {exc}",
-                                    status_code=getattr(exc, "status_code", None)) from exc
-            self._chunks.append(chunk)
-            delta = _delta_text(chunk)
-            if delta:
-                self._text.append(delta)
-                return delta
+        try:
+            chunk = await self._next_chunk()
+        except StopAsyncIteration:
+            await self._finish(OK)
+            raise
+        except StreamCut as cut:     # no chunk in time: cut, charged what came, slot back at once
+            await self._finish("error:deadline" if cut.why == "deadline" else "error:timeout")
+            await close_quietly(self._opened.wrapper)
+            raise self._opened.try_.cut_error(cut.why) from None
+        except Exception as exc:
+            await self._finish("error:stream")
+            t = self._opened.try_
+            raise ProviderError(f"{t.req.model}: the stream from {t.backend.name} broke: {exc}",
+                                status_code=getattr(exc, "status_code", None)) from exc
+        self._chunks.append(chunk)
+        delta = _delta_text(chunk)
+        if delta:
+            self._text.append(delta)
+        return chunk
+
+    @property
+    def backend(self) -> str:
+        """The backend serving the stream once it is open ("" before)."""
+        return self._opened.try_.backend.name if self._opened is not None else ""
+
+    @property
+    def attempts(self) -> int:
+        """Provider calls made to open the stream, this one included (0 before it is open)."""
+        return len(self._opened.try_.req.attempts) + 1 if self._opened is not None else 0
 
     async def _next_chunk(self) -> Any:
         assert self._opened is not None
@@ -142,7 +160,8 @@ class LLMStream:
                                           req.model))
         return LLMResponse(content="".join(self._text), model=model, usage=usage,
                            finish_reason=finish or "", raw=self._chunks, backend=backend.name,
-                           cost_usd=cost, latency_ms=latency, tool_calls=_tool_calls(self._chunks))
+                           cost_usd=cost, latency_ms=latency, tool_calls=_tool_calls(self._chunks),
+                           attempts=len(req.attempts) + 1)
 
 
 async def close_quietly(wrapper: Any) -> None:
