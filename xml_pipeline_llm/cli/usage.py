@@ -149,7 +149,10 @@ def _usage_csv(target: str, by: str, events: list[Any], totals: Any) -> int:
 
 
 def _totals_table(by: str, groups: dict[str, Any]) -> Any:
-    """Totals per key with a totals footer; an unknown cost (no priced call) shows "-"."""
+    """Totals per key with a totals footer; an unknown cost (no priced call) shows "-".
+
+    The prompt-cache and reasoning columns are shown when some call reported such tokens.
+    """
     from rich.text import Text
 
     from ..usage import AgentUsage
@@ -157,29 +160,38 @@ def _totals_table(by: str, groups: dict[str, Any]) -> Any:
     total = AgentUsage()
     for u in groups.values():
         total.merge(u)
+    columns = shown_columns(total)
     table = make_table(footer=True)
     table.add_column(by if by.startswith("metadata.") else by.capitalize(), overflow="fold", footer="total")
-    for column, foot in zip(TOTAL_COLUMNS, _usage_cells(total)):
+    for column, foot in zip(columns, usage_cells(total, columns)):
         table.add_column(HEADINGS[column], justify="right", footer=foot)
     for key in sorted(groups):
-        table.add_row(Text(key), *_usage_cells(groups[key]))
+        table.add_row(Text(key), *usage_cells(groups[key], columns))
     return table
 
 
 #: The totals table's heading for each ``AgentUsage`` field (``TOTAL_COLUMNS``, in that order).
 HEADINGS = {"prompt_tokens": "Prompt", "completion_tokens": "Completion", "total_tokens": "Total",
             "request_count": "Requests", "error_count": "Errors", "cost_usd": "Cost USD",
-            "unpriced_requests": "Unpriced"}
+            "unpriced_requests": "Unpriced", "cached_tokens": "Cached", "cache_write_tokens": "Cache write",
+            "reasoning_tokens": "Reasoning"}
+DETAIL_COLUMNS = ("cached_tokens", "cache_write_tokens", "reasoning_tokens")
 
 
-def _usage_cells(u: Any) -> list[str]:
-    return [cost_text(u.cost_usd) if c == "cost_usd" else f"{getattr(u, c):,}" for c in TOTAL_COLUMNS]
+def shown_columns(total: Any) -> list[str]:
+    """The totals columns worth a table column: all but the cache and reasoning ones that are all 0."""
+    return [c for c in TOTAL_COLUMNS if c not in DETAIL_COLUMNS or getattr(total, c)]
+
+
+def usage_cells(u: Any, columns: list[str] = TOTAL_COLUMNS) -> list[str]:
+    return [cost_text(u.cost_usd) if c == "cost_usd" else f"{getattr(u, c):,}" for c in columns]
 
 
 def _event_table(events: list[Any]) -> Any:
     from rich.text import Text
 
     tokens = sum(e.total_tokens for e in events)
+    cached = sum(e.cached_tokens for e in events)
     costs = [e.cost_usd for e in events if e.cost_usd is not None]
     cost = sum(costs) if costs else None
     table = make_table(footer=True)
@@ -188,12 +200,14 @@ def _event_table(events: list[Any]) -> Any:
     table.add_column("Model", overflow="fold")
     table.add_column("Backend", overflow="fold")
     table.add_column("Tokens", justify="right", footer=f"{tokens:,}")
+    if cached:      # input tokens read from the prompt cache, when any call reported some
+        table.add_column("Cached", justify="right", footer=f"{cached:,}")
     table.add_column("Cost USD", justify="right", footer=cost_text(cost))
     table.add_column("ms", justify="right")
     table.add_column("Outcome", no_wrap=True)
     for e in events:
         style = "" if e.succeeded else "red" if e.ended_in_error else "yellow"
+        cells = [f"{e.total_tokens:,}", *([f"{e.cached_tokens:,}"] if cached else []), cost_text(e.cost_usd)]
         table.add_row(when_text(e.timestamp)[5:], Text(e.agent_id or "(none)"), Text(e.model), Text(e.backend),
-                      f"{e.total_tokens:,}", cost_text(e.cost_usd), f"{e.latency_ms:.0f}",
-                      Text(e.outcome, style=style))
+                      *cells, f"{e.latency_ms:.0f}", Text(e.outcome, style=style))
     return table
