@@ -244,7 +244,8 @@ def test_complete_with_config_then_usage_from_the_ledger(tmp_path, sim):
     data = json.loads(p.stdout)
     assert data["content"] == "Hello from cli-xai:" and data["finish_reason"] == "length"
     assert data["backend"] == "cli-xai" and data["model"]
-    assert data["usage"] == {"prompt_tokens": 6, "completion_tokens": 3, "total_tokens": 9}
+    assert data["usage"] == {"prompt_tokens": 6, "completion_tokens": 3, "total_tokens": 9,
+                             "cached_tokens": 0, "cache_write_tokens": 0, "reasoning_tokens": 0}
     assert set(data) == {"content", "model", "usage", "finish_reason", "backend", "cost_usd", "latency_ms",
                          "tool_calls"}
     assert data["tool_calls"] == [] and data["latency_ms"] > 0
@@ -355,7 +356,7 @@ def test_demo_runs_offline_and_writes_the_csv(tmp_path):
     for text in ("failover:", "round-robin:", "least-loaded:", "Strategies", "Backends", "Agents",
                  "Fallback across models", "xai-main down",
                  "xai-main", "anthropic-main", "openai-main", "Peak in flight", "researcher", "writer",
-                 "critic", "planner", "total"):
+                 "critic", "planner", "total", "Prompt cache: agent 'looper'", "saved"):
         assert text in out, (text, out)
     assert "Traceback" not in p.stderr
     assert_plain(out, tmp_path)
@@ -494,3 +495,21 @@ def test_budgets_shows_spend_limit_and_reset_from_the_ledger(tmp_path, sim):
     rows = list(csv.DictReader(io.StringIO(p.stdout)))
     assert {(r["scope"], r["key"], r["used_tokens"]) for r in rows} == {("global", "", str(used)),
                                                                        ("agent", "spender", str(used))}
+
+
+def test_budgets_lists_a_budget_named_by_key_before_anything_was_spent(tmp_path):
+    cfg = write_config(tmp_path / "org.yaml", [{"provider": "xai", "api_key_env": "TEST_XAI_KEY"}],
+                       usage_store=f"sqlite:///{tmp_path / 'usage.db'}",
+                       budgets=[{"scope": "agent", "match": "researcher", "max_usd": 2.5, "window": "1d"},
+                                {"scope": "agent", "match": "research-*", "max_tokens": 100},
+                                {"scope": "metadata.org_id", "match": "acme", "max_tokens": 1000}])
+    p = run(tmp_path, "budgets", "-c", str(cfg))
+    assert p.returncode == 0, p.stderr
+    assert "researcher" in p.stdout and "$0.0000 / $2.5" in p.stdout, p.stdout
+    assert "acme" in p.stdout and "0 / 1,000 tokens" in p.stdout
+    assert "research-*" not in p.stdout                    # a pattern names no key until one is seen
+    assert_plain(p.stdout, tmp_path)
+    p = run(tmp_path, "budgets", "-c", str(cfg), "--csv", "-")
+    rows = list(csv.DictReader(io.StringIO(p.stdout)))
+    assert {(r["scope"], r["key"], r["used_tokens"]) for r in rows} == {("agent", "researcher", "0"),
+                                                                       ("metadata.org_id", "acme", "0")}
