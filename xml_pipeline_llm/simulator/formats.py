@@ -272,7 +272,7 @@ def _anthropic_usage(reply: Reply, output_tokens: int) -> dict[str, Any]:
     return {**_anthropic_input(reply), "output_tokens": output_tokens,
             "cache_creation": {"ephemeral_5m_input_tokens": reply.cache_write_tokens,
                                "ephemeral_1h_input_tokens": 0},
-            "server_tool_use": None, "service_tier": "standard"}
+            "server_tool_use": None, "service_tier": "standard", "inference_geo": None}
 
 
 def _anthropic_input(reply: Reply) -> dict[str, int]:
