@@ -64,12 +64,15 @@ class Services:
             latency = (end - start).total_seconds() * 1000
         except (TypeError, AttributeError):
             latency = 0.0
+        call_id = str(kwargs.get("litellm_call_id") or "")
+        if self.ledger.counted(call_id):   # the try recorded it already: no need to price it again
+            return
         model = meta.get("xpl_model") or ""
         self.ledger.record_nowait(make_event(
             agent_id=meta.get("agent_id"), thread_id=meta.get("thread_id"), model=model,
             backend=backend.name, provider=backend.provider.name, usage=_litellm.usage_of(response),
             cost_usd=self.pricing.cost(model, backend.provider.litellm_prefix, getattr(response, "usage", None)),
-            latency_ms=latency, outcome=OK, call_id=str(kwargs.get("litellm_call_id") or ""),
+            latency_ms=latency, outcome=OK, call_id=call_id,
             requested_model=meta.get("xpl_requested") or model,
             metadata=meta.get("xpl_metadata")))
 

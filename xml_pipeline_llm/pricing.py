@@ -118,11 +118,12 @@ class Pricing:
         key = (model, provider)
         if key not in self._rates:
             rates = None
-            per_in = [self.cost(model, provider, {"prompt_tokens": _MTOK, **extra})
-                      for extra in ({}, {"cached_tokens": _MTOK}, {"cache_write_tokens": _MTOK})]
+            uncached = self.cost(model, provider, {"prompt_tokens": _MTOK})
             per_out = self.cost(model, provider, {"completion_tokens": _MTOK})
-            if per_out is not None and all(p is not None for p in per_in):
-                rates = (max(p for p in per_in if p is not None) / _MTOK, per_out / _MTOK)
+            if uncached is not None and per_out is not None:
+                cache = [self.cost(model, provider, {"prompt_tokens": _MTOK, kind: _MTOK})
+                         for kind in ("cached_tokens", "cache_write_tokens")]
+                rates = (max(uncached, *(c for c in cache if c is not None)) / _MTOK, per_out / _MTOK)
             self._rates[key] = rates
         return self._rates[key]
 

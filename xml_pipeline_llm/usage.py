@@ -346,6 +346,10 @@ class UsageLedger:
         self._lock = threading.Lock()
         self.listeners = Listeners()
 
+    def counted(self, call_id: str) -> bool:
+        """Whether the call with this id was counted already (its later events add nothing)."""
+        return bool(call_id) and call_id in self._seen
+
     def _count(self, event: UsageEvent) -> bool:
         """Add ``event`` to the totals unless its call id was counted already."""
         with self._lock:      # routers are shared by threads running loops of their own
