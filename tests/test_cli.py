@@ -513,3 +513,35 @@ def test_budgets_lists_a_budget_named_by_key_before_anything_was_spent(tmp_path)
     rows = list(csv.DictReader(io.StringIO(p.stdout)))
     assert {(r["scope"], r["key"], r["used_tokens"]) for r in rows} == {("agent", "researcher", "0"),
                                                                        ("metadata.org_id", "acme", "0")}
+
+
+def test_usage_shows_prompt_cache_and_reasoning_tokens_when_calls_reported_some(tmp_path):
+    from xml_pipeline_llm.stores import open_store
+    from xml_pipeline_llm.usage import make_event
+
+    ledger = tmp_path / "usage.db"
+
+    async def write() -> None:
+        store = open_store(f"sqlite:///{ledger}")
+        for agent, cached, written, reasoning in (("looper", 900, 50, 0), ("thinker", 0, 0, 40)):
+            await store.append(make_event(
+                agent_id=agent, thread_id="t", model="claude-sonnet-4-5", backend="b", provider="anthropic",
+                usage={"prompt_tokens": 1000, "completion_tokens": 60, "total_tokens": 1060,
+                       "cached_tokens": cached, "cache_write_tokens": written, "reasoning_tokens": reasoning},
+                cost_usd=0.001, latency_ms=5.0, outcome="ok"))
+        await store.close()
+
+    asyncio.run(write())
+    p = run(tmp_path, "usage", "--store", f"sqlite:///{ledger}")
+    assert p.returncode == 0, p.stderr
+    assert "Prompt cache and reasoning" in p.stdout
+    rows = {line.split()[0]: line.split() for line in p.stdout.split("Prompt cache")[1].splitlines()[2:]
+            if line.strip() and not line.startswith("─")}
+    assert rows["looper"][1:] == ["1,000", "900", "50", "50", "60", "0"]
+    assert rows["thinker"][1:] == ["1,000", "0", "0", "1,000", "60", "40"]
+    assert_plain(p.stdout, tmp_path)
+    p = run(tmp_path, "usage", "--store", f"sqlite:///{ledger}", "--by", "event")
+    assert "900 of 2,000 input tokens read from it, 50 written to it; 40" in " ".join(p.stdout.split())
+    p = run(tmp_path, "usage", "--store", f"sqlite:///{ledger}", "--csv", "-")
+    rows_csv = {r["agent_id"]: r for r in csv.DictReader(io.StringIO(p.stdout))}
+    assert (rows_csv["looper"]["cached_tokens"], rows_csv["thinker"]["reasoning_tokens"]) == ("900", "40")

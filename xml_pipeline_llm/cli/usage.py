@@ -79,6 +79,15 @@ def cmd_usage(args: argparse.Namespace) -> int:
         console.print(f"{where}: fleet totals by {args.by}", soft_wrap=True)
     table = _event_table(events) if args.by == "event" else _totals_table(args.by, totals or {})
     show(console, table)
+    if args.by == "event":
+        line = _cache_line(events)
+        if line:
+            console.print(line, soft_wrap=False)
+    else:
+        details = _details_table(args.by, totals or {})
+        if details is not None:
+            console.print()
+            show(console, details)
     return 0
 
 
@@ -149,10 +158,7 @@ def _usage_csv(target: str, by: str, events: list[Any], totals: Any) -> int:
 
 
 def _totals_table(by: str, groups: dict[str, Any]) -> Any:
-    """Totals per key with a totals footer; an unknown cost (no priced call) shows "-".
-
-    The prompt-cache and reasoning columns are shown when some call reported such tokens.
-    """
+    """Totals per key with a totals footer; an unknown cost (no priced call) shows "-"."""
     from rich.text import Text
 
     from ..usage import AgentUsage
@@ -160,13 +166,31 @@ def _totals_table(by: str, groups: dict[str, Any]) -> Any:
     total = AgentUsage()
     for u in groups.values():
         total.merge(u)
-    columns = shown_columns(total)
     table = make_table(footer=True)
     table.add_column(by if by.startswith("metadata.") else by.capitalize(), overflow="fold", footer="total")
-    for column, foot in zip(columns, usage_cells(total, columns)):
+    for column, foot in zip(MAIN_COLUMNS, usage_cells(total)):
         table.add_column(HEADINGS[column], justify="right", footer=foot)
     for key in sorted(groups):
-        table.add_row(Text(key), *usage_cells(groups[key], columns))
+        table.add_row(Text(key), *usage_cells(groups[key]))
+    return table
+
+
+def _details_table(by: str, groups: dict[str, Any]) -> Any | None:
+    """Prompt-cache and reasoning tokens per key (None when no call reported any): a table of its own,
+    so that the totals table stays readable on 80 columns."""
+    from rich.text import Text
+
+    if not any(getattr(u, c) for u in groups.values() for c in DETAIL_COLUMNS):
+        return None
+    table = make_table(title="Prompt cache and reasoning (tokens)")
+    table.add_column(by if by.startswith("metadata.") else by.capitalize(), overflow="fold")
+    for heading in ("Input", "Cached", "Cache write", "Uncached", "Output", "Reasoning"):
+        table.add_column(heading, justify="right")
+    for key in sorted(groups):
+        u = groups[key]
+        uncached = u.prompt_tokens - u.cached_tokens - u.cache_write_tokens
+        table.add_row(Text(key), *(f"{n:,}" for n in (u.prompt_tokens, u.cached_tokens, u.cache_write_tokens,
+                                                     uncached, u.completion_tokens, u.reasoning_tokens)))
     return table
 
 
@@ -175,23 +199,30 @@ HEADINGS = {"prompt_tokens": "Prompt", "completion_tokens": "Completion", "total
             "request_count": "Requests", "error_count": "Errors", "cost_usd": "Cost USD",
             "unpriced_requests": "Unpriced", "cached_tokens": "Cached", "cache_write_tokens": "Cache write",
             "reasoning_tokens": "Reasoning"}
-DETAIL_COLUMNS = ("cached_tokens", "cache_write_tokens", "reasoning_tokens")
+DETAIL_COLUMNS = ("cached_tokens", "cache_write_tokens", "reasoning_tokens")   # in a table of their own
+MAIN_COLUMNS = [c for c in TOTAL_COLUMNS if c not in DETAIL_COLUMNS]
 
 
-def shown_columns(total: Any) -> list[str]:
-    """The totals columns worth a table column: all but the cache and reasoning ones that are all 0."""
-    return [c for c in TOTAL_COLUMNS if c not in DETAIL_COLUMNS or getattr(total, c)]
-
-
-def usage_cells(u: Any, columns: list[str] = TOTAL_COLUMNS) -> list[str]:
+def usage_cells(u: Any, columns: list[str] = MAIN_COLUMNS) -> list[str]:
     return [cost_text(u.cost_usd) if c == "cost_usd" else f"{getattr(u, c):,}" for c in columns]
+
+
+def _cache_line(events: list[Any]) -> str | None:
+    """One line on the prompt cache and reasoning of these events (None when none reported any)."""
+    prompt = sum(e.prompt_tokens for e in events)
+    cached = sum(e.cached_tokens for e in events)
+    written = sum(e.cache_write_tokens for e in events)
+    reasoning = sum(e.reasoning_tokens for e in events)
+    if not (cached or written or reasoning):
+        return None
+    return (f"Prompt cache: {cached:,} of {prompt:,} input tokens read from it, {written:,} written to it; "
+            f"{reasoning:,} output tokens of reasoning.")
 
 
 def _event_table(events: list[Any]) -> Any:
     from rich.text import Text
 
     tokens = sum(e.total_tokens for e in events)
-    cached = sum(e.cached_tokens for e in events)
     costs = [e.cost_usd for e in events if e.cost_usd is not None]
     cost = sum(costs) if costs else None
     table = make_table(footer=True)
@@ -200,14 +231,12 @@ def _event_table(events: list[Any]) -> Any:
     table.add_column("Model", overflow="fold")
     table.add_column("Backend", overflow="fold")
     table.add_column("Tokens", justify="right", footer=f"{tokens:,}")
-    if cached:      # input tokens read from the prompt cache, when any call reported some
-        table.add_column("Cached", justify="right", footer=f"{cached:,}")
     table.add_column("Cost USD", justify="right", footer=cost_text(cost))
     table.add_column("ms", justify="right")
     table.add_column("Outcome", no_wrap=True)
     for e in events:
         style = "" if e.succeeded else "red" if e.ended_in_error else "yellow"
-        cells = [f"{e.total_tokens:,}", *([f"{e.cached_tokens:,}"] if cached else []), cost_text(e.cost_usd)]
         table.add_row(when_text(e.timestamp)[5:], Text(e.agent_id or "(none)"), Text(e.model), Text(e.backend),
-                      *cells, f"{e.latency_ms:.0f}", Text(e.outcome, style=style))
+                      f"{e.total_tokens:,}", cost_text(e.cost_usd), f"{e.latency_ms:.0f}",
+                      Text(e.outcome, style=style))
     return table
