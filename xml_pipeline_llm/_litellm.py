@@ -26,7 +26,6 @@ from .response import LLMResponse
 
 log = logging.getLogger("xml_pipeline_llm")
 
-
 # Routers that want the callback's events, by id (weak: a dropped router is forgotten).
 _ROUTERS: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 _callback: Any = None
