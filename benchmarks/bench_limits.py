@@ -108,7 +108,7 @@ async def tpm_run(sim: common.SimProcess, args: argparse.Namespace) -> None:
     total = sum(tok)
     stats = sim.stats(name)
     ledger = router.get_all_usage("backend").get(name)
-    target = limit * 1.05 + limit       # contract C6: within 5% of the limit plus one bucket's burst
+    target = limit * 1.05 + limit       # the target: within 5% of the limit plus one bucket's burst
     rows = [["max tokens in any 60 s window", best, target, best / limit, verdict(best <= target)],
             ["  windows wholly inside the run", best_full or float("nan"), target,
              best_full / limit if best_full else float("nan"), verdict(best_full <= target) if best_full else "n/a"]]
@@ -125,7 +125,7 @@ async def tpm_run(sim: common.SimProcess, args: argparse.Namespace) -> None:
                  (limit + limit * dur / 60) / dur * 60, total / dur * 60 / limit, ""])
     table(["figure", "tokens", "target <=", "x limit", ""], rows,
           title=f"(a) TPM used vs rate_limit_tpm={limit:,} (a bucket of capacity L lets any 60 s window "
-                f"carry up to 2x L: the level at its start plus the refill; targets: contract C6)")
+                f"carry up to 2x L: the level at its start plus the refill; target: within 5% plus one bucket)")
     served = stats['prompt_tokens'] + stats['completion_tokens']
     print(f"requests ok: {len(events):,}, errors: {len(errors)}; ledger total_tokens {total:,} vs simulator "
           f"prompt+completion {served:,} "

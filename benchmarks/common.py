@@ -23,7 +23,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
-# LiteLLM must never reach the network (contract C1); a bare ``import litellm``
+# LiteLLM must never reach the network; a bare ``import litellm``
 # without these fetches the cost map (with retries) before doing anything.
 OFFLINE = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_OFFLINE_MODE": "true",
            "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS": "True", "LITELLM_TELEMETRY": "False"}

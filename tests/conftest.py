@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-# LiteLLM must never reach the network from the tests (contract C1).
+# LiteLLM must never reach the network from the tests.
 for _k, _v in {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_OFFLINE_MODE": "true",
                "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS": "True"}.items():
     os.environ.setdefault(_k, _v)
@@ -83,19 +83,19 @@ class SuccessCallbacks:
     _seen = 0
     _registered = False
 
-    def __init__(self) -> None:
+    def __init__(self, sim: Simulator) -> None:
         if not SuccessCallbacks._registered:
+            # the package imports LiteLLM and registers its callback first
+            make_router([backend(sim, "openai", "cb-warm-up")]).warm_up()
+            import litellm
             from litellm.integrations.custom_logger import CustomLogger
-
-            from xml_pipeline_llm import _litellm
 
             class Counter(CustomLogger):  # type: ignore[misc]
                 async def async_log_success_event(self, kwargs: Any, response_obj: Any,
                                                   start_time: Any, end_time: Any) -> None:
                     SuccessCallbacks._seen += 1
 
-            lt = _litellm.load()
-            lt.callbacks = [*lt.callbacks, Counter()]
+            litellm.callbacks = [*litellm.callbacks, Counter()]
             SuccessCallbacks._registered = True
         self._start = SuccessCallbacks._seen
 
@@ -105,8 +105,8 @@ class SuccessCallbacks:
 
 
 @pytest.fixture
-def success_callbacks() -> SuccessCallbacks:
-    return SuccessCallbacks()
+def success_callbacks(sim: Simulator) -> SuccessCallbacks:
+    return SuccessCallbacks(sim)
 
 
 # A usage ledger as the first versions wrote it (no requested_model, no metadata column), one row.

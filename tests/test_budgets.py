@@ -1,4 +1,4 @@
-"""Budgets (C11): reserve the worst case before sending, settle after, never exceed."""
+"""Budgets: reserve the worst case before sending, settle after, never exceed."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 from conftest import MESSAGES, backend, make_router, until
 
 from xml_pipeline_llm import BudgetExceededError, ConfigError, ProviderError
-from xml_pipeline_llm._litellm import token_estimate
+from xml_pipeline_llm.reservation import prompt_tokens
 from xml_pipeline_llm.simulator import Fault
 
-WORST = token_estimate("grok-4.1", MESSAGES) + 20        # prompt estimate + max_tokens=20
+WORST = prompt_tokens("grok-4.1", MESSAGES) + 20        # prompt estimate + max_tokens=20
 
 
 async def test_a_burst_never_spends_more_than_the_budget_and_sends_only_what_fits(sim):
@@ -137,7 +137,7 @@ async def test_a_dollar_budget_reserves_the_priced_worst_case(sim):
     pricing = {"budget-model": {"input_per_mtok": 1_000_000.0, "output_per_mtok": 1_000_000.0}}   # $1/token
     r = make_router([backend(sim, "openai", "bd-a", supported_models=["budget-model"])], pricing=pricing,
                     budgets=[{"scope": "agent", "match": "payer", "max_usd": 60.0}])
-    worst = token_estimate("budget-model", MESSAGES) + 10
+    worst = prompt_tokens("budget-model", MESSAGES) + 10
     resp = await r.complete("budget-model", MESSAGES, agent_id="payer", max_tokens=10)
     status = r.budget_status("agent", "payer")
     assert status.used_usd == pytest.approx(resp.cost_usd) and status.limit_usd == 60.0

@@ -1,4 +1,4 @@
-"""What a caller passes on every call (C1, C1a): per-call options, refusals before sending,
+"""What a caller passes on every call: per-call options, refusals before sending,
 unsupported parameters, call shapes, error kinds, threads and cancellation."""
 
 from __future__ import annotations
@@ -61,9 +61,8 @@ async def test_per_call_retries_and_their_synonyms_bound_the_tries(sim, name):
 
 async def test_no_litellm_retry_runs_whatever_is_set(sim):
     """LiteLLM's global num_retries and a caller's max_retries never make LiteLLM retry."""
-    from xml_pipeline_llm import _litellm
+    import litellm as lt
 
-    lt = _litellm.load()
     r = make_router([backend(sim, "openai", "nl-a")], retries=3)
     sim.script("nl-a", [Fault.status(500)] * 3)
     old = lt.num_retries

@@ -1,4 +1,4 @@
-"""The command line (C9), run as a user runs it: a subprocess per command.
+"""The command line, run as a user runs it: a subprocess per command.
 
 Every command that makes a call imports LiteLLM (seconds), so those tests are
 few and each checks several things.  The provider simulator the ``-c FILE``

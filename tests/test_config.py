@@ -1,4 +1,4 @@
-"""The ``llm:`` block (contract C2): every mistake is a precise ConfigError at load time,
+"""The ``llm:`` block: every mistake is a precise ConfigError at load time,
 the loading forms and ``.env``, and no secret in any message, repr or log line.
 
 The secret tests at the end go through LiteLLM's real HTTP path to the simulator.
@@ -6,16 +6,22 @@ The secret tests at the end go through LiteLLM's real HTTP path to the simulator
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import FAKE_KEYS, MESSAGES, backend, make_router
 
-import xml_pipeline_llm
-from xml_pipeline_llm import BackendError, ConfigError, LLMRouter, get_router, load_config
+from xml_pipeline_llm import BackendError, ConfigError, LLMRouter, load_config
 from xml_pipeline_llm.config import CONFIG_ENV
+
+REPO = Path(__file__).resolve().parents[1]
 
 XAI = {"provider": "xai", "api_key_env": "TEST_XAI_KEY"}
 SECRET = "sk-live-9f8e7d6c5b4a-TOPSECRET"
@@ -44,7 +50,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch):
     return clean
 
 
-# ------------------------------------------------------------ every mistake of C2
+# ------------------------------------------------------------ every mistake in the llm: block
 
 def test_unknown_backend_key_names_the_path_and_suggests_the_right_key():
     line = one_problem({"backends": [XAI, {**XAI, "name": "b", "rate_limt_tpm": 1000}]})
@@ -361,6 +367,31 @@ def test_real_environment_wins_over_dotenv(tmp_path: Path, monkeypatch, clean_en
         assert load_config(source).backends[0].api_key.get_secret_value() == "from-real-env"
 
 
+def in_a_fresh_process(code: str, cwd: Path, **env: str) -> Any:
+    """Run ``code`` in a new interpreter (no process-wide router yet) in ``cwd``, without
+    $XML_PIPELINE_LLM_CONFIG unless given; the JSON it prints last."""
+    environ = {k: v for k, v in os.environ.items() if k != CONFIG_ENV}
+    environ.update(env, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=environ,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+GET_ROUTER_TWICE = """
+    import json
+    from xml_pipeline_llm import ConfigError, get_router
+    said = []
+    for _ in range(2):
+        try:
+            router = get_router()
+            said.append([[b.name for b in router.backends], router is get_router()])
+        except ConfigError as exc:
+            said.append(str(exc))
+    print(json.dumps(said))
+"""
+
+
 def test_config_env_variable_names_the_file(tmp_path: Path, monkeypatch):
     (tmp_path / "cfgdir").mkdir()
     path = tmp_path / "cfgdir" / "my-organism.yaml"
@@ -368,29 +399,21 @@ def test_config_env_variable_names_the_file(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)   # no organism.yaml here
     monkeypatch.setenv(CONFIG_ENV, str(path))
     assert [b.name for b in load_config().backends] == ["via-env"]
-    monkeypatch.setattr(xml_pipeline_llm, "_router", None)
-    assert [b.name for b in get_router().backends] == ["via-env"]
+    said = in_a_fresh_process(GET_ROUTER_TWICE, tmp_path, **{CONFIG_ENV: str(path)})
+    assert said == [[["via-env"], True]] * 2
 
 
-def test_get_router_reads_organism_yaml_in_working_directory(tmp_path: Path, monkeypatch):
-    monkeypatch.delenv(CONFIG_ENV, raising=False)
-    monkeypatch.chdir(tmp_path)
+def test_get_router_reads_organism_yaml_in_working_directory(tmp_path: Path):
     (tmp_path / "organism.yaml").write_text(ORGANISM_YAML.format(name="from-cwd", var="TEST_XAI_KEY"))
-    monkeypatch.setattr(xml_pipeline_llm, "_router", None)
-    router = get_router()
-    assert [b.name for b in router.backends] == ["from-cwd"]
-    assert get_router() is router
+    assert in_a_fresh_process(GET_ROUTER_TWICE, tmp_path) == [[["from-cwd"], True]] * 2
 
 
-def test_get_router_without_any_config_says_what_to_create(tmp_path: Path, monkeypatch):
-    monkeypatch.delenv(CONFIG_ENV, raising=False)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(xml_pipeline_llm, "_router", None)
-    with pytest.raises(ConfigError) as info:
-        get_router()
-    msg = str(info.value)
-    assert "organism.yaml" in msg and "llm:" in msg and CONFIG_ENV in msg
-    assert xml_pipeline_llm._router is None
+def test_get_router_without_any_config_says_what_to_create(tmp_path: Path):
+    """Neither organism.yaml nor the variable: a ConfigError saying what to create, and no
+    router left behind (asking again raises the same)."""
+    first, again = in_a_fresh_process(GET_ROUTER_TWICE, tmp_path)
+    assert "organism.yaml" in first and "llm:" in first and CONFIG_ENV in first
+    assert again == first
 
 
 @pytest.mark.parametrize("url", ["https://api.anthropic.com/v1", "https://api.anthropic.com/v1/",

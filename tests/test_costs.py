@@ -1,4 +1,4 @@
-"""Costs (C7): LiteLLM's cost map, ``llm.pricing`` through LiteLLM's own machinery, and an
+"""Costs: LiteLLM's cost map, ``llm.pricing`` through LiteLLM's own machinery, and an
 unknown cost that stays unknown (None, an empty CSV cell, ``-``) everywhere.
 
 ``llm.pricing`` is each router's own; the tests still price model names of their own

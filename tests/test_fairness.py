@@ -1,4 +1,4 @@
-"""Fair shares and priorities when a backend is saturated (C15), through the real path."""
+"""Fair shares and priorities when a backend is saturated, through the real path."""
 
 from __future__ import annotations
 
@@ -78,9 +78,9 @@ async def test_large_and_small_requests_get_equal_tokens_and_the_large_one_is_se
         await asyncio.gather(*calls)
     finally:
         sim.set_latency("fs-a", 0)
-    from xml_pipeline_llm._litellm import token_estimate
+    from xml_pipeline_llm.reservation import prompt_tokens
 
-    prompt = token_estimate("grok-4.1", MESSAGES)
+    prompt = prompt_tokens("grok-4.1", MESSAGES)
     window = Counter(order[20:300])               # both backlogged: tokens (reserved) per agent
     big, small = window["big"] * (prompt + 400), window["small"] * (prompt + 20)
     assert window["big"] >= 5                      # the large requests are served, not starved

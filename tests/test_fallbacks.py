@@ -1,4 +1,4 @@
-"""Fallbacks across models (C13): aliases, fallbacks=, context windows, through the simulator.
+"""Fallbacks across models: aliases, fallbacks=, context windows, through the simulator.
 
 Every call goes through LiteLLM's real HTTP code to the simulator; the
 timing bounds are generous (a loaded 2-core machine), and nothing is
@@ -255,6 +255,6 @@ async def test_the_event_csv_has_requested_model_after_the_documented_columns(si
     r.export_usage_csv(tmp_path / "e.csv", by="event")
     rows = list(csv.DictReader((tmp_path / "e.csv").open()))
     header = list(rows[0])
-    assert header[12] == "requested_model" and header[-1] == "metadata"   # after the documented columns
+    assert header[12] == "requested_model" and header[-1] == "metadata"   # the fallback column; metadata last
     assert [(x["model"], x["requested_model"]) for x in rows] == [("grok-4.1", "smart"),
                                                                   ("claude-sonnet-4", "claude-sonnet-4")]

@@ -1,4 +1,4 @@
-"""Per-backend limits (C6): exact concurrency, the token bucket, cancellation."""
+"""Per-backend limits: exact concurrency, the token bucket, cancellation."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import time
 
 from conftest import MESSAGES, backend, make_router, until
 
-from xml_pipeline_llm._litellm import token_estimate
 from xml_pipeline_llm.limits import Slots, TokenBucket
+from xml_pipeline_llm.reservation import prompt_tokens
 from xml_pipeline_llm.simulator import Fault
 
 
@@ -108,7 +108,7 @@ async def test_bucket_is_first_come_first_served():
 
 async def test_bucket_holds_a_burst_back_and_refunds(sim):
     # a reservation is LiteLLM's prompt estimate + max_tokens; the bucket holds two of them
-    reservation = token_estimate("grok-4.1", MESSAGES) + 40
+    reservation = prompt_tokens("grok-4.1", MESSAGES) + 40
     r = make_router([backend(sim, "xai", "tb-a", rate_limit_tpm=2 * reservation + 5)])
     sim.set_latency("tb-a", 0.3)
     start = time.monotonic()

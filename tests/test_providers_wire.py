@@ -1,4 +1,4 @@
-"""Each provider's wire path (contract C1, C2, C10): through the router and LiteLLM's real
+"""Each provider's wire path: through the router and LiteLLM's real
 HTTP code to the simulator, checking what arrived on the wire and what came back.
 """
 

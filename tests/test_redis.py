@@ -1,4 +1,4 @@
-"""Shared state in Redis (C8): several processes, one quota, one set of cooldowns, one usage ledger.
+"""Shared state in Redis: several processes, one quota, one set of cooldowns, one usage ledger.
 
 A real redis-server (the Debian package; .ci/run installs it) runs on a free
 port for the session.  The multi-process tests use real processes: one
@@ -104,16 +104,15 @@ def redis_server() -> Iterator[RedisServer]:
 ZYGOTE = r'''
 import asyncio, json, os, signal, socket, sys, time
 from dataclasses import asdict
-from xml_pipeline_llm import _litellm
-_litellm.load()
-import litellm.router  # noqa: F401  (the expensive part, before forking)
 from xml_pipeline_llm import LLMRouter, load_config
+from xml_pipeline_llm.reservation import prompt_tokens
 
 MESSAGES = json.loads(sys.argv[3])
-# Warm up before forking (tokenizer, LiteLLM's router), so each worker's first call is quick.
-_litellm.token_estimate("grok-4.1", MESSAGES, None)
+# Warm up before forking (LiteLLM, its router, the tokenizer), so each worker's first call is quick.
 LLMRouter(load_config({"llm": {"backends": [{"provider": "xai", "api_key_env": "TEST_XAI_KEY",
-                                             "base_url": "http://127.0.0.1:9/v1"}]}}))._deployments()
+                                             "base_url": "http://127.0.0.1:9/v1"}]}})).warm_up()
+import litellm.router  # noqa: F401  (the expensive part, before forking)
+prompt_tokens("grok-4.1", MESSAGES)
 
 async def run(r, cmd):
     delay = cmd.get("start_at", 0) - time.time()
@@ -398,7 +397,7 @@ async def test_rotation_and_cooldowns_are_shared_between_routers(sim, redis_serv
     assert sim.stats("rdx-cd-a").requests == 1
     left = await f2.cooldowns()
     assert set(left) == {"rdx-cd-a"} and 15 < left["rdx-cd-a"] <= 20
-    await f2._state.cool_down("rdx-cd-a", 1)          # a shorter cooldown never shortens a longer one
+    await f2.state.cool_down("rdx-cd-a", 1)          # a shorter cooldown never shortens a longer one
     assert (await f1.cooldowns())["rdx-cd-a"] > 15
 
 
@@ -511,7 +510,7 @@ async def test_redis_stopped_and_restarted_during_a_run(sim, caplog):
         server.stop()
         await burst(6)                                  # Redis away: calls go on with local state
         await burst(6)
-        assert r._state.conn.health.down
+        assert r.state.conn.health.down
         warnings = [m for m in caplog.messages if "unreachable" in m]
         assert len(warnings) == 1 and "***" not in warnings[0] and server.url in warnings[0]
         assert r.get_agent_usage("restart").request_count == 16     # this process's own totals meanwhile
@@ -521,7 +520,7 @@ async def test_redis_stopped_and_restarted_during_a_run(sim, caplog):
             await asyncio.sleep(0.3)
             await burst(2)
             after += 2
-            if not r._state.conn.health.down:
+            if not r.state.conn.health.down:
                 break
             assert time.monotonic() < deadline, "shared state did not resume"
         assert any("answers again" in m for m in caplog.messages)
@@ -532,7 +531,7 @@ async def test_redis_stopped_and_restarted_during_a_run(sim, caplog):
         after += 2
         db = server.client()
         assert db.exists(f"{p}:{{rdx-rs-a}}:bucket")
-        assert not r._state.conn.health.down, [m for m in caplog.messages if "Redis" in m]
+        assert not r.state.conn.health.down, [m for m in caplog.messages if "Redis" in m]
         assert r.get_agent_usage("restart").request_count == 12 + after
         assert db.xlen(f"{p}:usage:{{{p}}}:events") == 12 + after
     finally:
@@ -553,12 +552,12 @@ async def test_a_redis_that_hangs_holds_calls_only_until_the_batch_deadline(sim,
             out = await asyncio.wait_for(asyncio.gather(
                 *(r.complete("grok-4.1", MESSAGES, agent_id="hang") for _ in range(4))), 30)
             assert len(out) == 4 and time.monotonic() - started < 20      # one 2 s deadline, then local
-            assert r._state.conn.health.down
+            assert r.state.conn.health.down
             assert any("unreachable" in m and "TimeoutError" in m for m in caplog.messages)
         finally:
             server.proc.send_signal(signal.SIGCONT)
         deadline = time.monotonic() + 15
-        while r._state.conn.health.down:                   # tried again once a second
+        while r.state.conn.health.down:                   # tried again once a second
             assert time.monotonic() < deadline, "shared state did not resume"
             await asyncio.sleep(0.3)
             await r.complete("grok-4.1", MESSAGES, agent_id="hang")
@@ -773,12 +772,12 @@ async def test_fleet_usage_totals_carry_cache_and_reasoning_tokens(sim, redis_se
     await r.aclose()
 
 
-# ------------------------------------------------------------------ budgets for a fleet (C11)
+# ------------------------------------------------------------------ budgets for a fleet
 
 def test_two_processes_on_one_redis_budget_never_spend_more_than_it_together(sim, redis_server):
-    from xml_pipeline_llm._litellm import token_estimate
+    from xml_pipeline_llm.reservation import prompt_tokens
 
-    worst = token_estimate("grok-4.1", MESSAGES) + 20
+    worst = prompt_tokens("grok-4.1", MESSAGES) + 20
     p = prefix()
     sim.reset_stats("rdb-a")
     block = llm_block(redis_server.url, p, [backend(sim, "xai", "rdb-a")],

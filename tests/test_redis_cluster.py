@@ -1,4 +1,4 @@
-"""Shared state beyond one Redis server (C8): a Redis Cluster, and TLS (``rediss://``).
+"""Shared state beyond one Redis server: a Redis Cluster, and TLS (``rediss://``).
 
 The session starts its own servers on 127.0.0.1, as test_redis.py does: a
 3-master cluster (``redis-server --cluster-enabled yes`` x3, then ``redis-cli
@@ -385,7 +385,7 @@ async def test_every_script_keeps_to_one_slot_and_everything_is_shared(sim, clus
         *(r.complete("grok-4.1", MESSAGES, agent_id=f"cl{i % 3}", thread_id=f"t{i % 2}")
           for i, r in enumerate((r1, r2) * 20))), 60)
     assert len(out) == 40
-    left = await r2._state.cooldowns(names)                     # the 429 seen by one router: shared
+    left = await r2.cooldowns()                                 # the 429 seen by one router: shared
     assert set(left) == {"rdx-cl-a"} and 10 < left["rdx-cl-a"] <= 20
     for n in names:                                             # a backend's keys: one slot
         keys = [f"{p}:{{{n}}}:bucket", f"{p}:{{{n}}}:slots"] + ([f"{p}:{{{n}}}:cool"] if n == "rdx-cl-a" else [])
@@ -476,7 +476,7 @@ async def test_a_cluster_node_restarted_mid_run(sim, cluster, caplog):
     while cluster.node_of(f"{{{p}}}") is victim:               # usage on another node: it must stay exact
         p = prefix()
     r = shared_router(cluster.url, p, [backend(sim, "xai", name, max_concurrent=4, rate_limit_tpm=100_000)])
-    state = r._state
+    state = r.state
     db = cluster.client()
     total = 0
 

@@ -1,4 +1,4 @@
-"""Strategies (C4) and the try loop (C5), through LiteLLM's HTTP path to the simulator.
+"""Strategies and the try loop, through LiteLLM's HTTP path to the simulator.
 
 Delays are tens of milliseconds and bounds are generous, so the tests hold on
 a loaded 2-core CI machine; timing figures live in benchmarks/.

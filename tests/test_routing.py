@@ -1,4 +1,4 @@
-"""Model routing (contract C3): which backends may serve a model.
+"""Model routing: which backends may serve a model.
 
 ``router.route(model)`` makes no network call; the simulator is only used to
 show that a request for an unserved model never reaches any backend.

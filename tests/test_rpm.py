@@ -1,4 +1,4 @@
-"""Requests per minute (C14): the start window, its place in the gate, and the strategies.
+"""Requests per minute: the start window, its place in the gate, and the strategies.
 
 The window's own tests use a short period (the class takes one) so that "at
 most N starts in any period" is checked over several windows in seconds; the

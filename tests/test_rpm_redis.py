@@ -1,4 +1,4 @@
-"""Requests per minute shared by a fleet (C14 with C8): one window in Redis for every process.
+"""Requests per minute shared by a fleet: one window in Redis for every process.
 
 A throw-away redis-server (as in test_redis.py) and two real worker
 processes, each with its own router on the same backend and Redis prefix:
@@ -35,7 +35,7 @@ MESSAGES = [{"role": "user", "content": "hello"}]
 
 async def main():
     r = LLMRouter(load_config({"llm": llm}))
-    r._deployments()                       # LiteLLM loaded before the start signal
+    r.warm_up()                            # LiteLLM loaded before the start signal
     await asyncio.sleep(max(0.0, start_at - time.time()))
     tasks = [asyncio.ensure_future(r.complete("grok-4.1", MESSAGES)) for _ in range(k)]
     deadline = time.monotonic() + wait

@@ -1,4 +1,4 @@
-"""OpenTelemetry spans and metrics and the Prometheus endpoint (contract C12).
+"""OpenTelemetry spans and metrics and the Prometheus endpoint.
 
 The SDK's in-memory span exporter and metric reader are installed as the
 global providers once for the session (OpenTelemetry allows that once per
@@ -290,7 +290,7 @@ async def test_budget_gauges_ask_the_router_for_its_budgets(sim, otel):
 
     from xml_pipeline_llm import LLMRouter, load_config
 
-    class WithBudgets(LLMRouter):          # the hook C11's router.budgets() fills
+    class WithBudgets(LLMRouter):          # the hook router.budgets() fills
         def budgets(self) -> list[Any]:
             return [SimpleNamespace(scope="agent", key="ot-budget-agent", remaining_tokens=900,
                                     remaining_usd=None)]

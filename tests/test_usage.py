@@ -1,4 +1,4 @@
-"""Token and cost accounting (C7), streams (C1) and the SQLite ledger (C8)."""
+"""Token and cost accounting, streams and the SQLite ledger."""
 
 from __future__ import annotations
 

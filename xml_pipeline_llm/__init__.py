@@ -20,6 +20,7 @@ from .errors import (
     BackendError,
     BadRequestError,
     ConfigError,
+    DeadlineExceededError,
     ModelNotFoundError,
     NoBackendError,
     ProviderError,
@@ -44,12 +45,13 @@ if TYPE_CHECKING:
     from .config import RouterConfig
     from .router import LLMRouter
     from .streaming import LLMStream
+    from .sync import SyncStream, complete_sync, stream_sync
 
 # Imported on first use: pydantic, YAML and tenacity cost more than the rest of
 # the package together, and LiteLLM (seconds) is only imported by a first call.
 _LAZY = {"load_config": "config", "RouterConfig": "config", "LLMRouter": "router",
          "LLMStream": "streaming", "BudgetExceededError": "budgets", "BudgetStatus": "budgets",
-         "BudgetEvent": "budgets"}
+         "BudgetEvent": "budgets", "complete_sync": "sync", "stream_sync": "sync", "SyncStream": "sync"}
 
 
 def __getattr__(name: str) -> Any:
@@ -72,6 +74,7 @@ __all__ = [
     "BudgetExceededError",
     "BudgetStatus",
     "ConfigError",
+    "DeadlineExceededError",
     "LLMResponse",
     "LLMRouter",
     "LLMStream",
@@ -80,12 +83,15 @@ __all__ = [
     "ProviderError",
     "RateLimitError",
     "RouterConfig",
+    "SyncStream",
     "UsageEvent",
     "complete",
+    "complete_sync",
     "configure_router",
     "get_router",
     "load_config",
     "stream",
+    "stream_sync",
 ]
 
 _router: LLMRouter | None = None

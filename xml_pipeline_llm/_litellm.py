@@ -3,8 +3,7 @@
 ``import litellm`` takes seconds, so the package imports this module only when
 a router makes its first call.  Before LiteLLM is imported its run-time fetches
 (cost map, Anthropic beta headers) are switched off unless the user chose
-otherwise, so nothing leaves the machine except calls to configured backends
-(contract C1).
+otherwise, so nothing leaves the machine except calls to configured backends.
 """
 
 from __future__ import annotations
@@ -51,8 +50,45 @@ def load() -> Any:
         _callback = _make_callback()
         litellm.callbacks = [*litellm.callbacks, _callback]
         _logging_worker_per_loop()
+        _module_client_per_loop(litellm)
     _module = litellm
     return litellm
+
+
+def _module_client_per_loop(litellm: Any) -> None:
+    """Make ``litellm.module_level_aclient`` the running loop's own HTTP client.
+
+    Several of LiteLLM's paths (Anthropic's streams, Ollama's completions, the
+    OpenAI-compatible handler, a stream wrapper's deferred ``make_call``) send
+    through ``litellm.module_level_aclient``.  LiteLLM builds that client once,
+    through its per-loop client cache, for whichever loop first asks, and then
+    keeps it as a plain module attribute: every other event loop then sends
+    over the first loop's connection pool, and its calls fail with connection
+    errors or hang.  Giving the module a class whose ``module_level_aclient``
+    is a property that asks the per-loop cache on each access puts every loop
+    on its own client (LiteLLM's cache keys clients by loop), on every path
+    that reads the attribute.
+    """
+    from litellm.llms.custom_httpx.http_handler import get_async_httpx_client
+
+    module_type = type(litellm)
+    if getattr(module_type, "_xpl_per_loop", False):
+        return
+
+    def current(_: Any) -> Any:
+        timeout = vars(litellm).get("request_timeout")
+        return get_async_httpx_client(
+            llm_provider="litellm_module_level_client",
+            params={"timeout": timeout if isinstance(timeout, (int, float)) else None,
+                    "client_alias": "module level aclient"})
+
+    def ignore(_: Any, value: Any) -> None:   # LiteLLM caches the first client here: ours wins
+        pass
+
+    per_loop = type("LiteLLMModule", (module_type,), {
+        "_xpl_per_loop": True, "module_level_aclient": property(current, ignore)})
+    vars(litellm).pop("module_level_aclient", None)
+    litellm.__class__ = per_loop
 
 
 class _LoopWorkers:
@@ -127,7 +163,7 @@ class Deployments:
 
     Once ``litellm.Router`` has picked a deployment it calls
     ``litellm.acompletion`` with that deployment's ``litellm_params``.  The
-    picking, retries, fallbacks and cooldowns are ours (C4, C5), so we make
+    picking, retries, fallbacks and cooldowns are ours (strategies.py, retry.py), so we make
     that last call ourselves: the Router's per-call bookkeeping cost about a
     quarter of LiteLLM's CPU per call here, and grew with the number of
     deployments (benchmarks/README.md).  ``build_router`` gives a real Router
@@ -138,7 +174,6 @@ class Deployments:
         self.model_list = [deployment(b) for b in backends]
         self._params = {d["model_name"][:-2]: d["litellm_params"] for d in self.model_list}
         self._acompletion = load().acompletion
-        self._ollama = next((b.base_url for b in backends if b.provider.name == "ollama"), None)
 
     async def acompletion(self, backend: str, model: str, *, timeout: float | None = None,
                           drop_params: bool | None = None, **kwargs: Any) -> Any:
@@ -178,7 +213,7 @@ def _ollama_lookups_to(base_url: str | None) -> Iterator[None]:
     Registering an ``ollama_chat/`` deployment makes LiteLLM POST ``/api/show``
     to ``$OLLAMA_API_BASE`` or ``localhost:11434``, whatever the deployment's
     ``api_base``; aiming it at a configured Ollama backend keeps traffic to the
-    configured backends only (contract C1).
+    configured backends only.
     """
     if base_url is None:
         yield

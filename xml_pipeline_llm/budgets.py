@@ -1,4 +1,4 @@
-"""Budgets (contract C11): stop a runaway agent, thread or tenant before it spends.
+"""Budgets: stop a runaway agent, thread or tenant before it spends.
 
     llm:
       max_tokens_per_thread: 100000          # = budgets: [{scope: thread, max_tokens: 100000}]
@@ -386,7 +386,7 @@ def _schedule(awaitable: Any) -> None:
 
 
 class BudgetMethods:
-    """The budget API of ``LLMRouter`` (contract C11), over its ``_budgets``."""
+    """The budget API of ``LLMRouter``, over its ``_budgets``."""
 
     _budgets: Budgets
 

@@ -2,7 +2,7 @@
 
 Every mistake becomes one line of a ``ConfigError`` that names the place, what
 was expected, what was found and the fix, so that a wrong config fails when the
-organism starts, not at its first request hours later (contract C2).
+organism starts, not at its first request hours later.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class BudgetConfig(BaseModel):
 
 
 class TelemetryConfig(BaseModel):
-    """``llm.telemetry``: OpenTelemetry spans and metrics, Prometheus, metadata totals (contract C12)."""
+    """``llm.telemetry``: OpenTelemetry spans and metrics, Prometheus, metadata totals."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -115,6 +115,9 @@ class LLMConfig(BaseModel):
     retry_base_delay: float = Field(default=1.0, gt=0)
     retry_max_delay: float = Field(default=60.0, gt=0)
     timeout: float = Field(default=120.0, gt=0)
+    stream_idle_timeout: float | None = Field(default=None, gt=0)
+    deadline: float | None = Field(default=None, gt=0)
+    max_queue_wait: float | None = Field(default=None, ge=0)
     default_max_tokens: int = Field(default=1024, gt=0)
     drop_params: bool = False
     usage_store: str | None = None
@@ -144,6 +147,9 @@ EXPECTED = {
     "max_concurrent": "a positive integer",
     "supported_models": "a list of model names or patterns, such as [llama3, mistral*]",
     "timeout": "a positive number of seconds",
+    "stream_idle_timeout": "a positive number of seconds a stream may go without a chunk (default: timeout)",
+    "deadline": "a positive number of seconds a whole request may take (default: none)",
+    "max_queue_wait": "a number of seconds >= 0 an alias or fallbacks request waits for a saturated model",
     "drop_params": "true or false",
     "strategy": "one of failover, round-robin, least-loaded (or, from code, a strategy object)",
     "retries": "a whole number >= 0",
@@ -242,7 +248,7 @@ class RouterConfig:
         self.skipped: list[tuple[str, str]] = list(skipped or [])
         #: ``llm.pricing``: model name or shell pattern -> price (registered with LiteLLM on first use)
         self.pricing: dict[str, ModelPrice] = dict(raw.pricing)
-        #: ``llm.models``: alias -> the models it stands for, tried in this order (contract C13)
+        #: ``llm.models``: alias -> the models it stands for, tried in this order
         self.models: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in raw.models.items()}
         self.strategy = raw.strategy
         #: a strategy object given as ``strategy:`` (``configure_router``), else None
@@ -251,6 +257,12 @@ class RouterConfig:
         self.retry_base_delay = raw.retry_base_delay
         self.retry_max_delay = raw.retry_max_delay
         self.timeout = raw.timeout
+        #: seconds a stream may go without a chunk (None: the try's timeout)
+        self.stream_idle_timeout = raw.stream_idle_timeout
+        #: seconds a whole request may take, waits and tries and models together (None: no deadline)
+        self.deadline = raw.deadline
+        #: seconds an alias or fallbacks request waits for a saturated model before moving on (None: no cap)
+        self.max_queue_wait = raw.max_queue_wait
         self.default_max_tokens = raw.default_max_tokens
         self.usage_store = resolve_store(raw.usage_store, base)
         self.shared_state = raw.shared_state or os.environ.get(REDIS_ENV) or None
@@ -461,7 +473,7 @@ def _budget_problems(budgets: list[BudgetConfig]) -> list[str]:
 
 def _check_models(models: Mapping[str, list[str]], backends: list[ResolvedBackend],
                   skipped: list[tuple[str, str]]) -> list[str]:
-    """``llm.models``: each alias a new name standing for models that some backend serves (C13)."""
+    """``llm.models``: each alias a new name standing for models that some backend serves."""
     from .errors import ModelNotFoundError
     from .routing import Routes
 

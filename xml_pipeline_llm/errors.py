@@ -46,6 +46,11 @@ class BackendError(Exception):
         super().__init__(message)
         self.attempts: list[Attempt] = list(attempts or [])
 
+    @property
+    def kind(self) -> str | None:
+        """How the last try ended (``timeout``, ``rate_limit``, ``server_error``, ...); None: no try."""
+        return self.attempts[-1].kind if self.attempts else None
+
 
 class ModelNotFoundError(BackendError):
     """No configured backend serves the requested model (no call was made)."""
@@ -89,3 +94,38 @@ class ProviderError(BackendError):
                  status_code: int | None = None) -> None:
         super().__init__(message, attempts)
         self.status_code = status_code
+
+
+class DeadlineExceededError(BackendError, TimeoutError):
+    """The request's ``deadline`` passed (or could not be met) before it was served.
+
+    ``deadline`` is the request's allowance in seconds and ``waiting_for`` what
+    it was doing when time ran out ("a slot on xai-main", "the cooldown of
+    xai-main", "the answer from xai-main", ...).  Nothing of the request is left
+    in flight or reserved when this is raised.
+    """
+
+    def __init__(self, message: str, attempts: list[Attempt] | None = None, *,
+                 deadline: float | None = None, waiting_for: str = "") -> None:
+        super().__init__(message, attempts)
+        self.deadline = deadline
+        self.waiting_for = waiting_for
+
+
+# ---------------------------------------------------------------- raised and caught inside the package
+
+
+class TryTimedOut(TimeoutError):
+    """A try ran past its timeout, or a stream went quiet past its idle timeout, by our own clock."""
+
+
+class Saturated(Exception):
+    """The backend could not admit the try within ``llm.max_queue_wait`` while another model follows."""
+
+
+class StreamCut(Exception):
+    """No chunk came in time once a stream had handed out text; ``why``: idle, timeout or deadline."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why

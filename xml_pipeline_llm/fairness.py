@@ -1,4 +1,4 @@
-"""Who may go next when a backend is full (contract C15): fair shares by tokens, then priorities.
+"""Who may go next when a backend is full: fair shares by tokens, then priorities.
 
 Waiters for a backend's limits (slots, tokens) are not served oldest-first
 but in this order:

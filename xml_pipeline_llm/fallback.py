@@ -1,4 +1,4 @@
-"""Fallbacks across models (contract C13): the chain of models a request may be served by.
+"""Fallbacks across models: the chain of models a request may be served by.
 
 A request names a model, an alias of ``llm.models`` (``smart: [grok-4.1,
 claude-sonnet-4]``) or either with ``fallbacks=[...]``; ``build_chain`` turns
@@ -13,7 +13,7 @@ small for it.
 1. the first model (in chain order) with a backend that is ready (not cooling
    down) and has not failed a try of this request: the strategy picks among
    those, preferring the ones that can start now (``has_capacity``: not out of
-   ``rate_limit_rpm`` headroom, C14);
+   ``rate_limit_rpm`` headroom);
 2. else the first model with a ready backend that failed before (the usual
    retry of a backend whose cooldown is over);
 3. else every backend of every model left cools down: sleep until the first
@@ -148,6 +148,9 @@ async def choose(req: Request, cooldowns: Cooldowns, strategy: Strategy, gates: 
         if chosen is not None:
             return chosen
         wait = until_ready(cooling, remaining)
+        if req.deadline.at is not None:
+            req.deadline.refuse_if(wait, f"the cooldown of {', '.join(b.name for b in remaining)}",
+                                   req.name, req.attempts)
         log.debug("%s: every backend cools down; waiting %.2fs", req.name, wait)
         if on_wait is not None:
             on_wait(req, wait)

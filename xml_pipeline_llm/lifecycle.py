@@ -9,8 +9,8 @@ ends (read to the end, closed early or dropped).  On an error the try is
 released by ``__aexit__`` with nothing charged; the router classifies the
 error (``retry.py``) and records it with ``t.record_failure(outcome)``.
 
-``complete()`` and ``stream()`` use it alike, so limits, accounting and (in
-later pieces) budgets and telemetry hook in here once, not per call path.
+``complete()`` and ``stream()`` use it alike, so limits, budgets, accounting
+and telemetry hook in here once, not per call path.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _litellm
 from .budgets import BudgetKey, Budgets, Hold, keys_for
+from .errors import Attempt, BackendError, ProviderError, Saturated, TryTimedOut
 from .fairness import ANONYMOUS, Turn
 from .pricing import Pricing
 from .reservation import fair_cost, tokens_to_reserve, worst_case, worst_cost
@@ -52,6 +53,7 @@ class Services:
     budgets: Budgets
     weights: Mapping[str, float]
     telemetry: NoTelemetry = NOOP      # spans and metrics (telemetry.py); NOOP when off or not installed
+    idle_timeout: float | None = None  # llm.stream_idle_timeout (None: the try's timeout)
     pricing: Pricing = field(default_factory=Pricing)    # what calls cost (pricing.py)
 
     def record_from_callback(self, meta: Mapping[str, Any], kwargs: Mapping[str, Any], response: Any,
@@ -99,6 +101,8 @@ class Try:
         self.reservation: Reservation | None = None
         self.hold: Hold | None = None
         self.start = 0.0
+        self.timeout = req.options.timeout or backend.timeout      # seconds for this try, our clock
+        self.waited = 0.0               # a stream's time spent waiting for the provider so far
         self.span: Any = None           # this try's telemetry span while it runs
         self._held = False
         self._released = False
@@ -111,13 +115,31 @@ class Try:
                     fair_cost(req, tokens, self.services.default_max_tokens), req.options.priority)
         budgets = self.services.budgets
         keys = keys_for(req.agent_id, req.thread_id, req.metadata, budgets.scopes) if budgets.scopes else []
+        if req.deadline.at is not None:     # a wait for the limits that cannot end in time: refused now
+            req.deadline.refuse_if(self.gate.min_wait(tokens), f"{self.backend.name}'s limits (slots, tokens, "
+                                   f"requests per minute)", req.name, req.attempts)
+        queue_wait = req.queue_wait if req.queue_wait is not None and req.has_next_model() else None
+        if queue_wait is None:
+            await self._admit(budgets, keys, tokens, turn)
+        else:
+            try:
+                async with asyncio.timeout(queue_wait) as bound:
+                    await self._admit(budgets, keys, tokens, turn)
+            except TimeoutError:
+                if not bound.expired():
+                    raise
+                raise Saturated(f"{self.backend.name} could not take it within llm.max_queue_wait "
+                                f"({queue_wait:g}s)") from None
+        req.deadline.waiting_for = f"the answer from {self.backend.name}"
+        self.start = time.perf_counter()
+        self.services.telemetry.try_started(self)
+        return self
+
+    async def _admit(self, budgets: Budgets, keys: list[BudgetKey], tokens: int, turn: Turn) -> None:
         if keys:
             await self._admit_within_budgets(budgets, keys, tokens, turn)
         else:
             self.reservation = await self.gate.enter(tokens, turn)
-        self.start = time.perf_counter()
-        self.services.telemetry.try_started(self)
-        return self
 
     async def _admit_within_budgets(self, budgets: Budgets, keys: list[BudgetKey], tokens: int,
                                     turn: Turn) -> None:
@@ -147,6 +169,11 @@ class Try:
 
     async def __aexit__(self, *exc_info: object) -> None:
         if not self._held:
+            if isinstance(exc_info[1], asyncio.CancelledError) and self.reservation is not None \
+                    and not self._released and self.sent():
+                # cut while the provider had it (the deadline, or the caller went away): an event, no tokens
+                outcome = "error:deadline" if self.req.deadline.expired() else "cancelled"
+                self.services.ledger.record_nowait(self.event(None, None, self.latency_ms, outcome))
             self.release(0)
             if self.span is not None:     # ended without an event: not sent (or cancelled)
                 exc = exc_info[1]
@@ -161,8 +188,14 @@ class Try:
         return _litellm.sent(self.tag)
 
     async def complete(self) -> LLMResponse:
-        """Send the request; settle, record and release; the answer."""
-        raw = await self._send({})
+        """Send the request; settle, record and release; the answer.  ``timeout`` bounds it by our clock."""
+        try:
+            async with asyncio.timeout(self.timeout) as bound:
+                raw = await self._send({})
+        except TimeoutError:
+            if not bound.expired():
+                raise
+            raise TryTimedOut(f"no answer within the {self.timeout:g}s timeout") from None
         req, backend = self.req, self.backend
         cost = self.services.pricing.cost(req.model, backend.provider.litellm_prefix,
                                           getattr(raw, "usage", None))
@@ -179,14 +212,51 @@ class Try:
         from .streaming import close_quietly, first_chunks
 
         options = {**self.req.kwargs.get("stream_options", {}), "include_usage": True}
-        wrapper = await self._send({"stream": True, "stream_options": options})
+        opened = time.monotonic()
         try:
-            first, ended = await first_chunks(wrapper)
-        except BaseException:
-            await close_quietly(wrapper)
-            raise
+            async with asyncio.timeout(self.timeout) as bound:
+                wrapper = await self._send({"stream": True, "stream_options": options})
+                try:
+                    first, ended = await first_chunks(wrapper, self.idle_timeout)
+                except BaseException:
+                    await close_quietly(wrapper)
+                    raise
+        except TimeoutError:
+            if not bound.expired():
+                raise
+            raise TryTimedOut(f"no content within the {self.timeout:g}s timeout") from None
+        self.waited = time.monotonic() - opened
         self._held = True
         return OpenStream(self, wrapper, first, ended)
+
+    @property
+    def idle_timeout(self) -> float:
+        """Seconds a stream may go without a chunk: per call, else ``llm.stream_idle_timeout``, else ``timeout``."""
+        return self.req.options.stream_idle_timeout or self.services.idle_timeout or self.timeout
+
+    def next_chunk_by(self) -> tuple[float, str]:
+        """When (``time.monotonic()``) the next chunk of a held stream must have come, and which bound that is.
+
+        The try's ``timeout`` counts the time spent waiting for the provider, not
+        the caller's own time between reads; the request's deadline is wall time.
+        """
+        now = time.monotonic()
+        bound = min((now + self.idle_timeout, "idle"), (now + max(0.0, self.timeout - self.waited), "timeout"))
+        at = self.req.deadline.at
+        return min(bound, (at, "deadline")) if at is not None else bound
+
+    def cut_error(self, why: str) -> BackendError:
+        """The error a caller gets for a stream cut after it handed out text (the stream is charged what came)."""
+        req, name = self.req, self.backend.name
+        if why == "deadline":
+            req.deadline.waiting_for = f"the stream from {name}"
+            return req.deadline.error(req.name, req.attempts)
+        what = (f"no chunk for {self.idle_timeout:g}s (stream_idle_timeout)" if why == "idle" else
+                f"it ran past its {self.timeout:g}s timeout")
+        attempt = Attempt(name, "timeout", None, what)
+        return ProviderError(f"{req.model}: the stream from {name} was cut: {what}; the text so far was "
+                             f"handed out and is charged. Retry the call, or raise the timeout",
+                             [*req.attempts, attempt])
 
     async def _send(self, extra: dict[str, Any]) -> Any:
         req, backend = self.req, self.backend

@@ -5,9 +5,8 @@ Waiters are served in the fair order of ``fairness.py`` (priorities, then
 fair shares by tokens across agents, then arrival order within an agent), and
 the waiter at the head is never overtaken, so a large request cannot be starved
 by a stream of small ones; ``max_concurrent`` is exact because a freed slot is
-handed straight to the next waiter instead of being raced for (contract C6,
-C15).  The start window of ``rate_limit_rpm`` (C14) is first come, first
-served among calls that already hold a slot.
+handed straight to the next waiter instead of being raced for.  The start
+window of ``rate_limit_rpm`` is first come, first served among calls that already hold a slot.
 
 Neither holds an asyncio primitive: futures are made on the loop of the task
 that waits, and a waiter is woken on its own loop (``call_soon_threadsafe``
@@ -20,17 +19,17 @@ Cancellation: a waiter that is cancelled (or timed out) gives back what it
 was handed: a slot handed to it just as it was cancelled goes on to the next
 waiter, and tokens it had taken go back into the bucket.
 
-Requests per minute (``StartWindow``, contract C14): a sliding-window log of
+Requests per minute (``StartWindow``): a sliding-window log of
 start times, at most ``rate_limit_rpm`` starts in any 60 s.  Not
-``aiolimiter.AsyncLimiter``, which the design card names, for three reasons:
+``aiolimiter.AsyncLimiter``, the usual choice, for three reasons:
 an ``AsyncLimiter`` belongs to one event loop (reused from another it warns
 and drops that loop's waiters) and is not thread-safe, so a router serving
 several loops would need one per loop, and N limiters each allowing the full
 rate let N times the limit start; one limiter cannot serve several loops
 without the cross-loop waking done here anyway.  Second, it is a leaky bucket:
 a burst of ``rpm`` at once and then ``rpm / 60`` per second, so up to twice the
-limit can start within one 60 s window, where C14 says "at most that many in
-any 60 s"; the fleet-wide Redis limiter (a ZSET of start times in
+limit can start within one 60 s window, where the limit means "at most that many
+in any 60 s"; the fleet-wide Redis limiter (a ZSET of start times in
 ``shared/scripts.py``) keeps exactly this window, and in memory the semantics
 must be the same.  Third, waiters would not be served in arrival order across
 loops.  The window here shares the token bucket's machinery (one lock,
@@ -170,6 +169,12 @@ class TokenBucket:
                 nxt = self._waiters.peek()
             wake(nxt.fut if nxt else None)
 
+    def min_wait(self, amount: float) -> float:
+        """Seconds at least until ``amount`` tokens are there (0: now; waiters ahead add to it)."""
+        with self._lock:
+            self._refill()
+            return max(0.0, (min(float(amount), self.capacity) - self._tokens) / self.rate)
+
     def settle(self, taken: float, used: float) -> None:
         """Refund ``taken - used`` (or charge the excess) once the real usage is known."""
         with self._lock:
@@ -235,7 +240,7 @@ class StartWindow:
 
     ``acquire()`` records a start now, or waits (first-come first-served) until
     the oldest start in the window is ``period`` seconds old.  A start is never
-    given back: every provider call counts, whatever its outcome (contract C14).
+    given back: every provider call counts, whatever its outcome.
     """
 
     def __init__(self, limit: int, period: float = 60.0) -> None:
@@ -262,6 +267,16 @@ class StartWindow:
         with self._lock:
             self._expire(time.monotonic())
             return not self._waiters and len(self._starts) < self.limit
+
+    def min_wait(self) -> float:
+        """Seconds at least until a newcomer could start (after the waiters ahead of it)."""
+        with self._lock:
+            now = time.monotonic()
+            self._expire(now)
+            j = len(self._starts) + len(self._waiters) - self.limit    # starts that must expire first, -1
+            if j < 0:
+                return 0.0
+            return self._starts[j] + self.period - now if j < len(self._starts) else self.period
 
     def _expire(self, now: float) -> None:
         edge = now - self.period
@@ -304,9 +319,9 @@ class Gate:
     """A backend's limits together: its token bucket and start window (if any) and its slots.
 
     ``load`` is what least-loaded compares: calls in flight plus calls waiting
-    for this backend, relative to ``max_concurrent`` (contract C4, C6).
+    for this backend, relative to ``max_concurrent``.
     ``has_capacity`` says whether a call could start now as far as
-    ``rate_limit_rpm`` goes (the strategies prefer backends that can, C14).
+    ``rate_limit_rpm`` goes (the strategies prefer backends that can).
     """
 
     def __init__(self, max_concurrent: int, tpm: int | None, rpm: int | None = None,
@@ -325,6 +340,12 @@ class Gate:
     @property
     def in_flight(self) -> int:
         return self.slots.in_use
+
+    def min_wait(self, tokens: int) -> float:
+        """Seconds at least before a call of ``tokens`` could start: the bucket's refill and the
+        start window's next room (slots are freed by calls ending, which no clock predicts)."""
+        wait = self.bucket.min_wait(tokens) if self.bucket is not None else 0.0
+        return max(wait, self.window.min_wait()) if self.window is not None else wait
 
     @property
     def load(self) -> float:

@@ -1,13 +1,15 @@
 """What the caller asked for: the call's shape and its per-call options, checked before anything is sent.
 
-``complete()`` and ``stream()`` take the package's own options (contract C1a)
+``complete()`` and ``stream()`` take the package's own options
 beside the provider parameters that go to LiteLLM in OpenAI form:
 
     timeout=30          seconds for each try of this call (replaces the configured timeout)
+    stream_idle_timeout=10  seconds a stream may go without a chunk (default: the try's timeout)
+    deadline=60         seconds the whole request may take: waits, tries, backoff, fallbacks
     retries=1           tries after the first, for this call (num_retries= and max_retries= too)
     drop_params=True    let LiteLLM drop parameters a provider does not support
     priority="high"     high, normal (default) or low: the order among waiters (fairness.py)
-    fallbacks=[...]     models (or aliases) to try, in order, once the model's backends are out (C13)
+    fallbacks=[...]     models (or aliases) to try, in order, once the model's backends are out
 
 These are never handed to LiteLLM as LiteLLM options, and LiteLLM's and the
 OpenAI SDK's own retries are always switched off on the call itself
@@ -40,7 +42,6 @@ BYPASS = {
 }
 RETRY_SYNONYMS = ("retries", "num_retries", "max_retries")
 ROLES = frozenset({"system", "user", "assistant", "tool", "function", "developer"})
-NOT_YET: dict[str, str] = {}     # options of later contract sections, refused until they exist
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class CallOptions:
     """The package's own per-call options (None: the configured value)."""
 
     timeout: float | None = None
+    stream_idle_timeout: float | None = None
+    deadline: float | None = None
     retries: int | None = None
     drop_params: bool | None = None
     priority: Priority = "normal"
@@ -60,35 +63,66 @@ def split_options(kwargs: dict[str, Any], *, streaming: bool) -> tuple[CallOptio
         if name in kwargs:
             raise BadRequestError(f"{name}= is not accepted per call: {fix}; remove the argument "
                                   f"(nothing was sent)")
-    for name, what in NOT_YET.items():
-        if name in kwargs:
-            raise BadRequestError(f"{name}= ({what}) is not supported by this version; remove the "
-                                  f"argument (nothing was sent)")
     if "stream" in kwargs:
         if kwargs["stream"] and not streaming:
             raise BadRequestError("stream=True is not accepted by complete(): use stream(...), an async "
                                   "iterator of text deltas whose .response is the final LLMResponse "
                                   "(nothing was sent)")
-    if not (kwargs.keys() & {"timeout", "drop_params", "stream", "priority", "fallbacks", *RETRY_SYNONYMS}):
+    _check_provider_params(kwargs)
+    if not (kwargs.keys() & _OWN):
         return _NONE, kwargs
     rest = dict(kwargs)
     rest.pop("stream", None)
-    return CallOptions(timeout=_timeout(rest.pop("timeout", None)), retries=_retries(rest),
+    return CallOptions(timeout=_seconds("timeout", rest.pop("timeout", None), "for each try"),
+                       stream_idle_timeout=_seconds("stream_idle_timeout", rest.pop("stream_idle_timeout", None),
+                                                    "a stream may go without a chunk"),
+                       deadline=_seconds("deadline", rest.pop("deadline", None), "for the whole request"),
+                       retries=_retries(rest),
                        drop_params=_flag("drop_params", rest.pop("drop_params", None)),
                        priority=_priority(rest.pop("priority", "normal")),
                        fallbacks=_fallbacks(rest.pop("fallbacks", None))), rest
 
 
 _NONE = CallOptions()
+_OWN = frozenset({"timeout", "stream_idle_timeout", "deadline", "drop_params", "stream", "priority", "fallbacks",
+                  *RETRY_SYNONYMS})
 
 
-def _timeout(value: Any) -> float | None:
+def _seconds(name: str, value: Any, what: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise BadRequestError(f"timeout=: expected a positive number of seconds for each try, got "
-                              f"{value!r} (nothing was sent)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value != value:
+        raise BadRequestError(f"{name}=: expected a positive number of seconds {what}, got "
+                              f"{_show(value)} (nothing was sent)")
     return float(value)
+
+
+# Provider parameters whose value decides how much a call may use (what its budget and bucket
+# reserve) or that LiteLLM would otherwise fail on deep inside: checked before anything is sent.
+_COUNTS = ("max_tokens", "max_completion_tokens", "n")
+_NUMBERS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
+
+
+def _check_provider_params(kwargs: Mapping[str, Any]) -> None:
+    for name in _COUNTS:
+        value = kwargs.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise BadRequestError(f"{name}=: expected a positive whole number, got {_show(value)}; "
+                                  f"pass an int such as {name}={1 if name == 'n' else 512} (nothing was sent)")
+    for name in _NUMBERS:
+        value = kwargs.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or value != value):
+            raise BadRequestError(f"{name}=: expected a number, got {_show(value)}; pass a float such as "
+                                  f"{name}=0.7 (nothing was sent)")
+
+
+def check_ids(agent_id: Any, thread_id: Any) -> None:
+    """``agent_id`` and ``thread_id`` are strings (or None): they key limits, budgets and totals."""
+    for name, value in (("agent_id", agent_id), ("thread_id", thread_id)):
+        if value is not None and not isinstance(value, str):
+            raise BadRequestError(f"{name}=: expected a string (or None), got {_show(value)}; pass "
+                                  f"str({name}) (nothing was sent)")
 
 
 def _retries(rest: dict[str, Any]) -> int | None:
@@ -149,10 +183,11 @@ def check_metadata(metadata: Any) -> dict[str, Any]:
     return dict(metadata)
 
 
-def checked(model: Any, messages: Any, metadata: Any, kwargs: dict[str, Any],
+def checked(model: Any, messages: Any, agent_id: Any, thread_id: Any, metadata: Any, kwargs: dict[str, Any],
             streaming: bool) -> tuple[CallOptions, dict[str, Any], dict[str, Any]]:
     """All the checks of a call before anything is sent: its options, provider kwargs and metadata."""
     check_call(model, messages)
+    check_ids(agent_id, thread_id)
     return (*split_options(kwargs, streaming=streaming), check_metadata(metadata))
 
 

@@ -4,7 +4,7 @@ A provider entry says which LiteLLM model prefix to use, which models it serves
 when the backend lists none (its *model rule*), which environment variable holds
 its key by default, and how its ``base_url`` is written for LiteLLM.  Providers
 that LiteLLM knows but this table does not are still usable: they get their own
-name as prefix and must list ``supported_models`` (contract C2, C3).
+name as prefix and must list ``supported_models``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One caller request while it is served: what it asked for and what its tries have learnt.
 
-A request is a chain of ``Step``s, one per model (contract C13): a plain call
+A request is a chain of ``Step``s, one per model: a plain call
 has one; an alias of ``llm.models`` or a call with ``fallbacks=[...]`` has one
 per model, in order.  ``model`` and ``candidates`` are those of the step being
 tried (``use(i)`` moves them; ``fallback.choose`` decides which), so
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import ResolvedBackend
+from .deadline import Deadline
 from .errors import Attempt, BackendError, BadRequestError, NoBackendError, ProviderError, RateLimitError
 from .options import CallOptions
 from .retry import Action, Verdict
@@ -67,6 +68,8 @@ class Request:
     requested_model: str = ""         # the name the caller asked for (an alias, or the first model)
     chain: list[Step] = field(default_factory=list)   # the models to try, in order
     step: int = 0                     # the one being tried
+    deadline: Deadline = field(default_factory=lambda: Deadline(None))   # the whole request's time
+    queue_wait: float | None = None   # llm.max_queue_wait: longest wait for a saturated model, when others follow
 
     def __post_init__(self) -> None:
         if not self.chain:
@@ -108,6 +111,10 @@ class Request:
     def exhausted(self) -> bool:
         """The stop rule: ``retries + 1`` provider calls made (all models together), or no model left."""
         return len(self.attempts) >= self.tries or not self.live()
+
+    def has_next_model(self) -> bool:
+        """Whether a model after the current one is still in the request (an alias or fallbacks)."""
+        return any(i > self.step for i, _ in self.live())
 
     def skip(self, reason: str) -> bool:
         """Take the current model out of the request; whether another model is left."""

@@ -1,4 +1,4 @@
-"""How many tokens a try reserves in its backend's bucket before it is sent (contract C6).
+"""How many tokens a try reserves in its backend's bucket before it is sent.
 
 The reservation is the request's worst case: LiteLLM's count of the prompt
 tokens (made once per request) plus ``max_tokens`` (or ``max_completion_tokens``,
@@ -10,7 +10,7 @@ Budgets (``budgets.py``) reserve the same worst case, and its price in dollars.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import _litellm
 
@@ -20,12 +20,26 @@ if TYPE_CHECKING:
     from .request import Request
 
 
+def prompt_tokens(model: str, messages: list[dict[str, Any]], tools: Any = None) -> int:
+    """LiteLLM's count of a prompt's tokens: what a try reserves for its prompt (``max_tokens`` on top).
+
+    Loads LiteLLM (and the model's tokenizer) on first use.
+    """
+    return _litellm.token_estimate(model, messages, tools)
+
+
 def worst_case(req: Request, default_max_tokens: int) -> tuple[int, int]:
     """(prompt tokens, the most the answer may take): LiteLLM's count of the prompt, made once per request."""
     if req.estimate is None:
         req.estimate = _litellm.token_estimate(req.model, req.messages, req.kwargs.get("tools"))
-    out = req.kwargs.get("max_tokens") or req.kwargs.get("max_completion_tokens")
-    return req.estimate, int(out or default_max_tokens)
+    return req.estimate, most_out(req.kwargs, default_max_tokens)
+
+
+def most_out(kwargs: dict[str, Any], default_max_tokens: int) -> int:
+    """The most tokens the answer may take: ``max_tokens`` (or ``max_completion_tokens``, else the
+    default) for each of its ``n`` choices; the call's arguments were checked to be positive ints."""
+    out = kwargs.get("max_tokens") or kwargs.get("max_completion_tokens") or default_max_tokens
+    return int(out) * int(kwargs.get("n") or 1)
 
 
 def tokens_to_reserve(req: Request, backend: ResolvedBackend, default_max_tokens: int) -> int:
@@ -41,8 +55,7 @@ def fair_cost(req: Request, reserved: int, default_max_tokens: int) -> float:
         return float(reserved)
     prompt = req.estimate if req.estimate is not None else sum(
         len(str(m.get("content") or "")) for m in req.messages) // 4
-    out = req.kwargs.get("max_tokens") or req.kwargs.get("max_completion_tokens")
-    return float(prompt + int(out or default_max_tokens))
+    return float(prompt + most_out(req.kwargs, default_max_tokens))
 
 
 def worst_cost(req: Request, backend: ResolvedBackend, default_max_tokens: int,

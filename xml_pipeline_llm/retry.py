@@ -1,4 +1,4 @@
-"""The retry policy: which errors are worth another try, how long to wait, when to stop (C5).
+"""The retry policy: which errors are worth another try, how long to wait, when to stop.
 
 ``retrying(req, cooldowns)`` is tenacity's ``AsyncRetrying`` with the three
 policy objects: ``retry`` on ``TryFailed`` (a try that another try may fix),
@@ -11,8 +11,8 @@ provider's Retry-After or the jittered backoff (``cooldown``).
 Errors are classified by the exception chain's classes first (a refused
 connection, a timeout, an unsupported parameter: ``_litellm.cause``) and then
 by HTTP status: LiteLLM maps a 502 to ``BadGatewayError``, a refused
-connection to a 500, and malformed JSON to an ``APIError`` with status 200
-(contract C5).  Message text is never looked at.
+connection to a 500, and malformed JSON to an ``APIError`` with status 200.
+Message text is never looked at.
 """
 
 from __future__ import annotations
@@ -184,8 +184,13 @@ class wait_for_a_ready_backend:
         self.cooldowns = cooldowns
 
     async def __call__(self, retry_state: RetryCallState) -> float:
-        pool = self.req.remaining()       # every backend of every model left (C13)
-        return until_ready(await self.cooldowns(b.name for b in pool), pool) if pool else 0.0
+        req = self.req
+        pool = req.remaining()       # every backend of every model left
+        wait = until_ready(await self.cooldowns(b.name for b in pool), pool) if pool else 0.0
+        if wait and req.deadline.at is not None and not req.exhausted():
+            req.deadline.refuse_if(wait, f"the cooldown of {', '.join(b.name for b in pool)}",
+                                   req.name, req.attempts)
+        return wait
 
 
 def retrying(req: Request, cooldowns: Cooldowns) -> AsyncRetrying:

@@ -1,11 +1,11 @@
 """LLMRouter: find the backends serving a model, then serve the request by the retry rules.
 
-A request goes: candidates (C3) -> the strategy picks a ready backend (C4,
-``strategies.py``) -> a ``Try`` (``lifecycle.py``) is admitted by the
-backend's gate (C6, ``limits.py``), sent through LiteLLM, settled, recorded
-(C7, ``usage.py``) and released -> on failure the error is classified, the
+A request goes: candidates (``routing.py``) -> the strategy picks a ready
+backend (``strategies.py``) -> a ``Try`` (``lifecycle.py``) is admitted by the
+backend's gate (``limits.py``), sent through LiteLLM, settled, recorded
+(``usage.py``) and released -> on failure the error is classified, the
 backend cools down and tenacity runs the next try by the policy in
-``retry.py`` (C5).  This file is the routing and that loop, nothing more.
+``retry.py``.  This file is the routing and that loop, nothing more.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any, NoReturn
 from . import _litellm
 from .budgets import BudgetMethods, Budgets
 from .config import ResolvedBackend, RouterConfig
-from .errors import BadRequestError
+from .deadline import Deadline
+from .errors import BadRequestError, Saturated, TryTimedOut
 from .fallback import build_chain, check_windows, choose
 from .lifecycle import OpenStream, Services, Try
 from .options import CallOptions, checked
@@ -69,7 +70,8 @@ class LLMRouter(UsageMethods, BudgetMethods):
         self.telemetry = make_telemetry(config, self, self._ledger, self._secrets)
         self._services = Services(self.id, {b.name: b for b in self.backends}, self._gates, self._ledger,
                                   self._deployments, config.default_max_tokens, self._budgets,
-                                  config.weights, self.telemetry, self.pricing)
+                                  config.weights, self.telemetry, config.stream_idle_timeout,
+                                  pricing=self.pricing)
 
     def __repr__(self) -> str:
         return f"LLMRouter(strategy={self.config.strategy!r}, backends=[{', '.join(b.name for b in self.backends)}])"
@@ -77,6 +79,12 @@ class LLMRouter(UsageMethods, BudgetMethods):
     def route(self, model: str) -> tuple[str, list[ResolvedBackend]]:
         """The model name to send and the backends that may serve it (file order; ``routing.py``)."""
         return self._routes.route(model)
+
+    @property
+    def state(self) -> State:
+        """Where limits, cooldowns and rotation are kept: ``MemoryState``, or ``RedisState`` with
+        ``shared_state`` (``shared/state.py``); the object passed as ``state=``, if one was."""
+        return self._state
 
     def gate(self, backend: str) -> BackendGate:
         """The limits of one backend (``in_flight``, ``queued``, ``load``)."""
@@ -92,7 +100,7 @@ class LLMRouter(UsageMethods, BudgetMethods):
                        agent_id: str | None = None, thread_id: str | None = None,
                        metadata: dict[str, Any] | None = None, **kwargs: Any) -> LLMResponse:
         """One chat completion, retried and failed over by the configured rules."""
-        options, kwargs, metadata = checked(model, messages, metadata, kwargs, streaming=False)
+        options, kwargs, metadata = checked(model, messages, agent_id, thread_id, metadata, kwargs, streaming=False)
         req = await self._request(model, messages, agent_id, thread_id, metadata, kwargs, options)
         resp = await self._serve(req, stream=False)
         assert isinstance(resp, LLMResponse)
@@ -102,7 +110,7 @@ class LLMRouter(UsageMethods, BudgetMethods):
                agent_id: str | None = None, thread_id: str | None = None,
                metadata: dict[str, Any] | None = None, **kwargs: Any) -> LLMStream:
         """An async iterator of text deltas; ``.response`` holds the LLMResponse once it ends."""
-        options, kwargs, metadata = checked(model, messages, metadata, kwargs, streaming=True)
+        options, kwargs, metadata = checked(model, messages, agent_id, thread_id, metadata, kwargs, streaming=True)
 
         async def open_stream() -> OpenStream:
             req = await self._request(model, messages, agent_id, thread_id, metadata, kwargs, options)
@@ -118,22 +126,29 @@ class LLMRouter(UsageMethods, BudgetMethods):
         chain = build_chain(self._routes, self.config.models, model, options.fallbacks)
         retries = self.config.retries if options.retries is None else options.retries
         req = Request(chain[0].model, messages, kwargs, agent_id, thread_id, dict(metadata or {}),
-                      chain[0].candidates, options, retries + 1, requested_model=model, chain=chain)
+                      chain[0].candidates, options, retries + 1, requested_model=model, chain=chain,
+                      deadline=Deadline(options.deadline or self.config.deadline),
+                      queue_wait=self.config.max_queue_wait)
         check_windows(req)
         if self._strategy.rotates:
             req.turn = await self._state.next_turn(req.model)
         return req
 
     async def _serve(self, req: Request, stream: bool) -> LLMResponse | OpenStream:
-        """Tries until one serves the request, by the policy in ``retry.py``."""
+        """Tries until one serves the request, by the policy in ``retry.py``, within its deadline."""
         served: LLMResponse | OpenStream | None = None
         with self.telemetry.request(req, stream):      # the request's span (a stream's ends with it)
             try:
-                async for attempt in retrying(req, self._state.cooldowns):
-                    with attempt:
-                        served = await self._try(req, stream)
+                async with req.deadline.bound() as bound:
+                    async for attempt in retrying(req, self._state.cooldowns):
+                        with attempt:
+                            served = await self._try(req, stream)
             except TryFailed:
                 raise req.final_error() from req.last_exc
+            except TimeoutError:
+                if not bound.expired():
+                    raise
+                raise req.deadline.error(req.name, req.attempts) from req.last_exc
         assert served is not None
         return served
 
@@ -141,13 +156,17 @@ class LLMRouter(UsageMethods, BudgetMethods):
         """One provider try; a backend that refuses a parameter before sending is not a try."""
         while True:
             backend = await self._choose(req)
-            async with Try(self._services, req, backend) as t:
-                try:
-                    return await (t.open_stream() if stream else t.complete())
-                except Exception as exc:
-                    if t.sent():
-                        await self._failed(req, t, exc)
-                    self._not_sent(req, backend, exc)
+            try:
+                async with Try(self._services, req, backend) as t:
+                    try:
+                        return await (t.open_stream() if stream else t.complete())
+                    except Exception as exc:
+                        if t.sent() or isinstance(exc, TryTimedOut):
+                            await self._failed(req, t, exc)
+                        self._not_sent(req, backend, exc)
+            except Saturated as exc:     # llm.max_queue_wait: on to the next model that can start
+                req.skip(f"saturated: {exc}")
+                log.info("%s: %s skipped for this request: %s", req.name, req.model, exc)
 
     async def _choose(self, req: Request) -> ResolvedBackend:
         """The backend for the next try, over every model of the request (``fallback.py``)."""
@@ -177,7 +196,7 @@ class LLMRouter(UsageMethods, BudgetMethods):
         req.note(backend, verdict, exc, detail)
         if verdict.kind == "context_window" and len(req.chain) > 1 and req.skip(
                 f"{backend.name} said the prompt exceeds its context window ({verdict.status}: {detail})"):
-            pass      # the next model may take it: a try like any other (C13)
+            pass      # the next model may take it: a try like any other
         elif verdict.action is Action.FATAL:
             await t.record_failure(outcome(True, verdict))
             raise BadRequestError(f"{req.name}: {backend.name} rejected the request ({verdict.status}): "
@@ -205,6 +224,11 @@ class LLMRouter(UsageMethods, BudgetMethods):
             self._llm = _litellm.Deployments(self.backends)
             _litellm.register(self.id, self._services)
         return self._llm
+
+    def warm_up(self) -> None:
+        """Import LiteLLM and build the deployments now rather than at the first call (seconds):
+        before forking workers, or before a timed section."""
+        self._deployments()
 
     def litellm_router(self) -> Any:
         """A ``litellm.Router`` over the same backends (``"<backend>/<model>"``), its own rules off;

@@ -1,4 +1,4 @@
-"""Which backends may serve a model (contract C3): model rules, provider prefixes, catch-alls.
+"""Which backends may serve a model: model rules, provider prefixes, catch-alls.
 
 ``Routes.route(model)`` gives the model name to send and the candidate
 backends in file order, cached per model name; no candidate is a

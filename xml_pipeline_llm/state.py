@@ -4,8 +4,8 @@ What may differ between one process and a fleet is typed here, once:
 ``State`` (the gates, cooldowns and round-robin turns), ``BackendGate`` (one
 backend's limits: ``enter`` returns a ``Reservation`` that ``leave`` takes
 back) and ``SharedUsage`` (fleet-wide usage totals).  ``MemoryState`` keeps
-it in this process; ``shared.state.RedisState`` shares it across processes
-(contract C8).  Either can be passed to ``LLMRouter(config, state=...)``.
+it in this process; ``shared.state.RedisState`` shares it across processes.
+Either can be passed to ``LLMRouter(config, state=...)``.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class BackendGate(Protocol):
     def load(self) -> float: ...        # (in flight + queued) / max_concurrent
     @property
     def has_capacity(self) -> bool: ...
+    def min_wait(self, tokens: int) -> float: ...     # seconds at least before such a call could start
     async def enter(self, tokens: int, turn: Turn = ...) -> Reservation: ...
     def leave(self, reservation: Reservation, used: int) -> None: ...
 
@@ -121,7 +122,7 @@ class MemoryState:
 
 
 def make_state(config: RouterConfig) -> State:
-    """The state for a router: ``RedisState`` with ``shared_state`` set (C8), else ``MemoryState``.
+    """The state for a router: ``RedisState`` with ``shared_state`` set, else ``MemoryState``.
 
     Building a ``RedisState`` checks that Redis answers, raising ``ConfigError``
     (naming the URL without its password) when it does not.

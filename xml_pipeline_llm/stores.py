@@ -4,7 +4,7 @@
 in WAL mode.  A single writer thread does the inserts, so the event loop never
 blocks on the disk, and it commits in groups: ``complete()`` returns only once
 its own event is committed, so a call that returned is in the ledger even if
-the process is killed right after (contract C8).  A ledger that cannot be
+the process is killed right after.  A ledger that cannot be
 written does not fail calls: their rows wait in memory, retried, with an ERROR.
 """
 

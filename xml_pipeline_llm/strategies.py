@@ -1,9 +1,9 @@
-"""Which backend takes the next try (contract C4): failover, round-robin, least-loaded.
+"""Which backend takes the next try: failover, round-robin, least-loaded.
 
 A strategy is given the backends that can take the try now (serving the
 model, not cooling down, not dropped for this request; those with
 ``rate_limit_rpm`` headroom only, when there are any: a backend whose window
-of starts is full is busy, C14) and returns one.
+of starts is full is busy) and returns one.
 None of them waits or keeps state of its own: round-robin's position comes
 from the shared state, so that it is exact per model and across processes.
 

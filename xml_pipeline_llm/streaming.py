@@ -9,11 +9,14 @@ recorded exactly once when it ends: read to the end, closed early with
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _litellm
-from .errors import ProviderError
+from .deadline import timeout_at
+from .errors import ProviderError, StreamCut, TryTimedOut
 from .response import LLMResponse
 from .usage import OK
 
@@ -54,6 +57,10 @@ class LLMStream:
             except StopAsyncIteration:
                 await self._finish(OK)
                 raise
+            except StreamCut as cut:     # no chunk in time: cut, charged what came, slot back at once
+                await self._finish("error:deadline" if cut.why == "deadline" else "error:timeout")
+                await close_quietly(self._opened.wrapper)
+                raise self._opened.try_.cut_error(cut.why) from None
             except Exception as exc:
                 await self._finish("error:stream")
                 t = self._opened.try_
@@ -71,7 +78,18 @@ class LLMStream:
             return self._pending.pop(0)
         if self._opened.ended:
             raise StopAsyncIteration
-        return await self._opened.wrapper.__anext__()
+        t = self._opened.try_
+        when, why = t.next_chunk_by()
+        started = time.monotonic()
+        try:
+            async with timeout_at(when) as bound:
+                return await self._opened.wrapper.__anext__()
+        except TimeoutError:
+            if not bound.expired():
+                raise
+            raise StreamCut(why) from None
+        finally:
+            t.waited += time.monotonic() - started
 
     async def aclose(self) -> None:
         """Stop reading: closes the provider stream and records what was used so far."""
@@ -149,16 +167,22 @@ class EmptyStreamError(Exception):
     kind = "bad_response"
 
 
-async def first_chunks(wrapper: Any) -> tuple[list[Any], bool]:
+async def first_chunks(wrapper: Any, idle: float) -> tuple[list[Any], bool]:
     """Read a new stream up to its first content; returns the chunks and whether it ended.
 
     LiteLLM turns some malformed stream bodies into one empty chunk and a
-    normal end; an empty stream is therefore treated as a failed try.
+    normal end; an empty stream is therefore treated as a failed try.  A chunk
+    that takes longer than ``idle`` seconds fails the try as a timeout.
     """
     chunks: list[Any] = []
     while True:
         try:
-            chunk = await wrapper.__anext__()
+            async with asyncio.timeout(idle) as bound:
+                chunk = await wrapper.__anext__()
+        except TimeoutError:
+            if not bound.expired():
+                raise
+            raise TryTimedOut(f"no chunk for {idle:g}s (stream_idle_timeout)") from None
         except StopAsyncIteration:
             if not any(_delta_text(c) or _has_tool_call(c) for c in chunks):
                 raise EmptyStreamError("the stream ended without any content") from None

@@ -1,4 +1,4 @@
-"""OpenTelemetry spans and metrics, and the Prometheus endpoint (contract C12).
+"""OpenTelemetry spans and metrics, and the Prometheus endpoint.
 
 Active when ``opentelemetry-api`` is importable (``pip install 'xml-pipeline-llm[otel]'``)
 and ``llm.telemetry.otel`` is not false; otherwise the router gets ``NOOP``, chosen
@@ -321,7 +321,7 @@ def _server(base_url: str | None) -> tuple[str | None, int | None]:
 
 
 def _budget_gauges(router: Any) -> Iterator[tuple[str, float, dict[str, Any]]]:
-    """``xpl.budget.remaining`` per budget: asks ``router.budgets()`` (contract C11) when the router has it."""
+    """``xpl.budget.remaining`` per budget: asks ``router.budgets()`` when the router has it."""
     budgets = getattr(router, "budgets", None)
     if not callable(budgets):
         return
@@ -329,7 +329,7 @@ def _budget_gauges(router: Any) -> Iterator[tuple[str, float, dict[str, Any]]]:
         statuses = budgets()
     except Exception:
         return
-    if not isinstance(statuses, list):      # not the C11 list (a coroutine, say): nothing to show
+    if not isinstance(statuses, list):      # not a list of BudgetStatus (a coroutine, say): nothing to show
         return
     for st in statuses:
         base = {"xpl.budget.scope": str(getattr(st, "scope", "")), "xpl.budget.key": str(getattr(st, "key", ""))}

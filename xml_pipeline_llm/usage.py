@@ -4,7 +4,7 @@ The router records each call exactly once (de-duplicated by LiteLLM's call id,
 so the LiteLLM callback and the router's own read-your-writes record cannot
 both count it).  ``UsageLedger`` keeps exact totals in memory and, when asked,
 appends every event to a durable store (``SqliteStore``) before the caller
-gets its answer (contract C7, C8).
+gets its answer.
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ class _Subscriber:
 
 
 class Listeners:
-    """``on_usage`` callbacks, called with every event once it is counted (contract C12).
+    """``on_usage`` callbacks, called with every event once it is counted.
 
     A callback's exception (or its coroutine's) is contained: logged at most once a
     minute per callback and never seen by the call or the other callbacks.  A
@@ -447,7 +447,7 @@ class UsageLedger:
 
 
 class UsageMethods:
-    """The usage API of ``LLMRouter`` (contract C7), over its ``_ledger``."""
+    """The usage API of ``LLMRouter``, over its ``_ledger``."""
 
     _ledger: UsageLedger
 
@@ -530,6 +530,3 @@ def write_csv(path: str | os.PathLike[str], by: str, *, totals: dict[str, AgentU
                 rows += 1
     return rows
 
-
-def now() -> float:
-    return time.time()

@@ -1,4 +1,4 @@
-"""``xml-pipeline-llm``: the command line (contract C9).
+"""``xml-pipeline-llm``: the command line.
 
     xml-pipeline-llm demo                      # offline tour: simulator, 3 strategies, usage tables
     xml-pipeline-llm check -c organism.yaml    # validate the llm: block, print the routing table

@@ -1,4 +1,4 @@
-"""The demo's last act: a fallback across models while one simulated provider is down (C13).
+"""The demo's last act: a fallback across models while one simulated provider is down.
 
 An alias ``smart: [grok-4.3, claude-sonnet-4-5]`` over ``xai-main`` and
 ``anthropic-main`` only (no gateway serving both), so nothing but the next

@@ -1,4 +1,4 @@
-"""Shared state in Redis (contract C8): what ``shared_state: redis://...`` switches on.
+"""Shared state in Redis: what ``shared_state: redis://...`` switches on.
 
 ``state.py``       RedisState and RedisGate: the state interface of ``MemoryState``, in Redis
 ``scripts.py``     the Lua scripts that keep buckets, slots, cooldowns and rotation atomic

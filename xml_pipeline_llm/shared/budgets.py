@@ -1,4 +1,4 @@
-"""Budgets for a fleet (contract C11): one spend per budget across every process, kept atomic in Redis.
+"""Budgets for a fleet: one spend per budget across every process, kept atomic in Redis.
 
 Keys (``<p>`` is ``redis_prefix``; every budget key carries the one hash tag
 ``{<p>:budgets}``, so a script that reserves in several budgets at once never

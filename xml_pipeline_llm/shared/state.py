@@ -1,4 +1,4 @@
-"""Shared state in Redis: one quota, one set of cooldowns and one rotation for a fleet (contract C8).
+"""Shared state in Redis: one quota, one set of cooldowns and one rotation for a fleet.
 
 ``shared_state: redis://host:port/db`` (or ``$XML_PIPELINE_LLM_REDIS_URL``) makes
 every process using the same Redis and ``redis_prefix`` share:
@@ -148,6 +148,15 @@ class RedisGate:
         if not self.state.conn.health.usable():
             return self.local.has_capacity
         return time.monotonic() >= self.full_until
+
+    def min_wait(self, tokens: int) -> float:
+        """As far as the last Redis answer tells: seconds at least before a call of ``tokens`` could start."""
+        if not self.state.conn.health.usable():
+            return self.local.min_wait(tokens)
+        wait = max(0.0, self.full_until - time.monotonic()) if self.rpm else 0.0
+        if self.capacity:
+            wait = max(wait, (min(float(tokens), self.capacity) - self.level) / (self.rate_ms * 1000.0))
+        return wait
 
     async def enter(self, tokens: int, turn: Turn = NO_TURN) -> Reservation:
         """Wait for a slot, the tokens and a start (fleet-wide, together); the reservation for ``leave``."""

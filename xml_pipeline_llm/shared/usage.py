@@ -1,4 +1,4 @@
-"""Usage totals in Redis: what the whole fleet spent, per agent, model, backend and thread (C7, C8).
+"""Usage totals in Redis: what the whole fleet spent, per agent, model, backend and thread.
 
 Keys (``<p>`` is ``redis_prefix``):
 

@@ -189,9 +189,10 @@ class Simulator:
                                ticket.leave)
         reply = formats.with_details(fmt, formats.plan_reply(fmt, ticket.backend, body), plan.details)
         stream = formats.wants_stream(body, fmt)
-        if plan.fault is not None and plan.fault.kind == "timeout":
+        if plan.fault is not None and plan.fault.kind in ("timeout", "stall") and not (
+                stream and plan.fault.kind == "stall"):
             await asyncio.sleep(plan.fault.seconds)
-        elif plan.fault is not None:
+        elif plan.fault is not None and plan.fault.kind != "stall":
             return await _inject(request, fmt, plan.fault, reply, stream, ticket)
         if stream:
             return await _stream(request, fmt, body, reply, ticket)
@@ -230,9 +231,14 @@ async def _stream(request: web.Request, fmt: str, body: dict[str, Any], reply: f
     resp = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
     await resp.prepare(request)
     chunks = _stream_builder(fmt, body, reply)
+    fault = ticket.plan.fault
+    stall_at = len(chunks) // 2 if fault is not None and fault.kind == "stall" else -1
     for index, chunk in enumerate(chunks):
         if ticket.plan.chunk_latency > 0:
             await asyncio.sleep(ticket.plan.chunk_latency)
+        if index == stall_at:
+            assert fault is not None
+            await asyncio.sleep(fault.seconds)
         if index == len(chunks) - 1:
             ticket.succeed(reply, formats.usage_in_stream(fmt, body))
         await resp.write(chunk)

@@ -17,7 +17,7 @@ from typing import Any
 #: Backend name whose settings every other backend inherits unless it has its own.
 ALL_BACKENDS = "*"
 
-FAULT_KINDS = ("status", "timeout", "drop", "malformed", "missing_fields")
+FAULT_KINDS = ("status", "timeout", "stall", "drop", "malformed", "missing_fields")
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,12 @@ class Fault:
     def timeout(cls, seconds: float) -> Fault:
         """Sleep ``seconds`` and then answer normally, so short client timeouts fire."""
         return cls("timeout", seconds=seconds)
+
+    @classmethod
+    def stall(cls, seconds: float) -> Fault:
+        """A stream sends the first half of its frames (text included), then goes quiet for ``seconds``
+        before the rest; an answer that is not streamed waits ``seconds`` (as ``timeout``)."""
+        return cls("stall", seconds=seconds)
 
     @classmethod
     def drop(cls) -> Fault:
