@@ -63,7 +63,8 @@ class ModelPrice(BaseModel):
 
     input_per_mtok: float = Field(ge=0)
     output_per_mtok: float = Field(ge=0)
-    cached_input_per_mtok: float | None = Field(default=None, ge=0)
+    cached_input_per_mtok: float | None = Field(default=None, ge=0)     # cache reads; default: the input price
+    cache_write_per_mtok: float | None = Field(default=None, ge=0)      # cache writes; default: the input price
 
 
 MISSING_KEYS = ("error", "skip")
@@ -185,10 +186,12 @@ EXPECTED = {
     "redis_prefix": "a string without { or }",
     "pricing": 'a mapping of model names or patterns to prices, such as '
                '{"grok-4.1": {input_per_mtok: 3.0, output_per_mtok: 15.0}}',
-    "price": "a mapping with input_per_mtok and output_per_mtok (and optionally cached_input_per_mtok)",
+    "price": "a mapping with input_per_mtok and output_per_mtok (and optionally cached_input_per_mtok, "
+             "cache_write_per_mtok)",
     "input_per_mtok": "a number >= 0 of USD per million input tokens",
     "output_per_mtok": "a number >= 0 of USD per million output tokens",
     "cached_input_per_mtok": "a number >= 0 of USD per million cached input tokens",
+    "cache_write_per_mtok": "a number >= 0 of USD per million input tokens written to the prompt cache",
     "missing_keys": "error or skip",
     "agents": "a mapping of agent ids to {weight: N}, such as {researcher: {weight: 3}}",
     "weight": "a positive number (the agent's share of a saturated backend; default 1)",

@@ -142,18 +142,24 @@ class LLMStream:
         return t.finish(self.response, outcome, _stream_call_id(self._opened.wrapper))
 
     def _build_response(self, latency: float) -> LLMResponse:
+        """The final response: the usage the provider reported last (cache and reasoning details
+        included), priced like ``complete()`` prices the same answer."""
         assert self._opened is not None
-        req, backend = self._opened.try_.req, self._opened.try_.backend
-        usage = next((_litellm.usage_of(c) for c in reversed(self._chunks)
-                      if getattr(c, "usage", None) and _litellm.usage_of(c)["total_tokens"]), None)
-        if usage is None:   # abandoned before the provider reported usage: count what we got
+        t = self._opened.try_
+        req, backend = t.req, t.backend
+        last = next((c for c in reversed(self._chunks)
+                     if getattr(c, "usage", None) and _litellm.usage_of(c)["total_tokens"]), None)
+        if last is not None:
+            usage = _litellm.usage_of(last)
+        else:   # abandoned before the provider reported usage: count what we got
             prompt = req.estimate if req.estimate is not None else \
                 _litellm.token_estimate(req.model, req.messages)
             completion = _litellm.text_tokens(req.model, "".join(self._text))
             usage = {"prompt_tokens": prompt, "completion_tokens": completion,
-                     "total_tokens": prompt + completion}
-        cost = _litellm.cost(req.model, backend.provider.litellm_prefix,
-                             usage["prompt_tokens"], usage["completion_tokens"])
+                     "total_tokens": prompt + completion, "cached_tokens": 0, "cache_write_tokens": 0,
+                     "reasoning_tokens": 0}
+        cost = t.services.pricing.cost(req.model, backend.provider.litellm_prefix,
+                                       last.usage if last is not None else usage)
         finish = next((c.choices[0].finish_reason for c in reversed(self._chunks)
                        if getattr(c, "choices", None) and c.choices[0].finish_reason), "")
         model = _litellm.strip_route(next((c.model for c in self._chunks if getattr(c, "model", None)),
