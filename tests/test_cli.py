@@ -348,7 +348,8 @@ def test_complete_with_config_then_usage_from_the_ledger(tmp_path, sim):
     data = json.loads(p.stdout)
     assert data["content"] == "Hello from cli-xai:" and data["finish_reason"] == "length"
     assert data["backend"] == "cli-xai" and data["model"]
-    assert data["usage"] == {"prompt_tokens": 6, "completion_tokens": 3, "total_tokens": 9}
+    assert data["usage"] == {"prompt_tokens": 6, "completion_tokens": 3, "total_tokens": 9,
+                             "cached_tokens": 0, "cache_write_tokens": 0, "reasoning_tokens": 0}
     assert set(data) == {"content", "model", "usage", "finish_reason", "backend", "cost_usd", "latency_ms",
                          "tool_calls"}
     assert data["tool_calls"] == [] and data["latency_ms"] > 0
@@ -459,7 +460,7 @@ def test_demo_runs_offline_and_writes_the_csv(tmp_path):
     for text in ("failover:", "round-robin:", "least-loaded:", "Strategies", "Backends", "Agents",
                  "Fallback across models", "xai-main down",
                  "xai-main", "anthropic-main", "openai-main", "Peak in flight", "researcher", "writer",
-                 "critic", "planner", "total"):
+                 "critic", "planner", "total", "Prompt cache: agent 'looper'", "saved"):
         assert text in out, (text, out)
     assert "Traceback" not in p.stderr
     assert_plain(out, tmp_path)
@@ -598,3 +599,53 @@ def test_budgets_shows_spend_limit_and_reset_from_the_ledger(tmp_path, sim):
     rows = list(csv.DictReader(io.StringIO(p.stdout)))
     assert {(r["scope"], r["key"], r["used_tokens"]) for r in rows} == {("global", "", str(used)),
                                                                        ("agent", "spender", str(used))}
+
+
+def test_budgets_lists_a_budget_named_by_key_before_anything_was_spent(tmp_path):
+    cfg = write_config(tmp_path / "org.yaml", [{"provider": "xai", "api_key_env": "TEST_XAI_KEY"}],
+                       usage_store=f"sqlite:///{tmp_path / 'usage.db'}",
+                       budgets=[{"scope": "agent", "match": "researcher", "max_usd": 2.5, "window": "1d"},
+                                {"scope": "agent", "match": "research-*", "max_tokens": 100},
+                                {"scope": "metadata.org_id", "match": "acme", "max_tokens": 1000}])
+    p = run(tmp_path, "budgets", "-c", str(cfg))
+    assert p.returncode == 0, p.stderr
+    assert "researcher" in p.stdout and "$0.0000 / $2.5" in p.stdout, p.stdout
+    assert "acme" in p.stdout and "0 / 1,000 tokens" in p.stdout
+    assert "research-*" not in p.stdout                    # a pattern names no key until one is seen
+    assert_plain(p.stdout, tmp_path)
+    p = run(tmp_path, "budgets", "-c", str(cfg), "--csv", "-")
+    rows = list(csv.DictReader(io.StringIO(p.stdout)))
+    assert {(r["scope"], r["key"], r["used_tokens"]) for r in rows} == {("agent", "researcher", "0"),
+                                                                       ("metadata.org_id", "acme", "0")}
+
+
+def test_usage_shows_prompt_cache_and_reasoning_tokens_when_calls_reported_some(tmp_path):
+    from xml_pipeline_llm.stores import open_store
+    from xml_pipeline_llm.usage import make_event
+
+    ledger = tmp_path / "usage.db"
+
+    async def write() -> None:
+        store = open_store(f"sqlite:///{ledger}")
+        for agent, cached, written, reasoning in (("looper", 900, 50, 0), ("thinker", 0, 0, 40)):
+            await store.append(make_event(
+                agent_id=agent, thread_id="t", model="claude-sonnet-4-5", backend="b", provider="anthropic",
+                usage={"prompt_tokens": 1000, "completion_tokens": 60, "total_tokens": 1060,
+                       "cached_tokens": cached, "cache_write_tokens": written, "reasoning_tokens": reasoning},
+                cost_usd=0.001, latency_ms=5.0, outcome="ok"))
+        await store.close()
+
+    asyncio.run(write())
+    p = run(tmp_path, "usage", "--store", f"sqlite:///{ledger}")
+    assert p.returncode == 0, p.stderr
+    assert "Prompt cache and reasoning" in p.stdout
+    rows = {line.split()[0]: line.split() for line in p.stdout.split("Prompt cache")[1].splitlines()[2:]
+            if line.strip() and not line.startswith("─")}
+    assert rows["looper"][1:] == ["1,000", "900", "50", "50", "60", "0"]
+    assert rows["thinker"][1:] == ["1,000", "0", "0", "1,000", "60", "40"]
+    assert_plain(p.stdout, tmp_path)
+    p = run(tmp_path, "usage", "--store", f"sqlite:///{ledger}", "--by", "event")
+    assert "900 of 2,000 input tokens read from it, 50 written to it; 40" in " ".join(p.stdout.split())
+    p = run(tmp_path, "usage", "--store", f"sqlite:///{ledger}", "--csv", "-")
+    rows_csv = {r["agent_id"]: r for r in csv.DictReader(io.StringIO(p.stdout))}
+    assert (rows_csv["looper"]["cached_tokens"], rows_csv["thinker"]["reasoning_tokens"]) == ("900", "40")

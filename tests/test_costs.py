@@ -1,7 +1,7 @@
 """Costs: LiteLLM's cost map, ``llm.pricing`` through LiteLLM's own machinery, and an
 unknown cost that stays unknown (None, an empty CSV cell, ``-``) everywhere.
 
-Prices registered with LiteLLM are process-wide, so each test prices its own model names
+``llm.pricing`` is each router's own; the tests still price model names of their own
 (``grok-*`` names the simulator's xai backends answer to), never one another test uses.
 """
 

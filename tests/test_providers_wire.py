@@ -114,7 +114,8 @@ async def test_llm_response_fields(sim, provider):
     assert isinstance(resp, LLMResponse)
     assert resp.content == f"Hello from {name}: {' '.join(USER_TEXT.split()[:5])}"
     assert resp.usage == {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
-                          "total_tokens": stats.prompt_tokens + stats.completion_tokens}
+                          "total_tokens": stats.prompt_tokens + stats.completion_tokens,
+                          "cached_tokens": 0, "cache_write_tokens": 0, "reasoning_tokens": 0}
     assert resp.usage["prompt_tokens"] > 0 and resp.usage["completion_tokens"] > 0
     assert all(type(v) is int for v in resp.usage.values())
     assert resp.finish_reason == "stop"

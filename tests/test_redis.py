@@ -771,6 +771,31 @@ def test_a_start_with_redis_and_first_calls_show_no_warning(sim, redis_server):
     assert "Warning" not in proc.stderr, proc.stderr[-3000:]
 
 
+async def test_fleet_usage_totals_carry_cache_and_reasoning_tokens(sim, redis_server):
+    from xml_pipeline_llm.stores import open_store
+
+    p = prefix()
+    sim.set_usage_details("rdx-cache", cached=0.5, reasoning_tokens=2)
+    r = shared_router(redis_server.url, p, [backend(sim, "openai", "rdx-cache")])
+    done = await r.complete("gpt-4o", MESSAGES, agent_id="cacher", thread_id="t")
+    s = r.stream("gpt-4o", MESSAGES, agent_id="cacher", thread_id="t")
+    _ = [d async for d in s]
+    assert s.response is not None and s.response.usage == done.usage and done.usage["cached_tokens"] > 0
+    details = ("cached_tokens", "cache_write_tokens", "reasoning_tokens")
+    want = {k: 2 * done.usage[k] for k in details}
+    other = shared_router(redis_server.url, p, [backend(sim, "openai", "rdx-cache")])   # another process
+    for u in (r.get_agent_usage("cacher"), other.get_agent_usage("cacher"), other.get_all_usage("model")["gpt-4o"],
+              other.get_all_usage("thread")["t"]):
+        assert {k: getattr(u, k) for k in details} == want
+    assert other.get_agent_usage("cacher").cost_usd == pytest.approx(2 * done.cost_usd)
+    store = open_store(redis_server.url, p)                # what the CLI reads
+    assert [e.cached_tokens for e in store.events()] == [done.usage["cached_tokens"]] * 2
+    assert store.totals("backend")["rdx-cache"].reasoning_tokens == want["reasoning_tokens"]
+    await store.close()
+    await other.aclose()
+    await r.aclose()
+
+
 # ------------------------------------------------------------------ budgets for a fleet
 
 def test_two_processes_on_one_redis_budget_never_spend_more_than_it_together(sim, redis_server):

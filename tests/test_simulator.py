@@ -423,3 +423,93 @@ def test_foreground_cli_prints_urls_and_stops_on_sigint():
             proc.kill()
     assert proc.returncode == 0
     assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------- prompt-cache and reasoning usage
+
+# Required fields of the published schemas (specs/anthropic.openapi.json: Usage, MessageDeltaUsage).
+ANTHROPIC_USAGE = {"cache_creation", "cache_creation_input_tokens", "cache_read_input_tokens", "inference_geo",
+                   "input_tokens", "output_tokens", "server_tool_use", "service_tier"}
+ANTHROPIC_DELTA_USAGE = {"cache_creation_input_tokens", "cache_read_input_tokens", "input_tokens",
+                         "output_tokens", "server_tool_use"}
+LONG = [{"role": "user", "content": "word " * 100}]      # 103 prompt tokens
+
+
+async def raw_json(url: str, body: dict, headers: dict | None = None) -> dict:
+    async with aiohttp.ClientSession() as session, session.post(url, json=body, headers=headers) as resp:
+        return await resp.json()
+
+
+async def raw_events(url: str, body: dict) -> list[tuple[str, dict]]:
+    async with aiohttp.ClientSession() as session, session.post(url, json=body) as resp:
+        text = await resp.text()
+    out = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.split("\n"))
+        out.append((lines["event"], json.loads(lines["data"])))
+    return out
+
+
+@pytest.mark.asyncio
+async def test_openai_cached_and_reasoning_tokens_on_the_wire(sim):
+    sim.set_usage_details("raw-pc", cached=0.5, reasoning_tokens=6)
+    url = sim.base_url("raw-pc", "openai") + "/chat/completions"
+    body = {"model": "gpt-4o", "messages": LONG}
+    usage = (await raw_json(url, body))["usage"]
+    assert usage["prompt_tokens"] == 103 and usage["prompt_tokens_details"]["cached_tokens"] == 51
+    assert usage["completion_tokens_details"]["reasoning_tokens"] == 6
+    assert usage["completion_tokens"] == 3 + 5 + 6        # "Hello from raw-pc:" + 5 words + reasoning
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    chunks = await raw_sse(url, {**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert chunks[-1]["usage"] == usage
+    st = sim.stats("raw-pc")
+    assert (st.cached_tokens, st.cache_write_tokens, st.reasoning_tokens) == (102, 0, 12)
+
+
+@pytest.mark.asyncio
+async def test_anthropic_cache_reads_and_writes_on_the_wire(sim):
+    sim.set_usage_details("raw-an", cached=0.5, cache_write=0.25)
+    url = sim.base_url("raw-an", "anthropic") + "/v1/messages"
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 50, "messages": LONG}
+    usage = (await raw_json(url, body))["usage"]
+    assert set(usage) >= ANTHROPIC_USAGE
+    # input_tokens is the uncached rest: total input = input + cache reads + cache writes
+    assert (usage["input_tokens"], usage["cache_read_input_tokens"], usage["cache_creation_input_tokens"]) \
+        == (103 - 51 - 25, 51, 25)
+    assert usage["cache_creation"] == {"ephemeral_5m_input_tokens": 25, "ephemeral_1h_input_tokens": 0}
+    events = await raw_events(url, {**body, "stream": True})
+    names = [name for name, _ in events]
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
+    start = events[0][1]["message"]["usage"]
+    assert set(start) >= ANTHROPIC_USAGE and start["cache_read_input_tokens"] == 51
+    assert start["cache_creation_input_tokens"] == 25 and start["input_tokens"] == 27
+    delta = events[-2][1]["usage"]                   # cumulative, as the API sends it
+    assert set(delta) >= ANTHROPIC_DELTA_USAGE
+    assert {k: delta[k] for k in ANTHROPIC_DELTA_USAGE - {"server_tool_use"}} == \
+        {k: usage[k] for k in ANTHROPIC_DELTA_USAGE - {"server_tool_use"}}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("stream", [False, True])
+async def test_litellm_reads_the_cache_figures_of_both_shapes(sim, stream):
+    sim.set_usage_details("*", cached=0.5, cache_write=0.25, reasoning_tokens=3)   # every backend
+    kwargs = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
+    results = {}
+    for provider in ("openai", "anthropic", "ollama"):
+        resp = await call(sim, provider, f"lt-{provider}", messages=LONG, **kwargs)
+        results[provider] = final_usage(await collect(resp)) if stream else resp.usage
+    oa, an, ol = results["openai"], results["anthropic"], results["ollama"]
+    assert oa.prompt_tokens == 103 and oa.prompt_tokens_details.cached_tokens == 51
+    assert oa.completion_tokens_details.reasoning_tokens == 3
+    # LiteLLM counts every Anthropic input token in prompt_tokens
+    assert an.prompt_tokens == 103 and an.prompt_tokens_details.cached_tokens == 51
+    assert an.cache_creation_input_tokens == 25 and an.cache_read_input_tokens == 51
+    assert ol.prompt_tokens == 103 and not (ol.prompt_tokens_details and ol.prompt_tokens_details.cached_tokens)
+
+
+def test_usage_details_are_checked():
+    with run_simulator() as own:
+        with pytest.raises(ValueError, match="shares of the prompt"):
+            own.set_usage_details("b", cached=0.8, cache_write=0.3)
+        with pytest.raises(ValueError, match="reasoning_tokens"):
+            own.set_usage_details("b", reasoning_tokens=-1)

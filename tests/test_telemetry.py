@@ -155,6 +155,31 @@ async def test_a_streams_spans_end_when_it_ends(sim, otel):
     await r.aclose()
 
 
+async def test_prompt_cache_and_reasoning_tokens_are_span_attributes(sim, otel):
+    sim.set_usage_details("ot-cache-oa", cached=0.5, reasoning_tokens=4)
+    sim.set_usage_details("ot-cache-an", cached=0.5, cache_write=0.25)
+    r = make_router([backend(sim, "openai", "ot-cache-oa"), backend(sim, "anthropic", "ot-cache-an")])
+    for model, streamed in (("gpt-4o", False), ("claude-sonnet-4-5", True)):
+        if streamed:
+            s = r.stream(model, MESSAGES)
+            _ = [d async for d in s]
+            resp = s.response
+        else:
+            resp = await r.complete(model, MESSAGES)
+        assert resp is not None
+        (req,) = by_name(otel.spans(), model)
+        (served,) = children(otel.spans(), req)
+        for a in (req.attributes, served.attributes):
+            assert a["gen_ai.usage.input_tokens"] == resp.usage["prompt_tokens"]
+            assert a["gen_ai.usage.cache_read.input_tokens"] == resp.usage["cached_tokens"] > 0
+            assert a["gen_ai.usage.cache_creation.input_tokens"] == resp.usage["cache_write_tokens"]
+            assert a["gen_ai.usage.reasoning.output_tokens"] == resp.usage["reasoning_tokens"]
+    assert resp.usage["cache_write_tokens"] > 0                  # the Anthropic answer wrote to the cache
+    (oa,) = by_name(otel.spans(), "gpt-4o")
+    assert oa.attributes["gen_ai.usage.reasoning.output_tokens"] == 4
+    await r.aclose()
+
+
 async def test_token_and_cost_metrics_add_up_to_the_ledger_exactly(sim, otel):
     sim.script("ot-m-a", [Fault.status(503), Fault.status(429, retry_after=0.05)])
     names = {"ot-m-a", "ot-m-b"}

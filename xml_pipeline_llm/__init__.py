@@ -10,6 +10,7 @@ backend to its limits and accounts every token per agent.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping
 from os import PathLike
@@ -28,9 +29,21 @@ from .errors import (
 from .response import LLMResponse
 from .usage import AgentUsage, UsageEvent
 
+#: LiteLLM's run-time fetches (cost map, Anthropic beta headers) and telemetry, off unless the user
+#: chose otherwise.  Set on import, so a program that imports LiteLLM itself afterwards fetches nothing.
+OFFLINE_DEFAULTS = {
+    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+    "LITELLM_OFFLINE_MODE": "true",
+    "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS": "True",
+    "LITELLM_TELEMETRY": "False",
+}
+for _key, _value in OFFLINE_DEFAULTS.items():
+    os.environ.setdefault(_key, _value)
+
 if TYPE_CHECKING:
     from .budgets import BudgetEvent, BudgetExceededError, BudgetStatus
     from .config import RouterConfig
+    from .gateway.inprocess import openai_client
     from .router import LLMRouter
     from .streaming import LLMStream
     from .sync import SyncStream, complete_sync, stream_sync
@@ -39,7 +52,8 @@ if TYPE_CHECKING:
 # the package together, and LiteLLM (seconds) is only imported by a first call.
 _LAZY = {"load_config": "config", "RouterConfig": "config", "LLMRouter": "router",
          "LLMStream": "streaming", "BudgetExceededError": "budgets", "BudgetStatus": "budgets",
-         "BudgetEvent": "budgets", "complete_sync": "sync", "stream_sync": "sync", "SyncStream": "sync"}
+         "BudgetEvent": "budgets", "complete_sync": "sync", "stream_sync": "sync", "SyncStream": "sync",
+         "openai_client": "gateway.inprocess"}
 
 
 def __getattr__(name: str) -> Any:
@@ -78,6 +92,7 @@ __all__ = [
     "configure_router",
     "get_router",
     "load_config",
+    "openai_client",
     "stream",
     "stream_sync",
 ]

@@ -19,17 +19,11 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from . import OFFLINE_DEFAULTS  # set at package import; again before LiteLLM is, in case they were removed
 from .config import ResolvedBackend
 from .response import LLMResponse
 
 log = logging.getLogger("xml_pipeline_llm")
-
-OFFLINE_DEFAULTS = {
-    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-    "LITELLM_OFFLINE_MODE": "true",
-    "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS": "True",
-    "LITELLM_TELEMETRY": "False",
-}
 
 # Routers that want the callback's events, by id (weak: a dropped router is forgotten).
 _ROUTERS: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
@@ -176,8 +170,7 @@ class Deployments:
     over the same model list for anyone who wants one.
     """
 
-    def __init__(self, backends: list[ResolvedBackend], pricing: Mapping[str, Any] | None = None) -> None:
-        use_pricing(pricing or {})
+    def __init__(self, backends: list[ResolvedBackend]) -> None:
         self.model_list = [deployment(b) for b in backends]
         self._params = {d["model_name"][:-2]: d["litellm_params"] for d in self.model_list}
         self._acompletion = load().acompletion
@@ -276,56 +269,8 @@ def context_window(model: str, provider: str) -> int | None:
     return window
 
 
-# Prices of ``llm.pricing`` (model name or shell pattern -> ModelPrice), of every router in
-# this process: they go into LiteLLM's cost map, which is process-wide.  Later routers win.
-_PRICES: dict[str, Any] = {}
-# (model, provider prefix) -> where its price comes from: "litellm", "llm.pricing" or None (no price).
-_PRICED: dict[tuple[str, str], str | None] = {}
-_WARNED: set[str] = set()   # models whose missing price was logged (once each)
-PER_MTOK = 1e-6
-
-
-def use_pricing(pricing: Mapping[str, Any]) -> None:
-    """Add a router's ``llm.pricing``; each model's price is registered with LiteLLM when it is first priced."""
-    if pricing:
-        _PRICES.update(pricing)
-        _PRICED.clear()
-
-
-def _user_price(model: str) -> Any:
-    """The ``llm.pricing`` entry for ``model``: its own name first, else the first pattern matching it."""
-    from .providers import matches
-
-    exact = next((p for k, p in _PRICES.items() if k.lower() == model.lower()), None)
-    return exact or next((p for k, p in _PRICES.items() if matches(model, (k,))), None)
-
-
-def _price_source(model: str, provider: str) -> str | None:
-    key = (model, provider)
-    if key in _PRICED:
-        return _PRICED[key]
-    price = _user_price(model)
-    if price is not None:
-        # LiteLLM prices a call by the name it was called with, "<prefix>/<model>".
-        entry = {"input_cost_per_token": price.input_per_mtok * PER_MTOK,
-                 "output_cost_per_token": price.output_per_mtok * PER_MTOK,
-                 "litellm_provider": provider, "mode": "chat"}
-        if price.cached_input_per_mtok is not None:
-            entry["cache_read_input_token_cost"] = price.cached_input_per_mtok * PER_MTOK
-        load().register_model({f"{provider}/{model}": entry})
-        source: str | None = "llm.pricing"
-    else:
-        source = "litellm" if _in_cost_map(model, provider) else None
-        if source is None and model not in _WARNED:
-            _WARNED.add(model)
-            # short: the CLI prints it on an 80-column line
-            log.warning("no price for %s on %s: cost unknown; set one in llm.pricing", model, provider)
-    _PRICED[key] = source
-    return source
-
-
-def _in_cost_map(model: str, provider: str) -> bool:
-    """Whether LiteLLM's cost map prices ``model`` called on ``provider`` (asked once per pair).
+def in_cost_map(model: str, provider: str) -> bool:
+    """Whether LiteLLM's cost map prices ``model`` called on ``provider``.
 
     LiteLLM answers 0.0 for some unknown models (a generalised fallback), and an
     entry of the bare name may belong to another provider than the one called
@@ -344,42 +289,60 @@ def _in_cost_map(model: str, provider: str) -> bool:
     return bool(p + c > 0)
 
 
-def priced(model: str, provider: str) -> bool:
-    """True when the model has a price: in LiteLLM's cost map, or from ``llm.pricing`` (registered there)."""
-    return _price_source(model, provider) is not None
+def usage_cost(model: str, provider: str, usage: Any, info: Mapping[str, Any] | None = None) -> float:
+    """LiteLLM's price of ``usage`` (its own ``Usage``, or a mapping of our usage fields) on ``model``.
 
-
-def cost(model: str, provider: str, prompt_tokens: int, completion_tokens: int) -> float | None:
-    """Price from LiteLLM's cost map, or None when the model has none."""
+    ``info``: the model's price as LiteLLM model info, used instead of the cost map's.
+    """
     lt = load()
-    if not priced(model, provider):
-        return None
-    try:
-        p, c = lt.cost_per_token(model=model, custom_llm_provider=provider,
-                                 prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
-    except Exception:
-        return None
+    if usage is None or isinstance(usage, Mapping):
+        usage = litellm_usage(usage or {})
+    p, c = lt.cost_per_token(model=model, custom_llm_provider=provider, usage_object=usage,
+                             requested_model_info_override=dict(info) if info is not None else None)
     return float(p + c)
 
 
-_UNIT_PRICES: dict[tuple[str, str], tuple[float, float] | None] = {}
+def litellm_usage(usage: Mapping[str, int]) -> Any:
+    """Our usage fields as LiteLLM's ``Usage`` (cache reads, cache writes and reasoning in its details)."""
+    p = int(usage.get("prompt_tokens", 0))
+    c = int(usage.get("completion_tokens", 0))
+    cached, write = int(usage.get("cached_tokens", 0)), int(usage.get("cache_write_tokens", 0))
+    reasoning = int(usage.get("reasoning_tokens", 0))
+    extra: dict[str, Any] = {}
+    if cached or write:
+        extra["prompt_tokens_details"] = {"cached_tokens": cached, "cache_creation_tokens": write}
+        extra["cache_read_input_tokens"] = cached
+        extra["cache_creation_input_tokens"] = write
+    if reasoning:
+        extra["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return load().Usage(prompt_tokens=p, completion_tokens=c,
+                        total_tokens=int(usage.get("total_tokens", 0)) or p + c, **extra)
 
 
-def unit_prices(model: str, provider: str) -> tuple[float, float] | None:
-    """USD per input token and per output token (LiteLLM's cost map or ``llm.pricing``); None: no price."""
-    key = (model, provider)
-    if key not in _UNIT_PRICES:
-        per_in, per_out = cost(model, provider, 1_000_000, 0), cost(model, provider, 0, 1_000_000)
-        _UNIT_PRICES[key] = None if per_in is None or per_out is None else (per_in / 1e6, per_out / 1e6)
-    return _UNIT_PRICES[key]
+def _count(obj: Any, name: str) -> int:
+    value = obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
+    return int(value) if isinstance(value, (int, float)) else 0
 
 
 def usage_of(resp: Any) -> dict[str, int]:
+    """The usage of a response (or stream chunk): token counts, cache reads and writes, reasoning.
+
+    ``prompt_tokens`` counts every input token (LiteLLM adds Anthropic's cache
+    reads and writes to its ``input_tokens``); ``cached_tokens`` is OpenAI/xAI
+    ``prompt_tokens_details.cached_tokens`` or Anthropic ``cache_read_input_tokens``,
+    ``cache_write_tokens`` Anthropic ``cache_creation_input_tokens``,
+    ``reasoning_tokens`` ``completion_tokens_details.reasoning_tokens``; 0 when not reported.
+    """
     usage = getattr(resp, "usage", None)
-    p = int(getattr(usage, "prompt_tokens", 0) or 0)
-    c = int(getattr(usage, "completion_tokens", 0) or 0)
-    t = int(getattr(usage, "total_tokens", 0) or (p + c))
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": t}
+    p = _count(usage, "prompt_tokens")
+    c = _count(usage, "completion_tokens")
+    t = _count(usage, "total_tokens") or (p + c)
+    prompt_details = getattr(usage, "prompt_tokens_details", None)
+    cached = _count(prompt_details, "cached_tokens") or _count(usage, "cache_read_input_tokens")
+    write = _count(usage, "cache_creation_input_tokens") or _count(prompt_details, "cache_creation_tokens")
+    reasoning = _count(getattr(usage, "completion_tokens_details", None), "reasoning_tokens")
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": t, "cached_tokens": cached,
+            "cache_write_tokens": write, "reasoning_tokens": reasoning}
 
 
 def to_response(resp: Any, backend: str, latency_ms: float, cost_usd: float | None) -> LLMResponse:
@@ -410,31 +373,6 @@ def strip_route(model: str) -> str:
         if model.startswith(route):
             return model[len(route):]
     return model
-
-
-def response_cost(resp: Any, model: str, provider: str) -> float | None:
-    """The cost LiteLLM computed for this response, None when the model has no price.
-
-    A price from ``llm.pricing`` is registered when the model is first priced,
-    after LiteLLM computed that first response's cost; so for those models
-    LiteLLM's ``cost_per_token`` prices the response's usage (cached tokens included).
-    """
-    source = _price_source(model, provider)
-    if source == "llm.pricing":
-        usage = usage_of(resp)
-        try:
-            p, c = load().cost_per_token(model=model, custom_llm_provider=provider,
-                                         prompt_tokens=usage["prompt_tokens"],
-                                         completion_tokens=usage["completion_tokens"],
-                                         usage_object=getattr(resp, "usage", None))
-        except Exception:
-            return None
-        return float(p + c)
-    hidden = getattr(resp, "_hidden_params", None) or {}
-    value = hidden.get("response_cost")
-    if value is None or source is None:
-        return None
-    return float(value)
 
 
 def call_id(resp: Any) -> str:

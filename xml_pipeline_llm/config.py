@@ -63,7 +63,8 @@ class ModelPrice(BaseModel):
 
     input_per_mtok: float = Field(ge=0)
     output_per_mtok: float = Field(ge=0)
-    cached_input_per_mtok: float | None = Field(default=None, ge=0)
+    cached_input_per_mtok: float | None = Field(default=None, ge=0)     # cache reads; default: the input price
+    cache_write_per_mtok: float | None = Field(default=None, ge=0)      # cache writes; default: the input price
 
 
 MISSING_KEYS = ("error", "skip")
@@ -104,6 +105,30 @@ class TelemetryConfig(BaseModel):
     group_by_metadata: list[str] = Field(default_factory=list)
 
 
+class GatewayKeyConfig(BaseModel):
+    """One ``llm.gateway.keys[i]`` entry: a virtual key of the HTTP gateway and what calls under it are."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    key_env: str | None = None
+    key_sha256: str | None = None
+    agent: str = "*"
+    metadata: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    models: list[str] | None = None
+    admin: bool = False
+
+
+class GatewayConfig(BaseModel):
+    """``llm.gateway``: the OpenAI-compatible HTTP gateway (``xml-pipeline-llm serve``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=4000, ge=0, le=65535)
+    keys: list[GatewayKeyConfig] = Field(default_factory=list)
+    max_body_mb: float = Field(default=32, gt=0)
+
+
 class LLMConfig(BaseModel):
     """The whole ``llm:`` block."""
 
@@ -130,6 +155,7 @@ class LLMConfig(BaseModel):
     max_tokens_per_thread: int | None = Field(default=None, gt=0)
     models: dict[str, list[str]] = Field(default_factory=dict)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     backends: list[BackendConfig] = Field(min_length=1)
 
 
@@ -160,10 +186,12 @@ EXPECTED = {
     "redis_prefix": "a string without { or }",
     "pricing": 'a mapping of model names or patterns to prices, such as '
                '{"grok-4.1": {input_per_mtok: 3.0, output_per_mtok: 15.0}}',
-    "price": "a mapping with input_per_mtok and output_per_mtok (and optionally cached_input_per_mtok)",
+    "price": "a mapping with input_per_mtok and output_per_mtok (and optionally cached_input_per_mtok, "
+             "cache_write_per_mtok)",
     "input_per_mtok": "a number >= 0 of USD per million input tokens",
     "output_per_mtok": "a number >= 0 of USD per million output tokens",
     "cached_input_per_mtok": "a number >= 0 of USD per million cached input tokens",
+    "cache_write_per_mtok": "a number >= 0 of USD per million input tokens written to the prompt cache",
     "missing_keys": "error or skip",
     "agents": "a mapping of agent ids to {weight: N}, such as {researcher: {weight: 3}}",
     "weight": "a positive number (the agent's share of a saturated backend; default 1)",
@@ -186,6 +214,17 @@ EXPECTED = {
     "prometheus_host": "an address to bind /metrics to, such as 127.0.0.1 (the default) or 0.0.0.0",
     "group_by_metadata": "a list of metadata keys, such as [org_id]",
     "backends": "a non-empty list of backends",
+    "gateway": "a mapping with host, port, keys, max_body_mb",
+    "gateway.host": "an address to bind, such as 127.0.0.1 (the default) or 0.0.0.0",
+    "gateway.port": "a port number 0-65535 (default 4000; 0: any free port)",
+    "gateway.keys": "a list of virtual keys such as [{key_env: TEAM_KEY, agent: researcher}]",
+    "gateway.max_body_mb": "a positive number of megabytes (the largest request body; default 32)",
+    "gateway.key_env": "the name of an environment variable holding the key, such as TEAM_KEY",
+    "gateway.key_sha256": "the SHA-256 of the key as 64 hexadecimal digits",
+    "gateway.agent": 'an agent id, or "*" to let the caller name it (X-Agent-Id or the body\'s user)',
+    "gateway.metadata": "a mapping of metadata keys to strings, numbers or true/false, such as {org_id: acme}",
+    "gateway.models": 'a list of model names, aliases or patterns, such as ["grok-*", smart]',
+    "gateway.admin": "true or false (true: may read /v1/usage, /v1/budgets and /metrics)",
 }
 
 
@@ -273,6 +312,8 @@ class RouterConfig:
             self.budgets.insert(0, BudgetConfig(scope="thread", max_tokens=raw.max_tokens_per_thread))
         #: ``llm.telemetry`` (OpenTelemetry, Prometheus, metadata totals; ``telemetry.py``)
         self.telemetry = raw.telemetry
+        #: ``llm.gateway``: the HTTP gateway's address, virtual keys and body limit (``gateway/``)
+        self.gateway = raw.gateway
 
     def __repr__(self) -> str:
         return f"RouterConfig(strategy={self.strategy!r}, backends={self.backends!r})"
@@ -379,7 +420,7 @@ def _validate(block: Mapping[str, Any], source: str, base: Path | None) -> Route
     try:
         raw = LLMConfig.model_validate(block)
     except ValidationError as exc:
-        found = [_describe(e, block) for e in exc.errors()]
+        found = list(dict.fromkeys(_describe(e, block) for e in exc.errors()))
         raise ConfigError("\n".join(found + _unvalidated_problems(block))) from None
     problems: list[str] = []
     skipped: list[tuple[str, str, str]] = []
@@ -436,6 +477,7 @@ def _check_block(raw: LLMConfig) -> list[str]:
                         f'is a config error) or skip (run without it), got "{raw.missing_keys}"')
     problems += _budget_problems(raw.budgets)
     problems += _check_telemetry(raw.telemetry)
+    problems += _check_gateway(raw.gateway)
     for key in raw.pricing:
         if not key.strip():
             problems.append('llm.pricing: an empty model name; use a model name such as "grok-4.1" '
@@ -540,6 +582,36 @@ def _check_telemetry(t: TelemetryConfig) -> list[str]:
     return problems
 
 
+def _check_gateway(g: GatewayConfig) -> list[str]:
+    """``llm.gateway``: each key named once (key_env or key_sha256), well formed.
+
+    Whether a ``key_env`` variable is set is checked when the gateway starts
+    (``xml-pipeline-llm serve``), not here: programs that only call the router
+    with the same file need not hold the gateway's keys.
+    """
+    problems = []
+    if not g.host.strip():
+        problems.append('llm.gateway.host: expected an address such as 127.0.0.1, got ""')
+    for i, k in enumerate(g.keys):
+        where = f"llm.gateway.keys[{i}]"
+        if (k.key_env is None) == (k.key_sha256 is None):
+            problems.append(f"{where}: expected exactly one of key_env (an environment variable holding the "
+                            f"key) or key_sha256 (the key's SHA-256 in hex)")
+        if k.key_env is not None and not _ENV_NAME.fullmatch(k.key_env):
+            problems.append(f"{where}.key_env: expected the name of an environment variable, such as TEAM_KEY, "
+                            f"got a value that is not one; if it is the key itself, put it in .env as a "
+                            f"variable and name that variable here")
+        if k.key_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", k.key_sha256):
+            problems.append(f"{where}.key_sha256: expected 64 hexadecimal digits (the output of "
+                            f"`printf %s \"$KEY\" | sha256sum`), got {len(k.key_sha256)} characters")
+        if not k.agent.strip():
+            problems.append(f'{where}.agent: expected an agent id or "*", got ""')
+        if k.models is not None and (not k.models or not all(m.strip() for m in k.models)):
+            problems.append(f"{where}.models: expected a non-empty list of model names, aliases or patterns "
+                            f"(remove the key to allow every model)")
+    return problems
+
+
 def _resolve_backends(raw: LLMConfig, problems: list[str],
                       skipped: list[tuple[str, str, str]]) -> list[ResolvedBackend]:
     """The backends ready for the router; with ``missing_keys: skip`` those without a key go to
@@ -636,7 +708,7 @@ def _describe(err: Mapping[str, Any], block: Mapping[str, Any]) -> str:
     loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list[")))]
     path, field = _place(loc)
     if err["type"] == "extra_forbidden":
-        return _unknown_key(path, field, loc)
+        return _unknown_key(path, str(loc[-1]), loc)
     if err["type"] == "missing":
         return f"{path}: required key missing; expected {EXPECTED.get(field, 'a value')}"
     if field == "backends" and err["type"] in ("too_short", "list_type"):
@@ -648,6 +720,12 @@ def _describe(err: Mapping[str, Any], block: Mapping[str, Any]) -> str:
 
 def _place(loc: list[Any]) -> tuple[str, str]:
     """``llm.pricing["grok-4.1"].input_per_mtok`` and the field whose EXPECTED text applies."""
+    if loc[:1] == ["gateway"]:
+        if "metadata" in loc:          # a metadata value: drop the union member tags (str, int, ...)
+            loc = loc[:loc.index("metadata") + 2]
+        names = [p for p in loc if isinstance(p, str)]
+        return ("llm" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc),
+                "gateway.metadata" if "metadata" in names else f"gateway.{names[-1]}")
     keyed = len(loc) >= 2 and loc[0] in ("pricing", "models")     # mappings keyed by model or alias
     path = "llm" + "".join(f'["{p}"]' if keyed and i == 1 else f"[{p}]" if isinstance(p, int) else f".{p}"
                            for i, p in enumerate(loc))
@@ -661,7 +739,9 @@ def _place(loc: list[Any]) -> tuple[str, str]:
 def _unknown_key(path: str, key: str, loc: list[Any]) -> str:
     model = (ModelPrice if loc[:1] == ["pricing"] else BackendConfig if loc[:1] == ["backends"]
              else BudgetConfig if loc[:1] == ["budgets"] else AgentConfig if loc[:1] == ["agents"]
-             else TelemetryConfig if loc[:1] == ["telemetry"] else LLMConfig)
+             else TelemetryConfig if loc[:1] == ["telemetry"]
+             else GatewayKeyConfig if loc[:2] == ["gateway", "keys"]
+             else GatewayConfig if loc[:1] == ["gateway"] else LLMConfig)
     valid = list(model.model_fields)
     hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     did = f'did you mean "{hint[0]}"? ' if hint else ""

@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _litellm
 from .budgets import BudgetKey, Budgets, Hold, keys_for
 from .errors import Attempt, BackendError, ProviderError, Saturated, TryTimedOut
 from .fairness import ANONYMOUS, Turn
+from .pricing import Pricing
 from .reservation import fair_cost, tokens_to_reserve, worst_case, worst_cost
 from .response import LLMResponse
 from .telemetry import NOOP, NoTelemetry
@@ -53,6 +54,7 @@ class Services:
     weights: Mapping[str, float]
     telemetry: NoTelemetry = NOOP      # spans and metrics (telemetry.py); NOOP when off or not installed
     idle_timeout: float | None = None  # llm.stream_idle_timeout (None: the try's timeout)
+    pricing: Pricing = field(default_factory=Pricing)    # what calls cost (pricing.py)
 
     def record_from_callback(self, meta: Mapping[str, Any], kwargs: Mapping[str, Any], response: Any,
                              start: Any, end: Any) -> None:
@@ -64,12 +66,15 @@ class Services:
             latency = (end - start).total_seconds() * 1000
         except (TypeError, AttributeError):
             latency = 0.0
+        call_id = str(kwargs.get("litellm_call_id") or "")
+        if self.ledger.counted(call_id):   # the try recorded it already: no need to price it again
+            return
         model = meta.get("xpl_model") or ""
         self.ledger.record_nowait(make_event(
             agent_id=meta.get("agent_id"), thread_id=meta.get("thread_id"), model=model,
             backend=backend.name, provider=backend.provider.name, usage=_litellm.usage_of(response),
-            cost_usd=_litellm.response_cost(response, model, backend.provider.litellm_prefix),
-            latency_ms=latency, outcome=OK, call_id=str(kwargs.get("litellm_call_id") or ""),
+            cost_usd=self.pricing.cost(model, backend.provider.litellm_prefix, getattr(response, "usage", None)),
+            latency_ms=latency, outcome=OK, call_id=call_id,
             requested_model=meta.get("xpl_requested") or model,
             metadata=meta.get("xpl_metadata")))
 
@@ -144,7 +149,7 @@ class Try:
         slot it was given meanwhile goes back.  A failed admission gives the budgets back.
         """
         req, default = self.req, self.services.default_max_tokens
-        usd = worst_cost(req, self.backend, default) if budgets.usd else 0.0
+        usd = worst_cost(req, self.backend, default, self.services.pricing) if budgets.usd else 0.0
         reserving = asyncio.ensure_future(budgets.reserve(keys, sum(worst_case(req, default)), usd, req.model))
         entering = asyncio.ensure_future(self.gate.enter(tokens, turn))
         try:
@@ -192,7 +197,8 @@ class Try:
                 raise
             raise TryTimedOut(f"no answer within the {self.timeout:g}s timeout") from None
         req, backend = self.req, self.backend
-        cost = _litellm.response_cost(raw, req.model, backend.provider.litellm_prefix)
+        cost = self.services.pricing.cost(req.model, backend.provider.litellm_prefix,
+                                          getattr(raw, "usage", None))
         self.release(_litellm.usage_of(raw)["total_tokens"], cost)
         latency = self.latency_ms
         resp = _litellm.to_response(raw, backend.name, latency, cost)

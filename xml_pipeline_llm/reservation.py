@@ -16,6 +16,7 @@ from . import _litellm
 
 if TYPE_CHECKING:
     from .config import ResolvedBackend
+    from .pricing import Pricing
     from .request import Request
 
 
@@ -57,10 +58,9 @@ def fair_cost(req: Request, reserved: int, default_max_tokens: int) -> float:
     return float(prompt + most_out(req.kwargs, default_max_tokens))
 
 
-def worst_cost(req: Request, backend: ResolvedBackend, default_max_tokens: int) -> float | None:
-    """The most a try may cost at the backend's prices (budgets in dollars); None: no price."""
-    prices = _litellm.unit_prices(req.model, backend.provider.litellm_prefix)
-    if prices is None:
-        return None
+def worst_cost(req: Request, backend: ResolvedBackend, default_max_tokens: int,
+               pricing: Pricing) -> float | None:
+    """The most a try may cost at the router's prices (budgets in dollars): every prompt token
+    uncached, at the dearest input price; None: no price."""
     prompt, out = worst_case(req, default_max_tokens)
-    return prompt * prices[0] + out * prices[1]
+    return pricing.worst_cost(req.model, backend.provider.litellm_prefix, prompt, out)

@@ -24,6 +24,7 @@ from .errors import BadRequestError, Saturated, TryTimedOut
 from .fallback import build_chain, check_windows, choose
 from .lifecycle import OpenStream, Services, Try
 from .options import CallOptions, checked
+from .pricing import Pricing
 from .redact import short
 from .request import Request
 from .response import LLMResponse
@@ -55,7 +56,8 @@ class LLMRouter(UsageMethods, BudgetMethods):
         self._gates: dict[str, BackendGate] = {
             b.name: self._state.gate(b.name, b.max_concurrent, b.rate_limit_tpm, b.rate_limit_rpm)
             for b in self.backends}
-        _litellm.use_pricing(config.pricing)     # prices are known before the first call (budgets)
+        #: what calls cost (``pricing.py``): this router's prices, for what budgets reserve and what is charged
+        self.pricing = Pricing(config.pricing)
         store = open_store(config.usage_store, config.redis_prefix)
         self._ledger = UsageLedger(store, shared=self._state.usage,
                                    group_by_metadata=config.telemetry.group_by_metadata)
@@ -68,7 +70,8 @@ class LLMRouter(UsageMethods, BudgetMethods):
         self.telemetry = make_telemetry(config, self, self._ledger, self._secrets)
         self._services = Services(self.id, {b.name: b for b in self.backends}, self._gates, self._ledger,
                                   self._deployments, config.default_max_tokens, self._budgets,
-                                  config.weights, self.telemetry, config.stream_idle_timeout)
+                                  config.weights, self.telemetry, config.stream_idle_timeout,
+                                  pricing=self.pricing)
 
     def __repr__(self) -> str:
         return f"LLMRouter(strategy={self.config.strategy!r}, backends=[{', '.join(b.name for b in self.backends)}])"
@@ -91,6 +94,17 @@ class LLMRouter(UsageMethods, BudgetMethods):
         """Seconds left for each backend cooling down now (shared ones with Redis state)."""
         return await self._state.cooldowns(b.name for b in self.backends)
 
+    async def shared_state_problem(self) -> str | None:
+        """None when shared state answers a PING (or there is none), else why not (readiness probes)."""
+        conn = getattr(self._state, "conn", None)
+        if conn is None:
+            return None
+        try:
+            await conn.commands(("PING",))
+        except Exception as exc:
+            return f"shared state (Redis) does not answer: {type(exc).__name__}"
+        return None
+
     # ------------------------------------------------------------ calls
 
     async def complete(self, model: str, messages: list[dict[str, Any]], *,
@@ -101,6 +115,7 @@ class LLMRouter(UsageMethods, BudgetMethods):
         req = await self._request(model, messages, agent_id, thread_id, metadata, kwargs, options)
         resp = await self._serve(req, stream=False)
         assert isinstance(resp, LLMResponse)
+        resp.attempts = len(req.attempts) + 1
         return resp
 
     def stream(self, model: str, messages: list[dict[str, Any]], *,
@@ -218,7 +233,7 @@ class LLMRouter(UsageMethods, BudgetMethods):
 
     def _deployments(self) -> _litellm.Deployments:
         if self._llm is None:
-            self._llm = _litellm.Deployments(self.backends, self.config.pricing)
+            self._llm = _litellm.Deployments(self.backends)
             _litellm.register(self.id, self._services)
         return self._llm
 

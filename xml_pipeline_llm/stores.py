@@ -36,14 +36,17 @@ CREATE TABLE IF NOT EXISTS usage_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     timestamp REAL NOT NULL, agent_id TEXT, thread_id TEXT, model TEXT, backend TEXT,
     provider TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, total_tokens INTEGER,
-    cost_usd REAL, latency_ms REAL, outcome TEXT, call_id TEXT, requested_model TEXT, metadata TEXT
+    cost_usd REAL, latency_ms REAL, outcome TEXT, call_id TEXT, requested_model TEXT, metadata TEXT,
+    cached_tokens INTEGER DEFAULT 0, cache_write_tokens INTEGER DEFAULT 0, reasoning_tokens INTEGER DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS usage_events_ts ON usage_events(timestamp);
 """
 # Columns a ledger written by an older version may lack: added on opening (ALTER TABLE ... ADD COLUMN),
 # so an old ledger opens, keeps its rows (which read back with the default) and gains the column.
+_DETAIL_COLUMNS = ("cached_tokens", "cache_write_tokens", "reasoning_tokens")   # 0 in older rows
 _SQL_TYPES = {"prompt_tokens": "INTEGER", "completion_tokens": "INTEGER", "total_tokens": "INTEGER",
-              "timestamp": "REAL", "cost_usd": "REAL", "latency_ms": "REAL"}
+              "timestamp": "REAL", "cost_usd": "REAL", "latency_ms": "REAL",
+              **{c: "INTEGER DEFAULT 0" for c in _DETAIL_COLUMNS}}
 _JSON_COLUMNS = ("metadata",)   # stored as JSON text (NULL when empty)
 _INSERT = f"INSERT INTO usage_events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _STOP = object()
@@ -319,6 +322,8 @@ def read_events(path: Path, since: float | None = None) -> Iterator[UsageEvent]:
             for name in _JSON_COLUMNS:
                 found[name] = metadata_from(found.get(name))
             found["requested_model"] = found.get("requested_model") or found.get("model") or ""   # older rows
+            for name in _DETAIL_COLUMNS:
+                found[name] = int(found.get(name) or 0)
             yield UsageEvent(**found)
     except sqlite3.Error as exc:
         raise ConfigError(f"{path}: not a usage ledger ({exc})") from None

@@ -46,31 +46,49 @@ class LLMStream:
         await self.aclose()
 
     async def __anext__(self) -> str:
+        while True:
+            delta = _delta_text(await self.next_chunk())
+            if delta:
+                return delta
+
+    async def next_chunk(self) -> Any:
+        """The provider's next chunk (LiteLLM's ``ModelResponseStream``, OpenAI's chunk form) rather than
+        the next text delta: role, tool-call fragments and finish reasons included.  Raises
+        ``StopAsyncIteration`` at the end; the accounting is the same as when reading text deltas."""
         if self._done:
             raise StopAsyncIteration
         if self._opened is None:
             self._opened = await self._open_stream()
             self._pending = list(self._opened.first)
-        while True:
-            try:
-                chunk = await self._next_chunk()
-            except StopAsyncIteration:
-                await self._finish(OK)
-                raise
-            except StreamCut as cut:     # no chunk in time: cut, charged what came, slot back at once
-                await self._finish("error:deadline" if cut.why == "deadline" else "error:timeout")
-                await close_quietly(self._opened.wrapper)
-                raise self._opened.try_.cut_error(cut.why) from None
-            except Exception as exc:
-                await self._finish("error:stream")
-                t = self._opened.try_
-                raise ProviderError(f"{t.req.model}: the stream from {t.backend.name} broke: {exc}",
-                                    status_code=getattr(exc, "status_code", None)) from exc
-            self._chunks.append(chunk)
-            delta = _delta_text(chunk)
-            if delta:
-                self._text.append(delta)
-                return delta
+        try:
+            chunk = await self._next_chunk()
+        except StopAsyncIteration:
+            await self._finish(OK)
+            raise
+        except StreamCut as cut:     # no chunk in time: cut, charged what came, slot back at once
+            await self._finish("error:deadline" if cut.why == "deadline" else "error:timeout")
+            await close_quietly(self._opened.wrapper)
+            raise self._opened.try_.cut_error(cut.why) from None
+        except Exception as exc:
+            await self._finish("error:stream")
+            t = self._opened.try_
+            raise ProviderError(f"{t.req.model}: the stream from {t.backend.name} broke: {exc}",
+                                status_code=getattr(exc, "status_code", None)) from exc
+        self._chunks.append(chunk)
+        delta = _delta_text(chunk)
+        if delta:
+            self._text.append(delta)
+        return chunk
+
+    @property
+    def backend(self) -> str:
+        """The backend serving the stream once it is open ("" before)."""
+        return self._opened.try_.backend.name if self._opened is not None else ""
+
+    @property
+    def attempts(self) -> int:
+        """Provider calls made to open the stream, this one included (0 before it is open)."""
+        return len(self._opened.try_.req.attempts) + 1 if self._opened is not None else 0
 
     async def _next_chunk(self) -> Any:
         assert self._opened is not None
@@ -124,25 +142,32 @@ class LLMStream:
         return t.finish(self.response, outcome, _stream_call_id(self._opened.wrapper))
 
     def _build_response(self, latency: float) -> LLMResponse:
+        """The final response: the usage the provider reported last (cache and reasoning details
+        included), priced like ``complete()`` prices the same answer."""
         assert self._opened is not None
-        req, backend = self._opened.try_.req, self._opened.try_.backend
-        usage = next((_litellm.usage_of(c) for c in reversed(self._chunks)
-                      if getattr(c, "usage", None) and _litellm.usage_of(c)["total_tokens"]), None)
-        if usage is None:   # abandoned before the provider reported usage: count what we got
+        t = self._opened.try_
+        req, backend = t.req, t.backend
+        last = next((c for c in reversed(self._chunks)
+                     if getattr(c, "usage", None) and _litellm.usage_of(c)["total_tokens"]), None)
+        if last is not None:
+            usage = _litellm.usage_of(last)
+        else:   # abandoned before the provider reported usage: count what we got
             prompt = req.estimate if req.estimate is not None else \
                 _litellm.token_estimate(req.model, req.messages)
             completion = _litellm.text_tokens(req.model, "".join(self._text))
             usage = {"prompt_tokens": prompt, "completion_tokens": completion,
-                     "total_tokens": prompt + completion}
-        cost = _litellm.cost(req.model, backend.provider.litellm_prefix,
-                             usage["prompt_tokens"], usage["completion_tokens"])
+                     "total_tokens": prompt + completion, "cached_tokens": 0, "cache_write_tokens": 0,
+                     "reasoning_tokens": 0}
+        cost = t.services.pricing.cost(req.model, backend.provider.litellm_prefix,
+                                       last.usage if last is not None else usage)
         finish = next((c.choices[0].finish_reason for c in reversed(self._chunks)
                        if getattr(c, "choices", None) and c.choices[0].finish_reason), "")
         model = _litellm.strip_route(next((c.model for c in self._chunks if getattr(c, "model", None)),
                                           req.model))
         return LLMResponse(content="".join(self._text), model=model, usage=usage,
                            finish_reason=finish or "", raw=self._chunks, backend=backend.name,
-                           cost_usd=cost, latency_ms=latency, tool_calls=_tool_calls(self._chunks))
+                           cost_usd=cost, latency_ms=latency, tool_calls=_tool_calls(self._chunks),
+                           attempts=len(req.attempts) + 1)
 
 
 async def close_quietly(wrapper: Any) -> None:

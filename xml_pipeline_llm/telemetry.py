@@ -7,8 +7,10 @@ once when it is built, whose hooks do nothing (one method call each per try).
 * Spans (the API's global tracer provider): one ``chat {model}`` span (kind
   CLIENT) per ``complete()``/``stream()`` request and a child ``try {backend}``
   span (kind CLIENT) per provider try, with the GenAI semantic-convention
-  attributes and ``xpl.*`` (agent, backend, cost, outcome, try number,
-  cooldown).  A stream's spans end when the stream ends.
+  attributes (``gen_ai.usage.cache_read.input_tokens``,
+  ``gen_ai.usage.cache_creation.input_tokens`` and
+  ``gen_ai.usage.reasoning.output_tokens`` included) and ``xpl.*`` (agent,
+  backend, cost, outcome, try number, cooldown).  A stream's spans end when the stream ends.
 * Metrics (the API's global meter provider, and with ``prometheus_port`` an SDK
   meter provider of its own serving ``/metrics``): the GenAI client histograms
   with the conventions' bucket boundaries, ``xpl.requests``, ``xpl.cost``, and
@@ -220,7 +222,10 @@ class OTelTelemetry(NoTelemetry):
             attrs["xpl.cost_usd"] = event.cost_usd
         if cooldown is not None:
             attrs["xpl.cooldown_s"] = round(cooldown, 3)
-        if resp is not None:
+        if resp is not None:       # prompt-cache and reasoning parts of the tokens above (0: none reported)
+            attrs["gen_ai.usage.cache_read.input_tokens"] = event.cached_tokens
+            attrs["gen_ai.usage.cache_creation.input_tokens"] = event.cache_write_tokens
+            attrs["gen_ai.usage.reasoning.output_tokens"] = event.reasoning_tokens
             attrs["gen_ai.response.model"] = resp.model
             attrs["gen_ai.response.finish_reasons"] = [resp.finish_reason] if resp.finish_reason else []
             if self._capture:

@@ -64,6 +64,9 @@ class AgentUsage:
     ``cost_usd`` sums the priced calls; it is None while none had a price (an
     unknown cost is never 0.0, which would claim "free").  ``unpriced_requests``
     counts the successful calls without a price, whose cost the sum leaves out.
+    ``cached_tokens``, ``cache_write_tokens`` (parts of ``prompt_tokens``: read
+    from and written to the provider's prompt cache) and ``reasoning_tokens``
+    (part of ``completion_tokens``) sum what the providers reported.
     """
 
     prompt_tokens: int = 0
@@ -73,6 +76,9 @@ class AgentUsage:
     error_count: int = 0
     cost_usd: float | None = None
     unpriced_requests: int = 0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
 
     def merge(self, other: AgentUsage) -> None:
         """Add another key's totals (a footer row, totals across runs)."""
@@ -83,6 +89,9 @@ class AgentUsage:
         self.prompt_tokens += event.prompt_tokens
         self.completion_tokens += event.completion_tokens
         self.total_tokens += event.total_tokens
+        self.cached_tokens += event.cached_tokens
+        self.cache_write_tokens += event.cache_write_tokens
+        self.reasoning_tokens += event.reasoning_tokens
         if event.succeeded:
             self.request_count += 1
             if event.cost_usd is None:
@@ -124,6 +133,9 @@ class UsageEvent:
     latency_ms: float
     outcome: str
     requested_model: str = ""
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
     call_id: str = field(default="", compare=False)
     #: ``metadata=`` of the call (str keys; str/int/float/bool values), {} when none.  The last field:
     #: the ``metadata`` column of an event CSV is the last one.
@@ -153,7 +165,10 @@ def make_event(*, agent_id: str | None, thread_id: str | None, model: str, backe
                       total_tokens=usage.get("total_tokens", 0), cost_usd=cost_usd,
                       latency_ms=latency_ms, outcome=outcome,
                       requested_model=model if requested_model is None else requested_model,
-                      call_id=call_id, metadata=dict(metadata) if metadata else {})
+                      call_id=call_id, metadata=dict(metadata) if metadata else {},
+                      cached_tokens=usage.get("cached_tokens", 0),
+                      cache_write_tokens=usage.get("cache_write_tokens", 0),
+                      reasoning_tokens=usage.get("reasoning_tokens", 0))
 
 
 def metadata_json(metadata: Mapping[str, Any]) -> str:
@@ -330,6 +345,10 @@ class UsageLedger:
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
         self.listeners = Listeners()
+
+    def counted(self, call_id: str) -> bool:
+        """Whether the call with this id was counted already (its later events add nothing)."""
+        return bool(call_id) and call_id in self._seen
 
     def _count(self, event: UsageEvent) -> bool:
         """Add ``event`` to the totals unless its call id was counted already."""

@@ -29,6 +29,7 @@ from .complete import cmd_complete
 from .demo import STRATEGY_NAMES, cmd_demo
 from .init import cmd_init
 from .output import describe, print_error, setup_logging, terminal_columns
+from .serve import cmd_serve
 from .simulate import cmd_simulate
 from .usage import CONFIG_ENV, cmd_usage
 
@@ -148,6 +149,17 @@ falls under: the global one, and those of the agents and threads the usage
 store (llm.usage_store, or the fleet's Redis) has seen, with what is spent in
 the current window, what calls in flight hold (Redis), and when it resets.
 """,
+    "serve": """\
+examples:
+  xml-pipeline-llm serve                              # ./organism.yaml, http://127.0.0.1:4000/v1
+  xml-pipeline-llm serve -c organism.yaml --port 8080 --workers 4 --grace 10
+
+Any OpenAI client then works with base_url http://127.0.0.1:4000/v1 (and
+api_key: one of llm.gateway.keys, or anything when no keys are configured).
+Without keys the gateway listens on loopback only. --workers N > 1 needs
+llm.shared_state. SIGTERM/SIGINT: stop accepting, let calls in flight finish
+for up to --grace seconds, flush the ledger, exit 0. See docs/gateway.md.
+""",
     "simulate": """\
 examples:
   xml-pipeline-llm simulate --port 8099
@@ -242,6 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
     p.add_argument("--csv", metavar="FILE", help="write CSV to FILE ('-' for stdout) instead of a table")
     p.set_defaults(func=cmd_budgets)
+
+    p = command("serve", "serve the router as an OpenAI-compatible HTTP API")
+    p.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
+    p.add_argument("--host", default=None, help="address to bind (default: llm.gateway.host, else 127.0.0.1)")
+    p.add_argument("--port", type=_port, default=None,
+                   help="port to bind (default: llm.gateway.port, else 4000; 0: any free port)")
+    p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                   help="worker processes on the one port (default 1; more need llm.shared_state)")
+    p.add_argument("--grace", type=_non_negative_float, default=30.0, metavar="S",
+                   help="on SIGTERM/SIGINT, seconds the calls in flight may take to finish (default 30)")
+    p.set_defaults(func=cmd_serve)
 
     p = command("simulate", "run the provider simulator in the foreground")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

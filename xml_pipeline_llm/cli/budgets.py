@@ -32,8 +32,8 @@ def cmd_budgets(args: argparse.Namespace) -> int:
         return 0
     console = make_console()
     if not found:
-        console.print(f"{cfg.source}: no budget in use (llm.budgets and max_tokens_per_thread set none "
-                      f"that a recorded call falls under)")
+        console.print(f"{cfg.source}: no budget to show (llm.budgets names no agent, thread or metadata "
+                      f"value by name, and no recorded call falls under a pattern or max_tokens_per_thread)")
         return 0
     table = make_table(title=f"Budgets of {cfg.source}")
     for name, justify in (("Scope", "left"), ("Key", "left"), ("Used / limit", "right"),
@@ -47,14 +47,22 @@ def cmd_budgets(args: argparse.Namespace) -> int:
 
 
 def _keys(cfg: RouterConfig) -> list[tuple[str, str | None]]:
-    """The budget keys worth showing: ``global``, and the agents and threads the store has seen."""
+    """The budget keys worth showing: ``global``; every key a budget names by name (a plain ``match``,
+    spent against or not); and the agents and threads the store has seen."""
     scopes = {b.scope for b in cfg.budgets}
     keys: list[tuple[str, str | None]] = [("global", None)] if "global" in scopes else []
+    named = {(b.scope, b.match) for b in cfg.budgets if b.scope != "global" and _plain(b.match)}
     seen = _seen(cfg)
     for scope in ("agent", "thread"):
         if scope in scopes:
-            keys += [(scope, k) for k in sorted(seen.get(scope, ()))]
+            named |= {(scope, k) for k in seen.get(scope, ())}
+    keys += sorted(named)
     return keys
+
+
+def _plain(match: str) -> bool:
+    """Whether a budget's ``match`` names one key (not a shell pattern)."""
+    return not any(c in match for c in "*?[")
 
 
 def _seen(cfg: RouterConfig) -> dict[str, set[str]]:

@@ -98,7 +98,8 @@ def llm_block(sim: Any, strategy: str, metrics_port: int | None = None) -> dict[
 # LiteLLM's map prices these models on xai and anthropic only; llm.pricing gives the
 # gateway (openai-main) the providers' own prices, so that every call has a cost.
 PRICING = {"grok-4.3": {"input_per_mtok": 1.25, "output_per_mtok": 2.5},
-           "claude-sonnet-4-5": {"input_per_mtok": 3.0, "output_per_mtok": 15.0}}
+           "claude-sonnet-4-5": {"input_per_mtok": 3.0, "output_per_mtok": 15.0,
+                                 "cached_input_per_mtok": 0.3, "cache_write_per_mtok": 3.75}}
 
 
 @dataclass
@@ -155,10 +156,12 @@ def run_demo(requests: int = 60, concurrency: int = 8, strategy: str = "all",
             fallback = asyncio.run(run_fallback(sim, llm_block(sim, "failover")))
         budgets = asyncio.run(_run_budget(sim))
         fair = asyncio.run(_run_greedy(sim))
+        cached = asyncio.run(_run_cached(sim))
     _report(results, console)
     report_fallback(fallback, console)
     _report_budget(budgets, console)
     console.print(fair)
+    console.print(cached)
     agents = _sum_agents(results)
     from ..usage import write_csv
 
@@ -245,6 +248,42 @@ async def _run_greedy(sim: Any) -> str:
 
 
 GREEDY_CALLS = 30
+LOOPER, LOOP_STEPS, LOOP_BACKEND = "looper", 6, "anthropic-main"
+
+
+async def _run_cached(sim: Any) -> str:
+    """An agent loop resending its growing prompt: most input is read from the provider's prompt cache.
+
+    The simulator reports Anthropic's cache figures; what the calls would have
+    cost without the cache is the same usage priced as uncached input.
+    """
+    from ..config import load_config
+    from ..router import LLMRouter
+
+    router = LLMRouter(load_config({"llm": llm_block(sim, "failover")}))
+    messages = [{"role": "system", "content": "You are a careful research agent. " * 150}]
+    uncached = 0.0
+    try:
+        for step in range(LOOP_STEPS):
+            if step == 0:       # the first step writes the prompt to the cache
+                sim.set_usage_details(LOOP_BACKEND, cache_write=0.9)
+            else:               # the later ones read it, and write what is new
+                sim.set_usage_details(LOOP_BACKEND, cached=0.9, cache_write=0.05)
+            messages.append({"role": "user", "content": f"step {step + 1}: go on with the research"})
+            resp = await router.complete("claude-sonnet-4-5", messages, agent_id=LOOPER, max_tokens=64)
+            messages.append({"role": "assistant", "content": resp.content})
+            plain = {k: resp.usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+            uncached += router.pricing.cost("claude-sonnet-4-5", "anthropic", plain) or 0.0
+        u = router.get_agent_usage(LOOPER)
+    finally:
+        sim.set_usage_details(LOOP_BACKEND)
+        await router.aclose()
+    cost = u.cost_usd or 0.0
+    saved = 1 - cost / uncached if uncached else 0.0
+    return (f"Prompt cache: agent {LOOPER!r} made {u.request_count} calls resending a growing prompt; "
+            f"{u.cached_tokens:,} of its {u.prompt_tokens:,} input tokens were read from the cache and "
+            f"{u.cache_write_tokens:,} written to it. Cost ${cost:.4f} instead of ${uncached:.4f} "
+            f"without the cache ({saved:.0%} saved).")
 
 
 def _serve_metrics(sim: Any, port: int, console: Console) -> int:

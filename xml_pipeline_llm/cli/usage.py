@@ -79,6 +79,15 @@ def cmd_usage(args: argparse.Namespace) -> int:
         console.print(f"{where}: fleet totals by {args.by}", soft_wrap=True)
     table = _event_table(events) if args.by == "event" else _totals_table(args.by, totals or {})
     show(console, table)
+    if args.by == "event":
+        line = _cache_line(events)
+        if line:
+            console.print(line, soft_wrap=False)
+    else:
+        details = _details_table(args.by, totals or {})
+        if details is not None:
+            console.print()
+            show(console, details)
     return 0
 
 
@@ -159,21 +168,55 @@ def _totals_table(by: str, groups: dict[str, Any]) -> Any:
         total.merge(u)
     table = make_table(footer=True)
     table.add_column(by if by.startswith("metadata.") else by.capitalize(), overflow="fold", footer="total")
-    for column, foot in zip(TOTAL_COLUMNS, _usage_cells(total)):
+    for column, foot in zip(MAIN_COLUMNS, usage_cells(total)):
         table.add_column(HEADINGS[column], justify="right", footer=foot)
     for key in sorted(groups):
-        table.add_row(Text(key), *_usage_cells(groups[key]))
+        table.add_row(Text(key), *usage_cells(groups[key]))
+    return table
+
+
+def _details_table(by: str, groups: dict[str, Any]) -> Any | None:
+    """Prompt-cache and reasoning tokens per key (None when no call reported any): a table of its own,
+    so that the totals table stays readable on 80 columns."""
+    from rich.text import Text
+
+    if not any(getattr(u, c) for u in groups.values() for c in DETAIL_COLUMNS):
+        return None
+    table = make_table(title="Prompt cache and reasoning (tokens)")
+    table.add_column(by if by.startswith("metadata.") else by.capitalize(), overflow="fold")
+    for heading in ("Input", "Cached", "Cache write", "Uncached", "Output", "Reasoning"):
+        table.add_column(heading, justify="right")
+    for key in sorted(groups):
+        u = groups[key]
+        uncached = u.prompt_tokens - u.cached_tokens - u.cache_write_tokens
+        table.add_row(Text(key), *(f"{n:,}" for n in (u.prompt_tokens, u.cached_tokens, u.cache_write_tokens,
+                                                     uncached, u.completion_tokens, u.reasoning_tokens)))
     return table
 
 
 #: The totals table's heading for each ``AgentUsage`` field (``TOTAL_COLUMNS``, in that order).
 HEADINGS = {"prompt_tokens": "Prompt", "completion_tokens": "Completion", "total_tokens": "Total",
             "request_count": "Requests", "error_count": "Errors", "cost_usd": "Cost USD",
-            "unpriced_requests": "Unpriced"}
+            "unpriced_requests": "Unpriced", "cached_tokens": "Cached", "cache_write_tokens": "Cache write",
+            "reasoning_tokens": "Reasoning"}
+DETAIL_COLUMNS = ("cached_tokens", "cache_write_tokens", "reasoning_tokens")   # in a table of their own
+MAIN_COLUMNS = [c for c in TOTAL_COLUMNS if c not in DETAIL_COLUMNS]
 
 
-def _usage_cells(u: Any) -> list[str]:
-    return [cost_text(u.cost_usd) if c == "cost_usd" else f"{getattr(u, c):,}" for c in TOTAL_COLUMNS]
+def usage_cells(u: Any, columns: list[str] = MAIN_COLUMNS) -> list[str]:
+    return [cost_text(u.cost_usd) if c == "cost_usd" else f"{getattr(u, c):,}" for c in columns]
+
+
+def _cache_line(events: list[Any]) -> str | None:
+    """One line on the prompt cache and reasoning of these events (None when none reported any)."""
+    prompt = sum(e.prompt_tokens for e in events)
+    cached = sum(e.cached_tokens for e in events)
+    written = sum(e.cache_write_tokens for e in events)
+    reasoning = sum(e.reasoning_tokens for e in events)
+    if not (cached or written or reasoning):
+        return None
+    return (f"Prompt cache: {cached:,} of {prompt:,} input tokens read from it, {written:,} written to it; "
+            f"{reasoning:,} output tokens of reasoning.")
 
 
 def _event_table(events: list[Any]) -> Any:

@@ -3,8 +3,9 @@
 Keys (``<p>`` is ``redis_prefix``):
 
 * ``<p>:usage:{<p>}:<group>:<key>`` - a hash of ``prompt_tokens``, ``completion_tokens``,
-  ``total_tokens``, ``request_count``, ``error_count``, ``unpriced_requests``
-  (HINCRBY) and ``cost_usd`` (HINCRBYFLOAT, only by priced calls: a key with no
+  ``total_tokens``, ``request_count``, ``error_count``, ``unpriced_requests``,
+  ``cached_tokens``, ``cache_write_tokens``, ``reasoning_tokens`` (HINCRBY; a
+  field never added reads back as 0) and ``cost_usd`` (HINCRBYFLOAT, only by priced calls: a key with no
   priced call has no ``cost_usd`` field and reads back as None, never 0), for
   group ``agent``, ``model``, ``backend`` and ``thread``;
 * ``<p>:usage:{<p>}:<group>`` - the set of keys seen in that group;
@@ -53,7 +54,7 @@ _INT_FIELDS = COUNT_COLUMNS
 
 # KEYS: n total hashes, n index sets, the event stream (n = 4 groups + the declared metadata
 # keys).  ARGV: the n group keys, prompt, completion, total, requests, errors, unpriced, cost
-# ('' when unknown), stream length, event field pairs.
+# ('' when unknown), cached, cache write, reasoning, stream length, event field pairs.
 ADD = Script("""
 local n = (#KEYS - 1) / 2
 local function add(h, field, v) if v ~= '0' then redis.call('HINCRBY', h, field, v) end end
@@ -66,10 +67,13 @@ for i = 1, n do
   add(h, 'error_count', ARGV[n + 5])
   add(h, 'unpriced_requests', ARGV[n + 6])
   if ARGV[n + 7] ~= '' then redis.call('HINCRBYFLOAT', h, 'cost_usd', ARGV[n + 7]) end
+  add(h, 'cached_tokens', ARGV[n + 8])
+  add(h, 'cache_write_tokens', ARGV[n + 9])
+  add(h, 'reasoning_tokens', ARGV[n + 10])
   redis.call('SADD', KEYS[i + n], ARGV[i])
 end
-if tonumber(ARGV[n + 8]) > 0 then
-  redis.call('XADD', KEYS[2 * n + 1], 'MAXLEN', '~', ARGV[n + 8], '*', unpack(ARGV, n + 9))
+if tonumber(ARGV[n + 11]) > 0 then
+  redis.call('XADD', KEYS[2 * n + 1], 'MAXLEN', '~', ARGV[n + 11], '*', unpack(ARGV, n + 12))
 end
 return 1
 """)
@@ -164,8 +168,8 @@ class RedisUsageStore:
         err = event.ended_in_error
         unpriced = ok and event.cost_usd is None
         args = [*names, event.prompt_tokens, event.completion_tokens, event.total_tokens, int(ok), int(err),
-                int(unpriced), "" if event.cost_usd is None else repr(event.cost_usd), self.max_events,
-                "e", _event_json(event)]
+                int(unpriced), "" if event.cost_usd is None else repr(event.cost_usd), event.cached_tokens,
+                event.cache_write_tokens, event.reasoning_tokens, self.max_events, "e", _event_json(event)]
         return Job(ADD, keys, args, "usage")
 
     # ---------------------------------------------------------- writes

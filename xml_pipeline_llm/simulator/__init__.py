@@ -45,7 +45,7 @@ Typical use::
 
 from .runner import DEMO_FAULTS, SimulatorThread, run_foreground, run_simulator
 from .server import Simulator
-from .state import ALL_BACKENDS, BackendStats, Fault, RecordedRequest
+from .state import ALL_BACKENDS, BackendStats, Fault, RecordedRequest, UsageDetails
 
 __all__ = [
     "ALL_BACKENDS",
@@ -55,6 +55,7 @@ __all__ = [
     "RecordedRequest",
     "Simulator",
     "SimulatorThread",
+    "UsageDetails",
     "run_foreground",
     "run_simulator",
 ]

@@ -13,7 +13,7 @@ import json
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -35,8 +35,11 @@ class Reply:
     tool_name: str | None
     tool_input: str
     finish: str  # "stop", "length" or "tool"
-    prompt_tokens: int
-    completion_tokens: int
+    prompt_tokens: int              # every input token, cached or not
+    completion_tokens: int          # reasoning tokens included
+    cached_tokens: int = 0          # of the prompt, read from the prompt cache
+    cache_write_tokens: int = 0     # of the prompt, written to the prompt cache (Anthropic reports these)
+    reasoning_tokens: int = 0       # of the completion (OpenAI reports these)
 
     @property
     def tool_arguments(self) -> str:
@@ -157,6 +160,23 @@ def plan_reply(fmt: str, backend: str, body: dict[str, Any]) -> Reply:
     return Reply(model, " ".join(reply_words), None, "", finish, prompt, len(reply_words))
 
 
+def with_details(fmt: str, reply: Reply, details: Any) -> Reply:
+    """``reply`` with the prompt-cache and reasoning figures ``details`` (a ``UsageDetails``) asks for.
+
+    Each format reports what its provider does: OpenAI (and xAI) cached input and
+    reasoning tokens, Anthropic cache reads and writes; Ollama none.
+    """
+    if fmt == "ollama":
+        return reply
+    cached = int(reply.prompt_tokens * details.cached)
+    if fmt == "anthropic":
+        return replace(reply, cached_tokens=cached,
+                       cache_write_tokens=int(reply.prompt_tokens * details.cache_write))
+    reasoning = details.reasoning_tokens
+    return replace(reply, cached_tokens=cached, reasoning_tokens=reasoning,
+                   completion_tokens=reply.completion_tokens + reasoning)
+
+
 def wants_stream(body: dict[str, Any], fmt: str) -> bool:
     """Ollama streams unless told not to; the others only when asked."""
     default = fmt == "ollama"
@@ -187,8 +207,8 @@ def _openai_usage(reply: Reply) -> dict[str, Any]:
         "prompt_tokens": reply.prompt_tokens,
         "completion_tokens": reply.completion_tokens,
         "total_tokens": reply.prompt_tokens + reply.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+        "prompt_tokens_details": {"cached_tokens": reply.cached_tokens, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": reply.reasoning_tokens, "audio_tokens": 0,
                                       "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
     }
 
@@ -247,9 +267,18 @@ def openai_stream(reply: Reply, include_usage: bool) -> list[bytes]:
 _ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens", "tool": "tool_use"}
 
 
-def _anthropic_usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
-    return {"input_tokens": input_tokens, "output_tokens": output_tokens,
-            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "service_tier": "standard"}
+def _anthropic_usage(reply: Reply, output_tokens: int) -> dict[str, Any]:
+    """A ``Usage``: ``input_tokens`` are the uncached ones (total input = the three input counts)."""
+    return {**_anthropic_input(reply), "output_tokens": output_tokens,
+            "cache_creation": {"ephemeral_5m_input_tokens": reply.cache_write_tokens,
+                               "ephemeral_1h_input_tokens": 0},
+            "server_tool_use": None, "service_tier": "standard", "inference_geo": None}
+
+
+def _anthropic_input(reply: Reply) -> dict[str, int]:
+    return {"input_tokens": reply.prompt_tokens - reply.cached_tokens - reply.cache_write_tokens,
+            "cache_creation_input_tokens": reply.cache_write_tokens,
+            "cache_read_input_tokens": reply.cached_tokens}
 
 
 def _anthropic_blocks(reply: Reply) -> list[dict[str, Any]]:
@@ -264,7 +293,7 @@ def anthropic_json(reply: Reply) -> dict[str, Any]:
     return {
         "id": _new_id("msg_"), "type": "message", "role": "assistant", "model": reply.model,
         "content": _anthropic_blocks(reply), "stop_reason": _ANTHROPIC_STOP[reply.finish],
-        "stop_sequence": None, "usage": _anthropic_usage(reply.prompt_tokens, reply.completion_tokens),
+        "stop_sequence": None, "usage": _anthropic_usage(reply, reply.completion_tokens),
     }
 
 
@@ -273,9 +302,9 @@ def _sse_event(name: str, payload: dict[str, Any]) -> bytes:
 
 
 def anthropic_stream(reply: Reply) -> list[bytes]:
-    """message_start .. content_block_* .. message_delta (usage) .. message_stop."""
+    """message_start (input usage) .. content_block_* .. message_delta (cumulative usage) .. message_stop."""
     message = {**anthropic_json(reply), "content": [], "stop_reason": None,
-               "usage": _anthropic_usage(reply.prompt_tokens, 1)}
+               "usage": _anthropic_usage(reply, 1)}
     if reply.tool_name:
         block = {**_anthropic_blocks(reply)[0], "input": {}}
         deltas = [{"type": "input_json_delta", "partial_json": p} for p in word_pieces(reply.tool_arguments)]
@@ -292,7 +321,8 @@ def anthropic_stream(reply: Reply) -> list[bytes]:
         _sse_event("message_delta", {
             "type": "message_delta",
             "delta": {"stop_reason": _ANTHROPIC_STOP[reply.finish], "stop_sequence": None},
-            "usage": {"output_tokens": reply.completion_tokens}}),
+            "usage": {**_anthropic_input(reply), "output_tokens": reply.completion_tokens,
+                      "server_tool_use": None}}),
         _sse_event("message_stop", {"type": "message_stop"}),
     ]
 

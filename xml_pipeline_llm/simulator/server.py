@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from . import formats
-from .state import BackendStats, Fault, Plan, RecordedRequest, Registry
+from .state import BackendStats, Fault, Plan, RecordedRequest, Registry, UsageDetails
 
 DEFAULT_BACKEND = "default"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -101,6 +101,21 @@ class Simulator:
         """Answer 401 unless ``Authorization: Bearer <key>`` or ``x-api-key: <key>`` is sent."""
         self._registry.require_key(backend, key)
 
+    def set_usage_details(self, backend: str, cached: float = 0.0, cache_write: float = 0.0,
+                          reasoning_tokens: int = 0) -> None:
+        """Report prompt-cache and reasoning tokens in the usage (``"*"``: every backend without its own).
+
+        ``cached`` and ``cache_write`` are shares of each prompt read from and
+        written to the provider's prompt cache, ``reasoning_tokens`` are added to
+        each answer's completion as reasoning, each in the provider's own shape:
+        OpenAI/xAI ``prompt_tokens_details.cached_tokens`` and
+        ``completion_tokens_details.reasoning_tokens`` (no cache writes);
+        Anthropic ``cache_read_input_tokens`` and ``cache_creation_input_tokens``
+        (``input_tokens`` then counts the rest; no reasoning count), in
+        ``message_start`` and, cumulative, in ``message_delta``; Ollama none.
+        """
+        self._registry.set_usage_details(backend, UsageDetails(cached, cache_write, reasoning_tokens))
+
     def reset(self, backend: str | None = None) -> None:
         """Drop scripts, rates, latency, keys and stats of one backend (or all, ``"*"`` included)."""
         self._registry.reset(backend)
@@ -172,7 +187,7 @@ class Simulator:
         if not isinstance(body, dict):
             return await _send(request, _error(fmt, 400, "simulator: request body is not a JSON object"),
                                ticket.leave)
-        reply = formats.plan_reply(fmt, ticket.backend, body)
+        reply = formats.with_details(fmt, formats.plan_reply(fmt, ticket.backend, body), plan.details)
         stream = formats.wants_stream(body, fmt)
         if plan.fault is not None and plan.fault.kind in ("timeout", "stall") and not (
                 stream and plan.fault.kind == "stall"):
@@ -204,7 +219,8 @@ class _Ticket:
 
     def succeed(self, reply: formats.Reply, reported: bool) -> None:
         if not self._left:
-            self.registry.succeed(self.backend, reply.prompt_tokens, reply.completion_tokens, reported)
+            self.registry.succeed(self.backend, reply.prompt_tokens, reply.completion_tokens, reported,
+                                  reply.cached_tokens, reply.cache_write_tokens, reply.reasoning_tokens)
         self.leave()
 
 

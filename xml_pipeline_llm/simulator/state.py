@@ -87,6 +87,31 @@ class Fault:
 
 
 @dataclass(frozen=True)
+class UsageDetails:
+    """Prompt-cache and reasoning figures the simulator reports (``Simulator.set_usage_details``).
+
+    ``cached`` and ``cache_write`` are shares of each request's prompt tokens
+    read from and written to the provider's prompt cache; ``reasoning_tokens``
+    are added to each answer's completion tokens as reasoning.
+    """
+
+    cached: float = 0.0
+    cache_write: float = 0.0
+    reasoning_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.cached <= 1.0 and 0.0 <= self.cache_write <= 1.0
+                and self.cached + self.cache_write <= 1.0):
+            raise ValueError(f"cached and cache_write are shares of the prompt within [0, 1] whose sum is "
+                             f"at most 1, got {self.cached} and {self.cache_write}")
+        if self.reasoning_tokens < 0:
+            raise ValueError(f"reasoning_tokens must be >= 0, got {self.reasoning_tokens}")
+
+
+NO_DETAILS = UsageDetails()
+
+
+@dataclass(frozen=True)
 class RecordedRequest:
     """What arrived on the wire, for tests that check LiteLLM's request shape.
 
@@ -104,7 +129,10 @@ class BackendStats:
     """Counters for one backend (or the sum over all of them).
 
     ``prompt_tokens``/``completion_tokens`` sum what the simulator reported to
-    clients; ``completion_tokens_generated`` counts every reply it produced,
+    clients (every input token, cached or not; reasoning included in completion);
+    ``cached_tokens``, ``cache_write_tokens`` and ``reasoning_tokens`` the
+    prompt-cache and reasoning parts of them it reported;
+    ``completion_tokens_generated`` counts every reply it produced,
     including OpenAI streams sent without a usage chunk.
     """
 
@@ -116,6 +144,9 @@ class BackendStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     completion_tokens_generated: int = 0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
     last_request: RecordedRequest | None = None
 
 
@@ -129,6 +160,7 @@ class _Config:
     faults: tuple[Fault, ...] = ()
     rng: random.Random | None = None
     api_key: str | None = None
+    details: UsageDetails | None = None
     script: deque[Fault] = field(default_factory=deque)
 
 
@@ -140,6 +172,7 @@ class Plan:
     chunk_latency: float
     api_key: str | None
     fault: Fault | None
+    details: UsageDetails = NO_DETAILS
 
 
 class Registry:
@@ -184,6 +217,11 @@ class Registry:
         with self._lock:
             self._config(backend).api_key = key
 
+    def set_usage_details(self, backend: str, details: UsageDetails) -> None:
+        """Report prompt-cache and reasoning tokens in this backend's usage."""
+        with self._lock:
+            self._config(backend).details = details
+
     def reset(self, backend: str | None) -> None:
         """Forget configuration and statistics of one backend, or of all."""
         with self._lock:
@@ -226,6 +264,9 @@ class Registry:
                 total.prompt_tokens += st.prompt_tokens
                 total.completion_tokens += st.completion_tokens
                 total.completion_tokens_generated += st.completion_tokens_generated
+                total.cached_tokens += st.cached_tokens
+                total.cache_write_tokens += st.cache_write_tokens
+                total.reasoning_tokens += st.reasoning_tokens
             return total
 
     # ---- server side (called on the event loop) ----
@@ -262,6 +303,7 @@ class Registry:
             chunk_latency=_pick(own.chunk_latency, base.chunk_latency, 0.0),
             api_key=_pick(own.api_key, base.api_key, None),
             fault=fault,
+            details=_pick(own.details, base.details, NO_DETAILS),
         )
 
     def peek(self, backend: str) -> Plan:
@@ -276,7 +318,8 @@ class Registry:
             st.in_flight = max(0, st.in_flight - 1)
             self._global_in_flight = max(0, self._global_in_flight - 1)
 
-    def succeed(self, backend: str, prompt: int, completion: int, reported: bool) -> None:
+    def succeed(self, backend: str, prompt: int, completion: int, reported: bool,
+                cached: int = 0, cache_write: int = 0, reasoning: int = 0) -> None:
         """A full successful response was sent; add the usage it carried."""
         with self._lock:
             st = self._stats.setdefault(backend, BackendStats())
@@ -285,6 +328,9 @@ class Registry:
             if reported:
                 st.prompt_tokens += prompt
                 st.completion_tokens += completion
+                st.cached_tokens += cached
+                st.cache_write_tokens += cache_write
+                st.reasoning_tokens += reasoning
 
 
 def _pick(own: Any, inherited: Any, default: Any) -> Any:
