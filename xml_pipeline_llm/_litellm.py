@@ -380,6 +380,40 @@ def call_id(resp: Any) -> str:
     return str(hidden.get("litellm_call_id") or getattr(resp, "id", "") or "")
 
 
+_PROVIDER_PREFIX = "llm_provider-"
+
+
+def provider_headers(answer: Any) -> dict[str, str]:
+    """The provider's HTTP response headers (lower-case names) on an answer, a stream or an error.
+
+    LiteLLM keeps them as ``llm_provider-<name>`` in ``_hidden_params["additional_headers"]``
+    of a response and of a stream's wrapper (there before the first chunk), and as
+    ``litellm_response_headers`` (the raw headers) on an exception such as a 429.
+    """
+    if isinstance(answer, BaseException):
+        raw: Any = getattr(answer, "litellm_response_headers", None)
+        if raw is None:
+            raw = getattr(getattr(answer, "response", None), "headers", None)
+    else:
+        hidden = getattr(answer, "_hidden_params", None) or {}
+        raw = hidden.get("additional_headers") if isinstance(hidden, Mapping) else None
+    if not raw:
+        return {}
+    try:
+        items = list(raw.items())
+    except (AttributeError, TypeError):
+        return {}
+    out: dict[str, str] = {}
+    for key, value in items:
+        name = str(key).lower()
+        if name.startswith(_PROVIDER_PREFIX):
+            name = name[len(_PROVIDER_PREFIX):]
+        elif name in out:
+            continue        # the provider's own (prefixed) copy wins over LiteLLM's
+        out[name] = str(value)
+    return out
+
+
 def _make_callback() -> Any:
     """The CustomLogger that records successful calls for the router that made them.
 

@@ -14,12 +14,14 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
 
+from .circuit import EXPECTED as CIRCUIT_EXPECTED
+from .circuit import CircuitConfig, circuit_block
 from .errors import ConfigError
 from .providers import BUILTIN, LITELLM_PROVIDERS, Provider, lookup
 from .redact import redact_mapping, redact_url
@@ -54,6 +56,7 @@ class BackendConfig(BaseModel):
     supported_models: list[str] | None = None
     timeout: float | None = Field(default=None, gt=0)
     drop_params: bool | None = None
+    circuit: Annotated[CircuitConfig | None, BeforeValidator(circuit_block)] = None
 
 
 class ModelPrice(BaseModel):
@@ -156,6 +159,7 @@ class LLMConfig(BaseModel):
     models: dict[str, list[str]] = Field(default_factory=dict)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    circuit: Annotated[CircuitConfig, BeforeValidator(circuit_block)] = Field(default_factory=CircuitConfig)
     backends: list[BackendConfig] = Field(min_length=1)
 
 
@@ -176,7 +180,7 @@ EXPECTED = {
     "deadline": "a positive number of seconds a whole request may take (default: none)",
     "max_queue_wait": "a number of seconds >= 0 an alias or fallbacks request waits for a saturated model",
     "drop_params": "true or false",
-    "strategy": "one of failover, round-robin, least-loaded (or, from code, a strategy object)",
+    "strategy": "one of failover, round-robin, least-loaded, lowest-latency (or, from code, a strategy object)",
     "retries": "a whole number >= 0",
     "retry_base_delay": "a positive number of seconds",
     "retry_max_delay": "a positive number of seconds",
@@ -225,6 +229,7 @@ EXPECTED = {
     "gateway.metadata": "a mapping of metadata keys to strings, numbers or true/false, such as {org_id: acme}",
     "gateway.models": 'a list of model names, aliases or patterns, such as ["grok-*", smart]',
     "gateway.admin": "true or false (true: may read /v1/usage, /v1/budgets and /metrics)",
+    **CIRCUIT_EXPECTED,
 }
 
 
@@ -726,6 +731,10 @@ def _place(loc: list[Any]) -> tuple[str, str]:
         names = [p for p in loc if isinstance(p, str)]
         return ("llm" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc),
                 "gateway.metadata" if "metadata" in names else f"gateway.{names[-1]}")
+    if "circuit" in loc:       # llm.circuit or a backend's circuit
+        names = [p for p in loc if isinstance(p, str)]
+        path = "llm" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+        return path, "circuit" if names[-1] == "circuit" else f"circuit.{names[-1]}"
     keyed = len(loc) >= 2 and loc[0] in ("pricing", "models")     # mappings keyed by model or alias
     path = "llm" + "".join(f'["{p}"]' if keyed and i == 1 else f"[{p}]" if isinstance(p, int) else f".{p}"
                            for i, p in enumerate(loc))
@@ -737,7 +746,7 @@ def _place(loc: list[Any]) -> tuple[str, str]:
 
 
 def _unknown_key(path: str, key: str, loc: list[Any]) -> str:
-    model = (ModelPrice if loc[:1] == ["pricing"] else BackendConfig if loc[:1] == ["backends"]
+    model = (CircuitConfig if "circuit" in loc[:-1] else ModelPrice if loc[:1] == ["pricing"] else BackendConfig if loc[:1] == ["backends"]
              else BudgetConfig if loc[:1] == ["budgets"] else AgentConfig if loc[:1] == ["agents"]
              else TelemetryConfig if loc[:1] == ["telemetry"]
              else GatewayKeyConfig if loc[:2] == ["gateway", "keys"]

@@ -25,6 +25,7 @@ from . import _litellm
 from .budgets import BudgetKey, Budgets, Hold, keys_for
 from .errors import Attempt, BackendError, ProviderError, Saturated, TryTimedOut
 from .fairness import ANONYMOUS, Turn
+from .health import Health
 from .pricing import Pricing
 from .reservation import fair_cost, tokens_to_reserve, worst_case, worst_cost
 from .response import LLMResponse
@@ -55,6 +56,7 @@ class Services:
     telemetry: NoTelemetry = NOOP      # spans and metrics (telemetry.py); NOOP when off or not installed
     idle_timeout: float | None = None  # llm.stream_idle_timeout (None: the try's timeout)
     pricing: Pricing = field(default_factory=Pricing)    # what calls cost (pricing.py)
+    health: Health = field(default_factory=lambda: Health({}))   # quotas, breakers, latency (health.py)
 
     def record_from_callback(self, meta: Mapping[str, Any], kwargs: Mapping[str, Any], response: Any,
                              start: Any, end: Any) -> None:
@@ -201,6 +203,7 @@ class Try:
                                           getattr(raw, "usage", None))
         self.release(_litellm.usage_of(raw)["total_tokens"], cost)
         latency = self.latency_ms
+        self.services.health.ended(backend.name, req.model, None, latency / 1000)
         resp = _litellm.to_response(raw, backend.name, latency, cost)
         event = self.event(resp.usage, cost, latency, OK, _litellm.call_id(raw))
         await self.services.ledger.record(event)
@@ -226,6 +229,7 @@ class Try:
                 raise
             raise TryTimedOut(f"no content within the {self.timeout:g}s timeout") from None
         self.waited = time.monotonic() - opened
+        self.services.health.ended(self.backend.name, self.req.model, None, self.waited)   # to the first token
         self._held = True
         return OpenStream(self, wrapper, first, ended)
 
@@ -266,9 +270,15 @@ class Try:
                 "xpl_metadata": req.metadata}
         kwargs = {**req.kwargs, **extra} if extra else req.kwargs
         with self.services.telemetry.sending(self):
-            return await self.services.deployments().acompletion(
-                backend.name, req.model, messages=req.messages, metadata=meta, timeout=req.options.timeout,
-                drop_params=req.options.drop_params, **kwargs)
+            try:
+                answer = await self.services.deployments().acompletion(
+                    backend.name, req.model, messages=req.messages, metadata=meta, timeout=req.options.timeout,
+                    drop_params=req.options.drop_params, **kwargs)
+            except Exception as exc:
+                self.services.health.answered(backend.name, exc)     # a 429 says what is left too
+                raise
+            self.services.health.answered(backend.name, answer)      # pace by the quota it reports
+            return answer
 
     def release(self, used: int, cost_usd: float | None = 0.0) -> None:
         """Free the slot; settle the limits and budgets against ``used`` tokens and ``cost_usd`` (once)."""

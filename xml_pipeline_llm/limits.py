@@ -60,6 +60,8 @@ class Reservation:
 
     tokens: float = 0.0
     lease: str | None = None
+    quota: float = 0.0      # tokens taken from the provider's reported quota (``Cap``), 0: none
+    epoch: int = 0          # the reading of that quota they were taken under
 
 
 NO_TOKENS = Reservation()
@@ -315,6 +317,87 @@ class StartWindow:
             wake(nxt)
 
 
+class Cap:
+    """What the provider says is left until a time: ``left`` units until ``until`` (``time.monotonic()``).
+
+    ``limit(left, seconds)`` applies a reading (``pacing.py``): a first reading,
+    or one after the last reset, sets the cap; a newer reading before the reset
+    can only lower what is left (the later of the two resets holds).  Once the
+    reset has passed the cap is lifted until the next reading.  ``acquire``
+    takes ``amount`` units, waiting while fewer are left (until the reset or
+    until units come back); ``settle`` gives back what a call did not use,
+    unless a lower reading has replaced the count meanwhile (``epoch``): that
+    reading already counted the call as the provider saw it.
+    """
+
+    def __init__(self) -> None:
+        self.left = 0.0
+        self.until = 0.0
+        self.epoch = 0
+        self._futs: list[asyncio.Future[None]] = []
+        self._lock = threading.Lock()
+
+    def active(self, now: float | None = None) -> bool:
+        return self.until > (time.monotonic() if now is None else now)
+
+    def limit(self, left: float, seconds: float) -> None:
+        """Hold to ``left`` units for ``seconds`` (a reading of the provider's headers)."""
+        now = time.monotonic()
+        until = now + max(0.0, seconds)
+        if until <= now:
+            return
+        with self._lock:
+            if not self.active(now):
+                self.left, self.until, self.epoch = max(0.0, left), until, self.epoch + 1
+            elif left < self.left:      # a newer reading only lowers what is left
+                self.left, self.until, self.epoch = max(0.0, left), max(self.until, until), self.epoch + 1
+            futs, self._futs = self._futs, []
+        for fut in futs:
+            wake(fut)
+
+    def min_wait(self, amount: float) -> float:
+        """Seconds at least until ``amount`` units could be taken (0: now, or no cap)."""
+        with self._lock:
+            now = time.monotonic()
+            return self.until - now if self.active(now) and self.left < amount else 0.0
+
+    def has_room(self, amount: float = 1.0) -> bool:
+        return self.min_wait(amount) == 0.0
+
+    async def acquire(self, amount: float) -> tuple[float, int]:
+        """Take ``amount`` units, waiting while the cap holds them back; (taken, epoch) for ``settle``."""
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                if not self.active(now):
+                    return 0.0, 0
+                if self.left >= amount:
+                    self.left -= amount
+                    return amount, self.epoch
+                fut = loop.create_future()
+                self._futs.append(fut)
+                delay = self.until - now
+            try:
+                await _sleep(loop, fut, delay)
+            finally:
+                with self._lock:
+                    if fut in self._futs:
+                        self._futs.remove(fut)
+
+    def settle(self, taken: float, used: float, epoch: int) -> None:
+        """Give back ``taken - used`` (or charge the excess) if the same reading still holds."""
+        if not taken:
+            return
+        with self._lock:
+            if epoch != self.epoch or not self.active():
+                return
+            self.left = max(0.0, self.left + taken - used)
+            futs, self._futs = self._futs, []
+        for fut in futs:
+            wake(fut)
+
+
 class Gate:
     """A backend's limits together: its token bucket and start window (if any) and its slots.
 
@@ -329,13 +412,16 @@ class Gate:
         self.slots = Slots(max_concurrent, aging)
         self.bucket = TokenBucket(tpm, aging=aging) if tpm else None
         self.window = StartWindow(rpm) if rpm else None
+        self.token_cap = Cap()      # the provider's reported quota (``pacing.py``), until its reset
+        self.request_cap = Cap()
         self.queued = 0
         self._lock = threading.Lock()
 
     @property
     def has_capacity(self) -> bool:
-        """False while ``rate_limit_rpm`` starts were made in the last 60 s (or others wait for one)."""
-        return self.window is None or self.window.has_room
+        """False while ``rate_limit_rpm`` starts were made in the last 60 s (or others wait for one),
+        or while the provider said no request is left until its reset."""
+        return (self.window is None or self.window.has_room) and self.request_cap.has_room()
 
     @property
     def in_flight(self) -> int:
@@ -345,7 +431,15 @@ class Gate:
         """Seconds at least before a call of ``tokens`` could start: the bucket's refill and the
         start window's next room (slots are freed by calls ending, which no clock predicts)."""
         wait = self.bucket.min_wait(tokens) if self.bucket is not None else 0.0
+        wait = max(wait, self.token_cap.min_wait(tokens), self.request_cap.min_wait(1.0))
         return max(wait, self.window.min_wait()) if self.window is not None else wait
+
+    def limit(self, tokens: tuple[float, float] | None, requests: tuple[float, float] | None) -> None:
+        """What the provider says is left (units, seconds until its reset), for tokens and requests."""
+        if tokens is not None:
+            self.token_cap.limit(*tokens)
+        if requests is not None:
+            self.request_cap.limit(*requests)
 
     @property
     def load(self) -> float:
@@ -362,12 +456,15 @@ class Gate:
         with self._lock:
             self.queued += 1
         taken = 0.0
+        quota: tuple[float, int] = (0.0, 0)
         slot = False
         try:
             if self.bucket is not None:
                 taken = await self.bucket.acquire(tokens, turn)
             await self.slots.acquire(turn)
             slot = True
+            if self.token_cap.active() or self.request_cap.active():
+                quota = await self._within_caps(tokens)
             if self.window is not None:
                 await self.window.acquire()
         except BaseException:
@@ -375,14 +472,26 @@ class Gate:
                 self.slots.release()
             if self.bucket is not None and taken:
                 self.bucket.settle(taken, 0)
+            self.token_cap.settle(quota[0], 0, quota[1])
             raise
         finally:
             with self._lock:
                 self.queued -= 1
-        return Reservation(taken) if taken else NO_TOKENS
+        return Reservation(taken, None, *quota) if taken or quota[0] else NO_TOKENS
+
+    async def _within_caps(self, tokens: int) -> tuple[float, int]:
+        """Take the tokens and one request from what the provider said is left (with the slot held)."""
+        got = await self.token_cap.acquire(float(tokens))
+        try:
+            await self.request_cap.acquire(1.0)
+        except BaseException:
+            self.token_cap.settle(got[0], 0, got[1])
+            raise
+        return got
 
     def leave(self, reservation: Reservation, used: int) -> None:
         """Free the slot and settle the reservation against the tokens really used."""
         self.slots.release()
         if self.bucket is not None:
             self.bucket.settle(reservation.tokens, used)
+        self.token_cap.settle(reservation.quota, used, reservation.epoch)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
 from . import _litellm
@@ -25,7 +25,9 @@ from .budgets import BudgetMethods, Budgets
 from .config import ResolvedBackend, RouterConfig
 from .deadline import Deadline
 from .errors import BadRequestError, Saturated, TryTimedOut
+from .circuit import make_breakers
 from .fallback import build_chain, none_fits, too_small
+from .health import Health
 from .lifecycle import OpenStream, Services, Try
 from .options import CallOptions, checked
 from .pricing import Pricing
@@ -73,10 +75,12 @@ class LLMRouter(UsageMethods, BudgetMethods):
         self.id = uuid.uuid4().hex
         #: spans and metrics (``telemetry.py``): ``NOOP`` when off or not installed; ``.metrics_url``
         self.telemetry = make_telemetry(config, self, self._ledger, self._secrets)
+        #: provider-reported quotas, circuit breakers, latencies (``health.py``)
+        self.health = Health(self._gates, make_breakers(config, self._state), self._strategy)
         self._services = Services(self.id, {b.name: b for b in self.backends}, self._gates, self._ledger,
                                   self._deployments, config.default_max_tokens, self._budgets,
                                   config.weights, self.telemetry, config.stream_idle_timeout,
-                                  pricing=self.pricing)
+                                  pricing=self.pricing, health=self.health)
 
     def __repr__(self) -> str:
         return f"LLMRouter(strategy={self.config.strategy!r}, backends=[{', '.join(b.name for b in self.backends)}])"
@@ -98,6 +102,15 @@ class LLMRouter(UsageMethods, BudgetMethods):
     async def cooldowns(self) -> dict[str, float]:
         """Seconds left for each backend cooling down now (shared ones with Redis state)."""
         return await self._state.cooldowns(b.name for b in self.backends)
+
+    def circuit(self, backend: str) -> str:
+        """The circuit breaker of ``backend``: ``"closed"``, ``"open"`` or ``"half_open"`` (``circuit.py``)."""
+        return self.health.circuit(backend)
+
+    async def _cooling(self, backends: Iterable[str]) -> dict[str, float]:
+        """Backends out of rotation now: cooling down, or their circuit open."""
+        names = list(backends)
+        return await self.health.cooldowns(await self._state.cooldowns(names), names)
 
     async def shared_state_problem(self) -> str | None:
         """None when shared state answers a PING (or there is none), else why not (readiness probes)."""
@@ -161,7 +174,7 @@ class LLMRouter(UsageMethods, BudgetMethods):
         with self.telemetry.request(req, stream):      # the request's span (a stream's ends with it)
             try:
                 async with req.deadline.bound() as bound:
-                    async for attempt in retrying(req, self._state.cooldowns, self.telemetry.waiting):
+                    async for attempt in retrying(req, self._cooling, self.telemetry.waiting):
                         with attempt:
                             served = await self._step(req, stream)
             except TryAgain:
@@ -176,11 +189,13 @@ class LLMRouter(UsageMethods, BudgetMethods):
     async def _step(self, req: Request, stream: bool) -> LLMResponse | OpenStream:
         """One round: pick the model and backend, try it; a failure raises ``TryAgain`` (or the
         request's own error), and the loop goes round again."""
-        cooling = await self._state.cooldowns(b.name for b in req.remaining())
+        cooling = await self._cooling(b.name for b in req.remaining())
         chosen = pick(req, cooling, self._strategy, self._gates)
         if chosen is None:
             raise TryAgain()        # every backend left cools down: the policy waits for the first
         place, backend = chosen
+        if not await self.health.admit(backend.name):
+            raise TryAgain()        # its circuit is half open and another call has the probe
         if place != req.step:
             log.info("%s: moving on to model %s", req.name, req.chain[place].model)
             req.use(place)
@@ -218,6 +233,7 @@ class LLMRouter(UsageMethods, BudgetMethods):
             await t.record_failure("error:internal")
             raise exc
         backend, detail = t.backend, self._short(exc)
+        self.health.ended(backend.name, req.model, verdict.kind)
         req.note(backend, verdict, exc, detail)
         if verdict.kind == "context_window" and len(req.chain) > 1 and req.skip(
                 f"{backend.name} said the prompt exceeds its context window ({verdict.status}: {detail})"):

@@ -24,6 +24,8 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from .strategies import choose
+
 if TYPE_CHECKING:
     from .config import ResolvedBackend
     from .request import Request
@@ -44,7 +46,8 @@ def pick(req: Request, cooling: Mapping[str, float], strategy: Strategy,
             if not ready:
                 continue
             able = [b for b in ready if gates[b.name].has_capacity]
-            chosen = strategy.pick(able or ready, step.candidates, req.turn, lambda b: gates[b.name].load)
+            chosen = choose(strategy, step.model, able or ready, step.candidates, req.turn,
+                            lambda b: gates[b.name].load)
             log.debug("%s: try %d -> %s/%s (ready %s; cooling %s)", req.name, len(req.attempts) + 1,
                       step.model, chosen.name, [b.name for b in able or ready], sorted(cooling))
             return i, chosen

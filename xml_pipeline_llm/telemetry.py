@@ -279,6 +279,7 @@ class OTelTelemetry(NoTelemetry):
             yield "in_flight", gate.in_flight, attrs
             yield "queued", gate.queued, attrs
             yield "cooling_down", 1 if self._cooling.get(name, 0.0) > now else 0, attrs
+            yield "circuit_open", 0 if router.circuit(name) == "closed" else 1, attrs
         yield from _budget_gauges(router)
 
     def close(self) -> None:
@@ -364,9 +365,11 @@ class Instruments:
         self.cost = meter.create_counter("xpl.cost", unit="USD", description="Cost of the priced provider calls")
         for name, what in (("in_flight", "Calls in flight per backend"),
                            ("queued", "Calls waiting for a backend's limits"),
-                           ("cooling_down", "1 while a backend cools down after a failure, else 0")):
+                           ("cooling_down", "1 while a backend cools down after a failure, else 0"),
+                           ("circuit_open", "1 while a backend's circuit breaker is open or half open, else 0")):
             meter.create_observable_gauge(f"xpl.backend.{name}", callbacks=[_observe(name)],
-                                          unit="{call}" if name != "cooling_down" else "1", description=what)
+                                          unit="{call}" if name in ("in_flight", "queued") else "1",
+                                          description=what)
         meter.create_observable_gauge("xpl.budget.remaining", callbacks=[_observe("budget_remaining")],
                                       description="What is left of each budget (xpl.budget.unit: tokens or usd)")
 
