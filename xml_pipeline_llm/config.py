@@ -746,7 +746,8 @@ def _place(loc: list[Any]) -> tuple[str, str]:
 
 
 def _unknown_key(path: str, key: str, loc: list[Any]) -> str:
-    model = (CircuitConfig if "circuit" in loc[:-1] else ModelPrice if loc[:1] == ["pricing"] else BackendConfig if loc[:1] == ["backends"]
+    model = (CircuitConfig if "circuit" in loc[:-1]
+             else ModelPrice if loc[:1] == ["pricing"] else BackendConfig if loc[:1] == ["backends"]
              else BudgetConfig if loc[:1] == ["budgets"] else AgentConfig if loc[:1] == ["agents"]
              else TelemetryConfig if loc[:1] == ["telemetry"]
              else GatewayKeyConfig if loc[:2] == ["gateway", "keys"]

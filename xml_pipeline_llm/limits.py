@@ -434,7 +434,7 @@ class Gate:
         wait = max(wait, self.token_cap.min_wait(tokens), self.request_cap.min_wait(1.0))
         return max(wait, self.window.min_wait()) if self.window is not None else wait
 
-    def limit(self, tokens: tuple[float, float] | None, requests: tuple[float, float] | None) -> None:
+    def pace(self, tokens: tuple[float, float] | None, requests: tuple[float, float] | None) -> None:
         """What the provider says is left (units, seconds until its reset), for tokens and requests."""
         if tokens is not None:
             self.token_cap.limit(*tokens)

@@ -8,7 +8,7 @@ with ``-reset``: the RFC 3339 time at which it is whole again.  Both come on
 successful answers, on a stream before its first chunk, and on a 429.
 
 ``read(headers)`` turns them into a ``Reading``; ``Pacer.answered`` hands a
-reading to the backend's gate (``limits.Gate.limit`` in memory, the Redis gate
+reading to the backend's gate (``limits.Gate.pace`` in memory, the Redis gate
 fleet-wide), which holds the backend's calls to what is left until the reset
 (never above its configured ``rate_limit_tpm``/``rate_limit_rpm``, which still
 apply; a newer reading can only lower what is left; after the reset the
@@ -112,7 +112,7 @@ def read(headers: Mapping[str, str], now: float | None = None) -> Reading:
 
 
 class Pacer:
-    """Hands each answer's quota reading to its backend's gate (``Gate.limit``)."""
+    """Hands each answer's quota reading to its backend's gate (``Gate.pace``)."""
 
     def __init__(self, gates: Mapping[str, Any]) -> None:
         self.gates = gates
@@ -121,9 +121,9 @@ class Pacer:
         reading = read(headers) if headers else Reading()
         if reading:
             gate = self.gates.get(backend)
-            limit = getattr(gate, "limit", None)
-            if limit is not None:
-                limit(reading.tokens, reading.requests)
+            pace = getattr(gate, "pace", None)
+            if pace is not None:
+                pace(reading.tokens, reading.requests)
                 log.debug("%s: provider says %s tokens and %s requests are left", backend,
                           reading.tokens, reading.requests)
         return reading

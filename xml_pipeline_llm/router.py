@@ -22,10 +22,10 @@ from typing import Any, NoReturn
 
 from . import _litellm
 from .budgets import BudgetMethods, Budgets
+from .circuit import make_breakers
 from .config import ResolvedBackend, RouterConfig
 from .deadline import Deadline
 from .errors import BadRequestError, Saturated, TryTimedOut
-from .circuit import make_breakers
 from .fallback import build_chain, none_fits, too_small
 from .health import Health
 from .lifecycle import OpenStream, Services, Try

@@ -24,16 +24,18 @@ local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local function f(x) return string.format('%.17g', x) end
 """
 
-# KEYS: bucket, slots, start log, cooldown (one backend's, one hash tag).  ARGV: tokens, capacity
-# (0: no bucket), refill per ms, max_concurrent, lease ms, lease id, waiter id, claim ms, when the
-# waiter started waiting (server ms; '' on its first try), rate_limit_rpm (0: none), window ms.
+# KEYS: bucket, slots, start log, cooldown, the provider's quota (one backend's, one hash tag).
+# ARGV: tokens, capacity (0: no bucket), refill per ms, max_concurrent, lease ms, lease id, waiter
+# id, claim ms, when the waiter started waiting (server ms; '' on its first try), rate_limit_rpm
+# (0: none), window ms, tokens to take from the provider's quota (what QUOTA set, until its reset).
 # Admission in one step: a slot, the tokens and (with rate_limit_rpm) a start in the window are
 # taken together or none is, so a start is logged when the call really starts (at most
 # rate_limit_rpm in any window, the semantics of ``limits.StartWindow``).  A waiter whose tokens
 # are not there claims them (amount, expiry) unless an older waiter holds the claim; others then
 # only take tokens above the claimed amount, so the oldest waiter of the fleet is served first.
 # Returns {ok, in flight, bucket level, ms until the tokens are there, server ms the waiter started,
-# ms until the window has room for one more start (0: room), ms the backend still cools down}.
+# ms until the window has room for one more start (0: room), ms the backend still cools down,
+# tokens taken from the provider's quota, the quota reading they were taken under}.
 ENTER = Script(_NOW + """
 local n = tonumber(ARGV[1])
 local cap = tonumber(ARGV[2])
@@ -52,6 +54,13 @@ if rpm > 0 then
   starts = redis.call('ZCARD', KEYS[3])
   ok = ok and starts < rpm
 end
+local qn = tonumber(ARGV[12]) or 0
+local q = redis.call('HMGET', KEYS[5], 'tl', 'tu', 'rl', 'ru', 'ep')
+local qtu, qru = tonumber(q[2]) or 0, tonumber(q[4]) or 0
+local qwait = 0
+if qtu > now and (tonumber(q[1]) or 0) < qn then qwait = qtu - now end
+if qru > now and (tonumber(q[3]) or 0) < 1 then qwait = math.max(qwait, qru - now) end
+ok = ok and qwait == 0
 local tok_ok = true
 local level = 0
 local wait = 0
@@ -84,7 +93,13 @@ if cap > 0 then
   redis.call('PEXPIRE', KEYS[1], math.ceil((cap - level) / rate) + 60000)
 end
 ok = ok and tok_ok
+local qtake = 0
 if ok then
+  if qtu > now then
+    redis.call('HINCRBYFLOAT', KEYS[5], 'tl', -qn)
+    qtake = qn
+  end
+  if qru > now then redis.call('HINCRBYFLOAT', KEYS[5], 'rl', -1) end
   redis.call('ZADD', KEYS[2], now + lease, ARGV[6])
   redis.call('PEXPIRE', KEYS[2], math.ceil(lease * 2))
   count = count + 1
@@ -101,14 +116,24 @@ if rpm > 0 and starts >= rpm then
   full = math.max(0, tonumber(oldest[2]) + win - now)
 end
 local cool = math.max(0, redis.call('PTTL', KEYS[4]))
-return {ok and 1 or 0, count, f(level), f(ok and 0 or wait), f(since), f(full), cool}
+return {ok and 1 or 0, count, f(level), f(ok and 0 or math.max(wait, qwait)), f(since), f(full), cool,
+        f(qtake), tonumber(q[5]) or 0}
 """)
 
-# KEYS: bucket, slots.  ARGV: lease id ('' for none), tokens to give back (taken - used;
-# negative charges the excess), capacity (0: no bucket), refill per ms.
+# KEYS: bucket, slots, the provider's quota.  ARGV: lease id ('' for none), tokens to give back
+# (taken - used; negative charges the excess), capacity (0: no bucket), refill per ms, tokens to
+# give back to the provider's quota, the quota reading they were taken under (given back only
+# while that reading holds: a later, lower one counted the call as the provider saw it).
 # Returns {in flight, bucket level}.
 LEAVE = Script(_NOW + """
 if ARGV[1] ~= '' then redis.call('ZREM', KEYS[2], ARGV[1]) end
+local qback = tonumber(ARGV[5]) or 0
+if qback ~= 0 and KEYS[3] then
+  local q = redis.call('HMGET', KEYS[3], 'tl', 'tu', 'ep')
+  if (tonumber(q[2]) or 0) > now and (tonumber(q[3]) or 0) == tonumber(ARGV[6]) then
+    redis.call('HSET', KEYS[3], 'tl', f(math.max(0, (tonumber(q[1]) or 0) + qback)))
+  end
+end
 local cap = tonumber(ARGV[3])
 local level = 0
 if cap > 0 then
@@ -139,6 +164,35 @@ for i, key in ipairs(KEYS) do
   redis.call('PEXPIRE', key, math.ceil(lease * 2))
 end
 return missing
+""")
+
+# KEYS: the provider's quota of one backend.  ARGV: tokens left ('' for no reading), ms until
+# their reset, requests left ('' for none), ms until theirs.  A reading after the last reset sets
+# what is left until the new reset; one before it can only lower it (a token change is a new
+# reading, 'ep', for LEAVE).
+QUOTA = Script(_NOW + """
+local function apply(lf, uf, left, ms, epoch)
+  if left == '' then return end
+  left = tonumber(left)
+  local untl = now + tonumber(ms)
+  if untl <= now then return end
+  local h = redis.call('HMGET', KEYS[1], lf, uf)
+  local cur, cu = tonumber(h[1]), tonumber(h[2]) or 0
+  if cu <= now then
+    redis.call('HSET', KEYS[1], lf, f(left), uf, f(untl))
+  elseif left < (cur or 0) then
+    redis.call('HSET', KEYS[1], lf, f(left), uf, f(math.max(cu, untl)))
+  else
+    return
+  end
+  if epoch then redis.call('HINCRBY', KEYS[1], 'ep', 1) end
+end
+apply('tl', 'tu', ARGV[1], ARGV[2], true)
+apply('rl', 'ru', ARGV[3], ARGV[4], false)
+local h = redis.call('HMGET', KEYS[1], 'tu', 'ru')
+local last = math.max(tonumber(h[1]) or 0, tonumber(h[2]) or 0)
+if last > now then redis.call('PEXPIRE', KEYS[1], math.ceil(last - now) + 1000) end
+return 1
 """)
 
 # KEYS: cooldown key.  ARGV: ms.  A longer cooldown already set wins.

@@ -76,7 +76,7 @@ from ..limits import Reservation
 from ..limits import wake as _wake
 from ..state import MemoryState
 from .connection import DEFAULT_LEASE, Conn, RedisDown
-from .scripts import COOL, ENTER, LEAVE, ROTATE
+from .scripts import COOL, ENTER, LEAVE, QUOTA, ROTATE
 from .worker import Job
 
 LEASE_ENV = "XML_PIPELINE_LLM_REDIS_LEASE"
@@ -98,6 +98,8 @@ class Answer(NamedTuple):
     since: str              # server ms the waiter started waiting (its claim's age)
     full_for: float         # seconds until the start window has room (0: room now)
     cooling: float          # seconds the backend still cools down
+    quota: float = 0.0      # tokens taken from the provider's reported quota
+    epoch: int = 0          # the reading of that quota they were taken under
 
 
 class RedisGate:
@@ -114,8 +116,9 @@ class RedisGate:
         self.limit = max_concurrent
         self.capacity = float(tpm) if tpm else 0.0
         self.rate_ms = self.capacity / 60_000.0
-        self.keys = [state.key("bucket", backend), state.key("slots", backend)]     # LEAVE's
-        self.enter_keys = [*self.keys, state.key("rpm", backend), state.key("cool", backend)]
+        self.quota_key = state.key("quota", backend)
+        self.keys = [state.key("bucket", backend), state.key("slots", backend), self.quota_key]   # LEAVE's
+        self.enter_keys = [*self.keys[:2], state.key("rpm", backend), state.key("cool", backend), self.quota_key]
         self.rpm = rpm
         self.full_until = 0.0             # monotonic time the fleet's window was last seen full until
         self.local = state._local.gate(backend, max_concurrent, tpm, rpm)   # used while Redis is away
@@ -175,8 +178,9 @@ class RedisGate:
         amount = min(float(tokens), self.capacity) if self.capacity else 0.0
         if not self._waiters:       # nobody of this process is held back: ask Redis at once
             lease = _new_lease()
-            if (await self._try_enter(amount, lease, "")).ok:
-                return self._admitted(amount, lease)
+            answer = await self._try_enter(amount, lease, "", tokens)
+            if answer.ok:
+                return self._admitted(amount, lease, answer)
         loop = asyncio.get_running_loop()
         me = Waiter(turn)
         me.fut = loop.create_future()
@@ -195,10 +199,10 @@ class RedisGate:
                 if not self.state.conn.health.usable():
                     raise RedisDown()
                 lease = _new_lease()
-                answer = await self._try_enter(amount, lease, since)
+                answer = await self._try_enter(amount, lease, since, tokens)
                 if answer.ok:
                     served = True
-                    return self._admitted(amount, lease)
+                    return self._admitted(amount, lease, answer)
                 since = answer.since
                 if answer.token_wait > 0 or answer.full_for > 0:   # waiting for time to pass
                     nap = max(min(answer.token_wait, TOKEN_POLL_MAX), min(answer.full_for, START_POLL_MAX))
@@ -213,22 +217,22 @@ class RedisGate:
                     nxt = self._asking = self._waiters.peek()
             _wake(nxt.fut if nxt is not None else None)
 
-    def _admitted(self, amount: float, lease: str) -> Reservation:
+    def _admitted(self, amount: float, lease: str, answer: Answer) -> Reservation:
         self.held += 1
         self.state.conn.worker.hold(lease, self.keys[1])
-        return Reservation(amount, lease)
+        return Reservation(amount, lease, answer.quota, answer.epoch)
 
-    async def _try_enter(self, amount: float, lease: str, since: str) -> Answer:
+    async def _try_enter(self, amount: float, lease: str, since: str, tokens: int) -> Answer:
         args = [repr(amount), *self._enter_const, lease, self._id, CLAIM_TTL_MS, since,
-                self.rpm or 0, RPM_WINDOW_MS]
+                self.rpm or 0, RPM_WINDOW_MS, tokens]
 
         def undo(res: Any) -> None:             # cancelled, and it went through all the same: give it back
             if int(res[0]) == 1:
-                self.state.release_later(self, lease, amount)
+                self.state.release_later(self, lease, amount, float(res[7]), int(res[8]))
 
         res = await self.state.conn.eval(ENTER, self.enter_keys, args, undo)
         answer = Answer(int(res[0]) == 1, int(res[1]), float(res[2]), float(res[3]) / 1000.0, str(res[4]),
-                        float(res[5]) / 1000.0, int(res[6]) / 1000.0)
+                        float(res[5]) / 1000.0, int(res[6]) / 1000.0, float(res[7]), int(res[8]))
         self.fleet, self.level = answer.in_flight, answer.level
         self.full_until = time.monotonic() + answer.full_for
         self.state.saw_cooldown(self.backend, answer.cooling)
@@ -273,7 +277,19 @@ class RedisGate:
         self.state.conn.worker.drop(lease)
         self.held = max(0, self.held - 1)
         self.fleet = max(0, self.fleet - 1)
-        self.state.release_later(self, lease, reservation.tokens - used if self.capacity else 0.0)
+        self.state.release_later(self, lease, reservation.tokens - used if self.capacity else 0.0,
+                                 reservation.quota - used if reservation.quota else 0.0, reservation.epoch)
+
+    def pace(self, tokens: tuple[float, float] | None, requests: tuple[float, float] | None) -> None:
+        """What the provider says is left (units, seconds until its reset): held fleet-wide in Redis."""
+        self.local.pace(tokens, requests)          # what holds while Redis is away
+        args = ["" if tokens is None else repr(tokens[0]), 0 if tokens is None else int(tokens[1] * 1000),
+                "" if requests is None else repr(requests[0]), 0 if requests is None else int(requests[1] * 1000)]
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self.state.conn.eval_soon(QUOTA, [self.quota_key], args, lambda res: self.kick(), lambda: None)
 
 
 class RedisState:
@@ -312,9 +328,9 @@ class RedisState:
             gate = self._gates[backend] = RedisGate(self, backend, max_concurrent, tpm, rpm)
         return gate
 
-    def release_later(self, gate: RedisGate, lease: str, delta: float) -> None:
+    def release_later(self, gate: RedisGate, lease: str, delta: float, quota: float = 0.0, epoch: int = 0) -> None:
         """Give back a lease (and settle tokens) without blocking: on this loop, else in the thread."""
-        args = [lease, repr(delta), repr(gate.capacity), repr(gate.rate_ms)]
+        args = [lease, repr(delta), repr(gate.capacity), repr(gate.rate_ms), repr(quota), epoch]
         job = Job(LEAVE, gate.keys, args, "release", time.monotonic() + self.conn.lease)
         try:
             loop = asyncio.get_running_loop()

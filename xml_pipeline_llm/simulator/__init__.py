@@ -43,6 +43,7 @@ Typical use::
         assert sim.stats("xai-main").requests == 1
 """
 
+from .quota import QuotaStats, WindowStats
 from .runner import DEMO_FAULTS, SimulatorThread, run_foreground, run_simulator
 from .server import Simulator
 from .state import ALL_BACKENDS, BackendStats, Fault, RecordedRequest, UsageDetails
@@ -50,12 +51,14 @@ from .state import ALL_BACKENDS, BackendStats, Fault, RecordedRequest, UsageDeta
 __all__ = [
     "ALL_BACKENDS",
     "DEMO_FAULTS",
+    "QuotaStats",
     "BackendStats",
     "Fault",
     "RecordedRequest",
     "Simulator",
     "SimulatorThread",
     "UsageDetails",
+    "WindowStats",
     "run_foreground",
     "run_simulator",
 ]

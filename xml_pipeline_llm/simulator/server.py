@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from . import formats
+from .quota import Quota, QuotaStats
 from .state import BackendStats, Fault, Plan, RecordedRequest, Registry, UsageDetails
 
 DEFAULT_BACKEND = "default"
@@ -116,8 +117,22 @@ class Simulator:
         """
         self._registry.set_usage_details(backend, UsageDetails(cached, cache_write, reasoning_tokens))
 
+    def set_quota(self, backend: str, requests: int | None = None, tokens: int | None = None,
+                  window: float = 60.0, neighbour: float = 0.0) -> None:
+        """Enforce a rate-limit quota: ``requests`` calls and ``tokens`` tokens (prompt and completion)
+        per ``window`` seconds, reported in the provider's headers, 429 beyond it; ``neighbour``:
+        the share of each window another program uses (``quota.py``)."""
+        self._registry.set_quota(backend, Quota(requests, tokens, window, neighbour))
+
+    def clear_quota(self, backend: str) -> None:
+        self._registry.set_quota(backend, None)
+
+    def quota_stats(self, backend: str) -> QuotaStats | None:
+        """Per window: what the backend's callers and the neighbour got, and the 429s (None: no quota)."""
+        return self._registry.quota_stats(backend)
+
     def reset(self, backend: str | None = None) -> None:
-        """Drop scripts, rates, latency, keys and stats of one backend (or all, ``"*"`` included)."""
+        """Drop scripts, rates, latency, keys, quotas and stats of one backend (or all, ``"*"`` included)."""
         self._registry.reset(backend)
 
     def reset_stats(self, backend: str | None = None) -> None:
@@ -189,14 +204,19 @@ class Simulator:
                                ticket.leave)
         reply = formats.with_details(fmt, formats.plan_reply(fmt, ticket.backend, body), plan.details)
         stream = formats.wants_stream(body, fmt)
+        allowed, quota = self._registry.charge(ticket.backend, reply.prompt_tokens + reply.completion_tokens,
+                                               fmt)
+        if not allowed:
+            return await _send(request, _error(fmt, 429, "simulator: rate limit reached for this quota", quota),
+                               ticket.leave)
         if plan.fault is not None and plan.fault.kind in ("timeout", "stall") and not (
                 stream and plan.fault.kind == "stall"):
             await asyncio.sleep(plan.fault.seconds)
         elif plan.fault is not None and plan.fault.kind != "stall":
             return await _inject(request, fmt, plan.fault, reply, stream, ticket)
         if stream:
-            return await _stream(request, fmt, body, reply, ticket)
-        resp = web.json_response(_json_builder(fmt)(reply))
+            return await _stream(request, fmt, body, reply, ticket, quota)
+        resp = web.json_response(_json_builder(fmt)(reply), headers=quota)
         return await _send(request, resp, lambda: ticket.succeed(reply, True))
 
 
@@ -225,10 +245,11 @@ class _Ticket:
 
 
 async def _stream(request: web.Request, fmt: str, body: dict[str, Any], reply: formats.Reply,
-                  ticket: _Ticket) -> web.StreamResponse:
+                  ticket: _Ticket, headers: dict[str, str] | None = None) -> web.StreamResponse:
     """Write the stream chunk by chunk, so clients see real incremental delivery."""
     content_type = formats.NDJSON_TYPE if fmt == "ollama" else formats.SSE_TYPE
-    resp = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
+    resp = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache",
+                                       **(headers or {})})
     await resp.prepare(request)
     chunks = _stream_builder(fmt, body, reply)
     fault = ticket.plan.fault

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+from .quota import Quota, QuotaStats
+
 #: Backend name whose settings every other backend inherits unless it has its own.
 ALL_BACKENDS = "*"
 
@@ -185,6 +187,7 @@ class Registry:
         self._global_in_flight = 0
         self._global_peak = 0
         self._last_request: RecordedRequest | None = None
+        self._quotas: dict[str, Quota] = {}
 
     # ---- scripting (called from any thread) ----
 
@@ -222,12 +225,35 @@ class Registry:
         with self._lock:
             self._config(backend).details = details
 
+    def set_quota(self, backend: str, quota: Quota | None) -> None:
+        """Enforce and report ``quota`` for ``backend`` (None: no quota)."""
+        with self._lock:
+            if quota is None:
+                self._quotas.pop(backend, None)
+            else:
+                self._quotas[backend] = quota
+
+    def charge(self, backend: str, tokens: int, fmt: str) -> tuple[bool, dict[str, str]]:
+        """Count a call against the backend's quota: (allowed, its rate-limit headers); no quota: allowed."""
+        with self._lock:
+            quota = self._quotas.get(backend)
+            if quota is None:
+                return True, {}
+            return quota.charge(tokens, fmt)
+
+    def quota_stats(self, backend: str) -> QuotaStats | None:
+        with self._lock:
+            quota = self._quotas.get(backend)
+            return None if quota is None else quota.stats()
+
     def reset(self, backend: str | None) -> None:
         """Forget configuration and statistics of one backend, or of all."""
         with self._lock:
             names = list(self._configs) if backend is None else [backend]
             for name in names:
                 self._configs.pop(name, None)
+            for name in list(self._quotas) if backend is None else [backend]:
+                self._quotas.pop(name, None)
             self._reset_stats_locked(backend)
 
     def reset_stats(self, backend: str | None) -> None:
