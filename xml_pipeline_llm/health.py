@@ -28,11 +28,12 @@ class Health:
         self.breakers: Breakers = breakers if breakers is not None else MemoryBreakers({})
         self._observe = getattr(strategy, "observe", None)
 
-    def answered(self, backend: str, answer: Any) -> None:
-        """A provider's answer, stream or error came back: pace the backend by the quota it reports."""
+    def answered(self, backend: str, answer: Any, seq: int = 0) -> None:
+        """A provider's answer, stream or error came back (to the gate's call ``seq``): pace the
+        backend by the quota it reports."""
         headers = _litellm.provider_headers(answer)
         if headers:
-            self.pacer.answered(backend, headers)
+            self.pacer.answered(backend, headers, seq)
 
     def ended(self, backend: str, model: str, kind: str | None, seconds: float | None = None) -> None:
         """A try that reached ``backend`` ended (``kind`` None: success, in ``seconds``; else its error kind)."""

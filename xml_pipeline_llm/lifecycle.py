@@ -111,7 +111,7 @@ class Try:
 
     async def __aenter__(self) -> Try:
         req = self.req
-        tokens = tokens_to_reserve(req, self.backend, self.services.default_max_tokens)
+        tokens = tokens_to_reserve(req, self.backend, self.services.default_max_tokens, self.gate.paced)
         agent = req.agent_id or ANONYMOUS
         turn = Turn(agent, self.services.weights.get(agent, 1.0),
                     fair_cost(req, tokens, self.services.default_max_tokens), req.options.priority)
@@ -180,6 +180,11 @@ class Try:
             if self.span is not None:     # ended without an event: not sent (or cancelled)
                 exc = exc_info[1]
                 self.services.telemetry.try_exited(self, exc if isinstance(exc, BaseException) else None)
+
+    @property
+    def seq(self) -> int:
+        """This call's number at its backend's gate (what the provider's quota readings are matched to)."""
+        return self.reservation.seq if self.reservation is not None else 0
 
     @property
     def latency_ms(self) -> float:
@@ -275,9 +280,9 @@ class Try:
                     backend.name, req.model, messages=req.messages, metadata=meta, timeout=req.options.timeout,
                     drop_params=req.options.drop_params, **kwargs)
             except Exception as exc:
-                self.services.health.answered(backend.name, exc)     # a 429 says what is left too
+                self.services.health.answered(backend.name, exc, self.seq)     # a 429 says what is left too
                 raise
-            self.services.health.answered(backend.name, answer)      # pace by the quota it reports
+            self.services.health.answered(backend.name, answer, self.seq)  # pace by the quota it reports
             return answer
 
     def release(self, used: int, cost_usd: float | None = 0.0) -> None:

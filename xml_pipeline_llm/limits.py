@@ -61,7 +61,7 @@ class Reservation:
     tokens: float = 0.0
     lease: str | None = None
     quota: float = 0.0      # tokens taken from the provider's reported quota (``Cap``), 0: none
-    epoch: int = 0          # the reading of that quota they were taken under
+    seq: int = 0            # the call's number at its gate (the provider's readings name it)
 
 
 NO_TOKENS = Reservation()
@@ -320,37 +320,45 @@ class StartWindow:
 class Cap:
     """What the provider says is left until a time: ``left`` units until ``until`` (``time.monotonic()``).
 
-    ``limit(left, seconds)`` applies a reading (``pacing.py``): a first reading,
-    or one after the last reset, sets the cap; a newer reading before the reset
-    can only lower what is left (the later of the two resets holds).  Once the
-    reset has passed the cap is lifted until the next reading.  ``acquire``
-    takes ``amount`` units, waiting while fewer are left (until the reset or
-    until units come back); ``settle`` gives back what a call did not use,
-    unless a lower reading has replaced the count meanwhile (``epoch``): that
-    reading already counted the call as the provider saw it.
+    Every call of the backend is numbered by its gate (``seq``) and counted
+    here while it runs.  ``limit(left, seconds, seq)`` applies the reading that
+    came with the answer to call ``seq`` (``pacing.py``): the calls started
+    after that one are not in the provider's figure yet, so what they take is
+    deducted from it.  A first reading, or one after the last reset, sets the
+    cap; a newer reading before the reset can only lower what is left (the later
+    reset holds).  Once the reset has passed the cap is lifted until the next
+    reading.  ``acquire`` takes units while the cap holds, waiting while too
+    few are left (until the reset, or until units come back); ``settle`` gives
+    back what a call did not use, unless a lower reading has counted it since,
+    as the provider saw it.
     """
 
     def __init__(self) -> None:
         self.left = 0.0
         self.until = 0.0
-        self.epoch = 0
+        self.counted = 0        # the calls up to this number are in the provider's last figure
+        self._running: dict[int, float] = {}    # calls running: seq -> units
         self._futs: list[asyncio.Future[None]] = []
         self._lock = threading.Lock()
 
     def active(self, now: float | None = None) -> bool:
         return self.until > (time.monotonic() if now is None else now)
 
-    def limit(self, left: float, seconds: float) -> None:
-        """Hold to ``left`` units for ``seconds`` (a reading of the provider's headers)."""
+    def limit(self, left: float, seconds: float, seq: int = 0) -> None:
+        """Hold to ``left`` units for ``seconds`` (the reading that came with call ``seq``)."""
         now = time.monotonic()
         until = now + max(0.0, seconds)
         if until <= now:
             return
         with self._lock:
+            left = max(0.0, left - sum(u for q, u in self._running.items() if q > seq))
             if not self.active(now):
-                self.left, self.until, self.epoch = max(0.0, left), until, self.epoch + 1
+                self.left, self.until, self.counted = left, until, seq
             elif left < self.left:      # a newer reading only lowers what is left
-                self.left, self.until, self.epoch = max(0.0, left), max(self.until, until), self.epoch + 1
+                # others took ``self.left - left`` since the last reading: as much again is held back,
+                # for what they take before the next one
+                left = max(0.0, 2 * left - self.left)
+                self.left, self.until, self.counted = left, max(self.until, until), max(self.counted, seq)
             futs, self._futs = self._futs, []
         for fut in futs:
             wake(fut)
@@ -364,17 +372,19 @@ class Cap:
     def has_room(self, amount: float = 1.0) -> bool:
         return self.min_wait(amount) == 0.0
 
-    async def acquire(self, amount: float) -> tuple[float, int]:
-        """Take ``amount`` units, waiting while the cap holds them back; (taken, epoch) for ``settle``."""
+    async def acquire(self, seq: int, amount: float) -> float:
+        """Count call ``seq`` of ``amount`` units, taking them while the cap holds (waiting while too
+        few are left); what was taken from the cap, for ``settle``."""
         loop = asyncio.get_running_loop()
         while True:
             with self._lock:
                 now = time.monotonic()
-                if not self.active(now):
-                    return 0.0, 0
-                if self.left >= amount:
+                if not self.active(now) or self.left >= amount:
+                    self._running[seq] = amount
+                    if not self.active(now):
+                        return 0.0
                     self.left -= amount
-                    return amount, self.epoch
+                    return amount
                 fut = loop.create_future()
                 self._futs.append(fut)
                 delay = self.until - now
@@ -385,12 +395,12 @@ class Cap:
                     if fut in self._futs:
                         self._futs.remove(fut)
 
-    def settle(self, taken: float, used: float, epoch: int) -> None:
-        """Give back ``taken - used`` (or charge the excess) if the same reading still holds."""
-        if not taken:
-            return
+    def settle(self, seq: int, taken: float, used: float) -> None:
+        """Call ``seq`` ended having used ``used`` units: give back ``taken - used`` (or charge the
+        excess) unless the provider's figure counted it since."""
         with self._lock:
-            if epoch != self.epoch or not self.active():
+            self._running.pop(seq, None)
+            if not taken or seq <= self.counted or not self.active():
                 return
             self.left = max(0.0, self.left + taken - used)
             futs, self._futs = self._futs, []
@@ -414,6 +424,8 @@ class Gate:
         self.window = StartWindow(rpm) if rpm else None
         self.token_cap = Cap()      # the provider's reported quota (``pacing.py``), until its reset
         self.request_cap = Cap()
+        self.paced = False          # the provider has reported a token quota: calls count their tokens
+        self._seq = 0               # calls numbered, for the provider's readings (``Cap``)
         self.queued = 0
         self._lock = threading.Lock()
 
@@ -434,12 +446,15 @@ class Gate:
         wait = max(wait, self.token_cap.min_wait(tokens), self.request_cap.min_wait(1.0))
         return max(wait, self.window.min_wait()) if self.window is not None else wait
 
-    def pace(self, tokens: tuple[float, float] | None, requests: tuple[float, float] | None) -> None:
-        """What the provider says is left (units, seconds until its reset), for tokens and requests."""
+    def pace(self, tokens: tuple[float, float] | None, requests: tuple[float, float] | None,
+             seq: int = 0) -> None:
+        """What the provider says is left (units, seconds until its reset) of tokens and requests,
+        in the answer to call ``seq`` (``Reservation.seq``)."""
         if tokens is not None:
-            self.token_cap.limit(*tokens)
+            self.paced = True
+            self.token_cap.limit(*tokens, seq)
         if requests is not None:
-            self.request_cap.limit(*requests)
+            self.request_cap.limit(*requests, seq)
 
     @property
     def load(self) -> float:
@@ -456,15 +471,18 @@ class Gate:
         with self._lock:
             self.queued += 1
         taken = 0.0
-        quota: tuple[float, int] = (0.0, 0)
+        quota = 0.0
         slot = False
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
         try:
             if self.bucket is not None:
                 taken = await self.bucket.acquire(tokens, turn)
             await self.slots.acquire(turn)
             slot = True
-            if self.token_cap.active() or self.request_cap.active():
-                quota = await self._within_caps(tokens)
+            quota = await self.token_cap.acquire(seq, float(tokens))     # the provider's quota, if it holds
+            await self.request_cap.acquire(seq, 1.0)
             if self.window is not None:
                 await self.window.acquire()
         except BaseException:
@@ -472,26 +490,18 @@ class Gate:
                 self.slots.release()
             if self.bucket is not None and taken:
                 self.bucket.settle(taken, 0)
-            self.token_cap.settle(quota[0], 0, quota[1])
+            self.token_cap.settle(seq, quota, 0)
+            self.request_cap.settle(seq, 0.0, 0)
             raise
         finally:
             with self._lock:
                 self.queued -= 1
-        return Reservation(taken, None, *quota) if taken or quota[0] else NO_TOKENS
-
-    async def _within_caps(self, tokens: int) -> tuple[float, int]:
-        """Take the tokens and one request from what the provider said is left (with the slot held)."""
-        got = await self.token_cap.acquire(float(tokens))
-        try:
-            await self.request_cap.acquire(1.0)
-        except BaseException:
-            self.token_cap.settle(got[0], 0, got[1])
-            raise
-        return got
+        return Reservation(taken, None, quota, seq)
 
     def leave(self, reservation: Reservation, used: int) -> None:
         """Free the slot and settle the reservation against the tokens really used."""
         self.slots.release()
         if self.bucket is not None:
             self.bucket.settle(reservation.tokens, used)
-        self.token_cap.settle(reservation.quota, used, reservation.epoch)
+        self.token_cap.settle(reservation.seq, reservation.quota, used)
+        self.request_cap.settle(reservation.seq, 0.0, 0)

@@ -117,13 +117,14 @@ class Pacer:
     def __init__(self, gates: Mapping[str, Any]) -> None:
         self.gates = gates
 
-    def answered(self, backend: str, headers: Mapping[str, str]) -> Reading:
+    def answered(self, backend: str, headers: Mapping[str, str], seq: int = 0) -> Reading:
+        """Pace ``backend`` by the quota in ``headers``, the answer to its call number ``seq``."""
         reading = read(headers) if headers else Reading()
         if reading:
             gate = self.gates.get(backend)
             pace = getattr(gate, "pace", None)
             if pace is not None:
-                pace(reading.tokens, reading.requests)
+                pace(reading.tokens, reading.requests, seq)
                 log.debug("%s: provider says %s tokens and %s requests are left", backend,
                           reading.tokens, reading.requests)
         return reading

@@ -4,7 +4,8 @@ The reservation is the request's worst case: LiteLLM's count of the prompt
 tokens (made once per request) plus ``max_tokens`` (or ``max_completion_tokens``,
 else ``llm.default_max_tokens``).  After the call the gate settles it against
 the tokens the provider reported: the difference is refunded, or the excess
-charged.  A backend without ``rate_limit_tpm`` reserves nothing and counts nothing.
+charged.  A backend without ``rate_limit_tpm`` reserves nothing and counts nothing,
+unless its provider reports a token quota in its headers (``pacing.py``).
 Budgets (``budgets.py``) reserve the same worst case, and its price in dollars.
 """
 
@@ -40,9 +41,11 @@ def most_out(kwargs: dict[str, Any], default_max_tokens: int) -> int:
     return int(out) * int(kwargs.get("n") or 1)
 
 
-def tokens_to_reserve(req: Request, backend: ResolvedBackend, default_max_tokens: int) -> int:
-    """Prompt estimate + the most the answer may take, for a rate-limited backend; else 0."""
-    if backend.rate_limit_tpm is None:
+def tokens_to_reserve(req: Request, backend: ResolvedBackend, default_max_tokens: int,
+                      paced: bool = False) -> int:
+    """Prompt estimate + the most the answer may take, for a rate-limited backend (``paced``: its
+    provider reports a token quota); else 0."""
+    if backend.rate_limit_tpm is None and not paced:
         return 0
     return sum(worst_case(req, default_max_tokens))
 

@@ -35,7 +35,8 @@ local function f(x) return string.format('%.17g', x) end
 # only take tokens above the claimed amount, so the oldest waiter of the fleet is served first.
 # Returns {ok, in flight, bucket level, ms until the tokens are there, server ms the waiter started,
 # ms until the window has room for one more start (0: room), ms the backend still cools down,
-# tokens taken from the provider's quota, the quota reading they were taken under}.
+# tokens taken from the provider's quota, the call's number (for QUOTA and LEAVE; 0: not admitted)}.
+# An admitted call is counted as running in the quota hash ('p<number>': tokens and an expiry).
 ENTER = Script(_NOW + """
 local n = tonumber(ARGV[1])
 local cap = tonumber(ARGV[2])
@@ -55,7 +56,7 @@ if rpm > 0 then
   ok = ok and starts < rpm
 end
 local qn = tonumber(ARGV[12]) or 0
-local q = redis.call('HMGET', KEYS[5], 'tl', 'tu', 'rl', 'ru', 'ep')
+local q = redis.call('HMGET', KEYS[5], 'tl', 'tu', 'rl', 'ru')
 local qtu, qru = tonumber(q[2]) or 0, tonumber(q[4]) or 0
 local qwait = 0
 if qtu > now and (tonumber(q[1]) or 0) < qn then qwait = qtu - now end
@@ -94,7 +95,11 @@ if cap > 0 then
 end
 ok = ok and tok_ok
 local qtake = 0
+local seq = 0
 if ok then
+  seq = redis.call('HINCRBY', KEYS[5], 'sq', 1)
+  redis.call('HSET', KEYS[5], 'p' .. seq, f(qn) .. ':' .. f(now + 600000))
+  if redis.call('PTTL', KEYS[5]) < 600000 then redis.call('PEXPIRE', KEYS[5], 600000) end
   if qtu > now then
     redis.call('HINCRBYFLOAT', KEYS[5], 'tl', -qn)
     qtake = qn
@@ -117,20 +122,22 @@ if rpm > 0 and starts >= rpm then
 end
 local cool = math.max(0, redis.call('PTTL', KEYS[4]))
 return {ok and 1 or 0, count, f(level), f(ok and 0 or math.max(wait, qwait)), f(since), f(full), cool,
-        f(qtake), tonumber(q[5]) or 0}
+        f(qtake), seq}
 """)
 
 # KEYS: bucket, slots, the provider's quota.  ARGV: lease id ('' for none), tokens to give back
 # (taken - used; negative charges the excess), capacity (0: no bucket), refill per ms, tokens to
-# give back to the provider's quota, the quota reading they were taken under (given back only
-# while that reading holds: a later, lower one counted the call as the provider saw it).
+# give back to the provider's quota, the call's number (ENTER's; given back only if no lower
+# reading has counted the call since, as the provider saw it).
 # Returns {in flight, bucket level}.
 LEAVE = Script(_NOW + """
 if ARGV[1] ~= '' then redis.call('ZREM', KEYS[2], ARGV[1]) end
 local qback = tonumber(ARGV[5]) or 0
+local seq = tonumber(ARGV[6]) or 0
+if KEYS[3] and seq > 0 then redis.call('HDEL', KEYS[3], 'p' .. seq) end
 if qback ~= 0 and KEYS[3] then
-  local q = redis.call('HMGET', KEYS[3], 'tl', 'tu', 'ep')
-  if (tonumber(q[2]) or 0) > now and (tonumber(q[3]) or 0) == tonumber(ARGV[6]) then
+  local q = redis.call('HMGET', KEYS[3], 'tl', 'tu', 'ct')
+  if (tonumber(q[2]) or 0) > now and seq > (tonumber(q[3]) or 0) then
     redis.call('HSET', KEYS[3], 'tl', f(math.max(0, (tonumber(q[1]) or 0) + qback)))
   end
 end
@@ -167,31 +174,49 @@ return missing
 """)
 
 # KEYS: the provider's quota of one backend.  ARGV: tokens left ('' for no reading), ms until
-# their reset, requests left ('' for none), ms until theirs.  A reading after the last reset sets
-# what is left until the new reset; one before it can only lower it (a token change is a new
-# reading, 'ep', for LEAVE).
+# their reset, requests left ('' for none), ms until theirs, the number of the call whose answer
+# said so.  The calls started after that one (still running) are not in the provider's figures:
+# what they take is deducted.  A reading after the last reset sets what is left until the new
+# reset; one before it can only lower it.  'ct': the calls up to this number are counted (LEAVE).
 QUOTA = Script(_NOW + """
-local function apply(lf, uf, left, ms, epoch)
+local seq = tonumber(ARGV[5]) or 0
+local ptok, preq = 0, 0
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local k = all[i]
+  if string.sub(k, 1, 1) == 'p' then
+    local n = tonumber(string.sub(k, 2))
+    local amt, exp = string.match(all[i + 1], '([^:]+):([^:]+)')
+    if tonumber(exp) < now then
+      redis.call('HDEL', KEYS[1], k)
+    elseif n > seq then
+      ptok = ptok + tonumber(amt)
+      preq = preq + 1
+    end
+  end
+end
+local function apply(lf, uf, left, ms, pending, counts)
   if left == '' then return end
-  left = tonumber(left)
+  left = math.max(0, tonumber(left) - pending)
   local untl = now + tonumber(ms)
   if untl <= now then return end
-  local h = redis.call('HMGET', KEYS[1], lf, uf)
+  local h = redis.call('HMGET', KEYS[1], lf, uf, 'ct')
   local cur, cu = tonumber(h[1]), tonumber(h[2]) or 0
   if cu <= now then
     redis.call('HSET', KEYS[1], lf, f(left), uf, f(untl))
+    if counts then redis.call('HSET', KEYS[1], 'ct', seq) end
   elseif left < (cur or 0) then
     redis.call('HSET', KEYS[1], lf, f(left), uf, f(math.max(cu, untl)))
-  else
-    return
+    if counts then redis.call('HSET', KEYS[1], 'ct', math.max(seq, tonumber(h[3]) or 0)) end
   end
-  if epoch then redis.call('HINCRBY', KEYS[1], 'ep', 1) end
 end
-apply('tl', 'tu', ARGV[1], ARGV[2], true)
-apply('rl', 'ru', ARGV[3], ARGV[4], false)
+apply('tl', 'tu', ARGV[1], ARGV[2], ptok, true)
+apply('rl', 'ru', ARGV[3], ARGV[4], preq, false)
 local h = redis.call('HMGET', KEYS[1], 'tu', 'ru')
 local last = math.max(tonumber(h[1]) or 0, tonumber(h[2]) or 0)
-if last > now then redis.call('PEXPIRE', KEYS[1], math.ceil(last - now) + 1000) end
+if last > now and redis.call('PTTL', KEYS[1]) < last - now + 1000 then
+  redis.call('PEXPIRE', KEYS[1], math.ceil(last - now) + 1000)
+end
 return 1
 """)
 

@@ -99,7 +99,7 @@ class Answer(NamedTuple):
     full_for: float         # seconds until the start window has room (0: room now)
     cooling: float          # seconds the backend still cools down
     quota: float = 0.0      # tokens taken from the provider's reported quota
-    epoch: int = 0          # the reading of that quota they were taken under
+    seq: int = 0            # the call's number (the provider's readings name it)
 
 
 class RedisGate:
@@ -120,6 +120,7 @@ class RedisGate:
         self.keys = [state.key("bucket", backend), state.key("slots", backend), self.quota_key]   # LEAVE's
         self.enter_keys = [*self.keys[:2], state.key("rpm", backend), state.key("cool", backend), self.quota_key]
         self.rpm = rpm
+        self.paced = False                # a token quota reported by the provider (here or elsewhere)
         self.full_until = 0.0             # monotonic time the fleet's window was last seen full until
         self.local = state._local.gate(backend, max_concurrent, tpm, rpm)   # used while Redis is away
         self.queued = 0
@@ -220,7 +221,7 @@ class RedisGate:
     def _admitted(self, amount: float, lease: str, answer: Answer) -> Reservation:
         self.held += 1
         self.state.conn.worker.hold(lease, self.keys[1])
-        return Reservation(amount, lease, answer.quota, answer.epoch)
+        return Reservation(amount, lease, answer.quota, answer.seq)
 
     async def _try_enter(self, amount: float, lease: str, since: str, tokens: int) -> Answer:
         args = [repr(amount), *self._enter_const, lease, self._id, CLAIM_TTL_MS, since,
@@ -234,6 +235,7 @@ class RedisGate:
         answer = Answer(int(res[0]) == 1, int(res[1]), float(res[2]), float(res[3]) / 1000.0, str(res[4]),
                         float(res[5]) / 1000.0, int(res[6]) / 1000.0, float(res[7]), int(res[8]))
         self.fleet, self.level = answer.in_flight, answer.level
+        self.paced = self.paced or answer.quota > 0
         self.full_until = time.monotonic() + answer.full_for
         self.state.saw_cooldown(self.backend, answer.cooling)
         return answer
@@ -278,13 +280,16 @@ class RedisGate:
         self.held = max(0, self.held - 1)
         self.fleet = max(0, self.fleet - 1)
         self.state.release_later(self, lease, reservation.tokens - used if self.capacity else 0.0,
-                                 reservation.quota - used if reservation.quota else 0.0, reservation.epoch)
+                                 reservation.quota - used if reservation.quota else 0.0, reservation.seq)
 
-    def pace(self, tokens: tuple[float, float] | None, requests: tuple[float, float] | None) -> None:
+    def pace(self, tokens: tuple[float, float] | None, requests: tuple[float, float] | None,
+             seq: int = 0) -> None:
         """What the provider says is left (units, seconds until its reset): held fleet-wide in Redis."""
-        self.local.pace(tokens, requests)          # what holds while Redis is away
+        self.local.pace(tokens, requests)          # what holds while Redis is away (its own calls: none)
+        self.paced = self.paced or tokens is not None
         args = ["" if tokens is None else repr(tokens[0]), 0 if tokens is None else int(tokens[1] * 1000),
-                "" if requests is None else repr(requests[0]), 0 if requests is None else int(requests[1] * 1000)]
+                "" if requests is None else repr(requests[0]), 0 if requests is None else int(requests[1] * 1000),
+                seq]
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -328,9 +333,9 @@ class RedisState:
             gate = self._gates[backend] = RedisGate(self, backend, max_concurrent, tpm, rpm)
         return gate
 
-    def release_later(self, gate: RedisGate, lease: str, delta: float, quota: float = 0.0, epoch: int = 0) -> None:
+    def release_later(self, gate: RedisGate, lease: str, delta: float, quota: float = 0.0, seq: int = 0) -> None:
         """Give back a lease (and settle tokens) without blocking: on this loop, else in the thread."""
-        args = [lease, repr(delta), repr(gate.capacity), repr(gate.rate_ms), repr(quota), epoch]
+        args = [lease, repr(delta), repr(gate.capacity), repr(gate.rate_ms), repr(quota), seq]
         job = Job(LEAVE, gate.keys, args, "release", time.monotonic() + self.conn.lease)
         try:
             loop = asyncio.get_running_loop()

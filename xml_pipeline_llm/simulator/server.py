@@ -195,6 +195,14 @@ class Simulator:
 
     async def _answer(self, request: web.Request, fmt: str, body: Any, ticket: _Ticket) -> web.StreamResponse:
         plan = ticket.plan
+        quota: dict[str, str] = {}
+        if isinstance(body, dict) and _authorized(request, plan.api_key):    # counted as it arrives
+            reply = formats.plan_reply(fmt, ticket.backend, body)
+            allowed, quota = self._registry.charge(ticket.backend, reply.prompt_tokens + reply.completion_tokens,
+                                                   fmt)
+            if not allowed:
+                return await _send(request, _error(fmt, 429, "simulator: rate limit reached for this quota",
+                                                   quota), ticket.leave)
         if plan.latency > 0:
             await asyncio.sleep(plan.latency)
         if not _authorized(request, plan.api_key):
@@ -204,11 +212,6 @@ class Simulator:
                                ticket.leave)
         reply = formats.with_details(fmt, formats.plan_reply(fmt, ticket.backend, body), plan.details)
         stream = formats.wants_stream(body, fmt)
-        allowed, quota = self._registry.charge(ticket.backend, reply.prompt_tokens + reply.completion_tokens,
-                                               fmt)
-        if not allowed:
-            return await _send(request, _error(fmt, 429, "simulator: rate limit reached for this quota", quota),
-                               ticket.leave)
         if plan.fault is not None and plan.fault.kind in ("timeout", "stall") and not (
                 stream and plan.fault.kind == "stall"):
             await asyncio.sleep(plan.fault.seconds)
