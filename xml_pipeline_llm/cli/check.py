@@ -27,6 +27,7 @@ def _print_aliases(cfg: Any, console: Any) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     from rich.text import Text
 
+    from ..circuit import settings
     from ..config import load_config
 
     cfg = load_config(args.config)
@@ -65,5 +66,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     for b in cfg.backends:
         if b.base_url:
             console.print(Text(f"{b.name} base_url: {redact_url(b.base_url)}", style="dim"), soft_wrap=True)
+    for name, circuit in settings(cfg).items():      # the circuit breaker of each backend (circuit.py)
+        console.print(Text(f"{name}: {circuit.describe()}", style="dim"), soft_wrap=True)
     console.print(Text("config OK", style="bold green"))
     return 0
