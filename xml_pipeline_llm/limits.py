@@ -357,7 +357,7 @@ class Cap:
             elif left < self.left:      # a newer reading only lowers what is left
                 # others took ``self.left - left`` since the last reading: as much again is held back,
                 # for what they take before the next one
-                left = max(0.0, 2 * left - self.left)
+                left = max(0.0, 3 * left - 2 * self.left)
                 self.left, self.until, self.counted = left, max(self.until, until), max(self.counted, seq)
             futs, self._futs = self._futs, []
         for fut in futs:
