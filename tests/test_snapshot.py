@@ -1,4 +1,4 @@
-"""The router's snapshot: per agent and backend, the last minute, totals, budgets and errors (real router + simulator)."""
+"""The router's snapshot: agents, backends, the last minute, budgets and errors (real router + simulator)."""
 
 from __future__ import annotations
 
