@@ -68,7 +68,7 @@ async def _calls(router: LLMRouter, agent: str, n: int, model: str = "grok-4.1")
 # ------------------------------------------------------------------ top
 
 def test_top_follows_a_fleet_in_redis_and_leaves_on_q(sim: Any, redis_url: str, tmp_path: Path) -> None:
-    import pexpect         # the test extra
+    import pexpect  # the test extra
 
     cfg = _organism(tmp_path / "organism.yaml", sim, shared_state=redis_url, redis_prefix=f"t{uuid.uuid4().hex[:6]}",
                     budgets=[{"scope": "agent", "match": "planner", "max_tokens": 100_000}])
@@ -148,7 +148,8 @@ def gateway(sim: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serv
         {"keys": [{"key_env": "GW_ALICE_KEY", "agent": "alice"},
                   {"key_env": "GW_TEAM_KEY", "agent": "*"},
                   {"key_env": "GW_OPS_KEY", "admin": True}]},
-        [backend(sim, "xai", "live-x", max_concurrent=4), backend(sim, "openai", "live-o", supported_models=["gpt-4o"])],
+        [backend(sim, "xai", "live-x", max_concurrent=4),
+         backend(sim, "openai", "live-o", supported_models=["gpt-4o"])],
         pricing={"grok-4.1": {"input_per_mtok": 3.0, "output_per_mtok": 15.0}},
         budgets=[{"scope": "agent", "match": "planner", "max_usd": 5.0}])
     srv = Server(cfg).wait_ready()
