@@ -28,7 +28,7 @@ from test_gateway import KEYS, OPS, TEAM, Server, request, write_config
 from test_redis import REDIS_SERVER, RedisServer
 
 from xml_pipeline_llm import LLMRouter, load_config
-from xml_pipeline_llm.snapshot import Snapshot
+from xml_pipeline_llm.snapshot import Snapshot, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 ALICE = KEYS["GW_ALICE_KEY"]
@@ -75,12 +75,15 @@ def test_top_follows_a_fleet_in_redis_and_leaves_on_q(sim: Any, redis_url: str, 
     router = LLMRouter(load_config(cfg))
     try:
         asyncio.run(_calls(router, "planner", 3))
+        snap = asyncio.run(snapshot(router))              # the fleet's budgets, in process too
+        assert [b.key for b in snap.budgets] == ["planner"] and snap.agents[0].budget_percent
         child = pexpect.spawn(sys.executable, ["-m", "xml_pipeline_llm.cli", "top", "-c", str(cfg)], env=_env(),
                               cwd=str(tmp_path), dimensions=(50, 160), encoding="utf-8", timeout=60)
         try:
             child.expect("planner")
             child.expect("live-x")             # the backends, from the config, with their load
             child.expect("live-o")
+            child.expect("Budgets")            # planner's, fleet-wide
             asyncio.run(_calls(router, "researcher", 2))       # calls landing while it watches
             child.expect("researcher", timeout=30)
             sim.script("live-x", [pexpect_fault()])

@@ -16,7 +16,8 @@ from xml_pipeline_llm.snapshot import Snapshot, snapshot
 async def test_snapshot_counts_agents_backends_budgets_and_errors(sim):
     router = make_router([backend(sim, "xai", "snap-a", max_concurrent=3),
                           backend(sim, "xai", "snap-b", max_concurrent=2)],
-                         retries=2, budgets=[{"scope": "agent", "match": "writer", "max_tokens": 100_000}],
+                         retries=2, retry_max_delay=60,
+                         budgets=[{"scope": "agent", "match": "writer", "max_tokens": 100_000}],
                          pricing={"grok-4.1": {"input_per_mtok": 3.0, "output_per_mtok": 15.0}})
     try:
         await router.complete("grok-4.1", MESSAGES, agent_id="early")     # before the first snapshot: seeded

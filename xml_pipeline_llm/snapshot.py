@@ -299,10 +299,30 @@ def circuit_of(router: Any, backend: str) -> str:
     return "closed"
 
 
+def budget_keys(config: Any, agents: Iterable[str], recent: Iterable[UsageEvent]) -> list[tuple[str, str | None]]:
+    """The budgets worth showing: global, every agent seen, keys a budget names, threads active now."""
+    rules = list(config.budgets)
+    scopes = {b.scope for b in rules}
+    keys: list[tuple[str, str | None]] = [("global", None)] if "global" in scopes else []
+    named = {(b.scope, b.match) for b in rules if b.scope != "global" and not any(c in b.match for c in "*?[")}
+    if "agent" in scopes:
+        named |= {("agent", a) for a in agents if a != NO_AGENT}
+    if "thread" in scopes:
+        named |= {("thread", e.thread_id) for e in recent if e.thread_id}
+    return keys + sorted(named, key=lambda k: (k[0], k[1] or ""))
+
+
 def _collect(router: LLMRouter, window: Recent) -> tuple[Any, ...]:
     """The blocking reads (the fleet's totals and budgets with Redis), off the event loop."""
     recent, errors = window.read()
-    return (router.get_all_usage("agent"), router.get_all_usage("backend"), router.budgets(), recent, errors)
+    agents = router.get_all_usage("agent")
+    budgets = {(s.scope, s.key): s for s in router.budgets()}      # the ones in use here, and set at run time
+    for scope, key in budget_keys(router.config, agents, recent):  # and those of every agent of the fleet
+        if (scope, key) not in budgets:
+            found = router.budget_status(scope, key)
+            if found is not None:
+                budgets[(scope, key)] = found
+    return agents, router.get_all_usage("backend"), list(budgets.values()), recent, errors
 
 
 async def snapshot(router: LLMRouter) -> Snapshot:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ConfigError
-from .snapshot import ERRORS, WINDOW, BackendState, Snapshot, assemble
+from .snapshot import ERRORS, WINDOW, BackendState, Snapshot, assemble, budget_keys
 from .usage import AgentUsage, UsageEvent
 
 if TYPE_CHECKING:
@@ -200,19 +200,6 @@ class RedisSource:
             asyncio.run(self.state.close())
         except Exception:
             pass
-
-
-def budget_keys(config: RouterConfig, agents: Iterable[str], recent: list[UsageEvent]) -> list[tuple[str, str | None]]:
-    """The budgets worth showing: global, every agent seen, keys named by a budget, threads active now."""
-    scopes = {b.scope for b in config.budgets}
-    keys: list[tuple[str, str | None]] = [("global", None)] if "global" in scopes else []
-    named = {(b.scope, b.match) for b in config.budgets
-             if b.scope != "global" and not any(c in b.match for c in "*?[")}
-    if "agent" in scopes:
-        named |= {("agent", a) for a in agents if a != "(none)"}
-    if "thread" in scopes:
-        named |= {("thread", e.thread_id) for e in recent if e.thread_id}
-    return keys + sorted(named, key=lambda k: (k[0], k[1] or ""))
 
 
 # ------------------------------------------------------------------ SQLite
