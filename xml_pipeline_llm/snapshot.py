@@ -325,8 +325,8 @@ def _collect(router: LLMRouter, window: Recent) -> tuple[Any, ...]:
     return agents, router.get_all_usage("backend"), list(budgets.values()), recent, errors
 
 
-async def snapshot(router: LLMRouter) -> Snapshot:
-    """The router now: agents, backends, budgets, the last errors (see ``Snapshot``).
+async def snapshot(router: LLMRouter, *, source: str = "router") -> Snapshot:
+    """The router now: agents, backends, budgets, the last errors (see ``Snapshot``); ``source`` names it.
 
     Totals and budgets are the fleet's with ``shared_state`` (Redis), the
     per-minute figures this router's own calls; in flight is the fleet's as of
@@ -343,4 +343,4 @@ async def snapshot(router: LLMRouter) -> Snapshot:
     shared = router.state.usage is not None
     notes = ("per-minute figures: this process's calls; totals and budgets: the fleet's",) if shared else ()
     return assemble(agents=agents, backends=backends, states=states, recent=recent, errors=errors,
-                    budgets=budgets, source="router", notes=notes)
+                    budgets=budgets, source=source, notes=notes)

@@ -244,7 +244,7 @@ class Gateway:
         from ..snapshot import snapshot
 
         self._admin(headers, identity)
-        snap = await snapshot(self.router())
+        snap = await snapshot(self.router(), source="gateway")
         return Reply(200, {**JSON, "Cache-Control": "no-store"}, snap.to_json().encode())
 
     async def _ui(self, method: str, path: str, rid: str, query: Mapping[str, str], headers: Mapping[str, str],

@@ -107,7 +107,7 @@ class UI:
             from ..snapshot import snapshot
             from .app import JSON
 
-            snap = await snapshot(self.router())
+            snap = await snapshot(self.router(), source="gateway")
             return Reply(200, {**JSON, "Cache-Control": "no-store"}, snap.to_json().encode())
         if path == "/ui/login":
             if method != "POST":
