@@ -91,9 +91,20 @@ def test_top_follows_a_fleet_in_redis_and_leaves_on_q(sim: Any, redis_url: str, 
             child.expect("retried:429", timeout=30)             # the last errors
             child.send("q")
             child.expect(pexpect.EOF, timeout=30)
+            assert "\x1b[?1049l" in child.before[-200:]          # left the alternate screen
         finally:
             child.close()
         assert child.exitstatus == 0, child.before
+        child = pexpect.spawn(sys.executable, ["-m", "xml_pipeline_llm.cli", "top", "-c", str(cfg), "--interval",
+                                               "0.3"], env=_env(), cwd=str(tmp_path), dimensions=(50, 160),
+                              encoding="utf-8", timeout=60)
+        try:
+            child.expect("researcher")
+            child.sendintr()                                    # Ctrl-C leaves cleanly too
+            child.expect(pexpect.EOF, timeout=30)
+        finally:
+            child.close()
+        assert child.exitstatus == 0 and "Traceback" not in (child.before or "")
     finally:
         router.close()
 
