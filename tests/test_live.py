@@ -255,7 +255,7 @@ def test_ui_login_sets_a_strict_httponly_session_and_the_page_follows_traffic(ga
     ctx = browser.new_context(viewport={"width": 1280, "height": 900})
     page = ctx.new_page()
     problems: list[str] = []
-    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("console", lambda m: problems.append(f"{m.text} {m.location}") if m.type == "error" else None)
     page.on("pageerror", lambda e: problems.append(str(e)))
     page.goto(url)
     page.fill("#key", OPS)

@@ -267,7 +267,7 @@ def _page(title: str, body: str) -> bytes:
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{html.escape(title)} - xml-pipeline-llm</title>"
-            f'<link rel="stylesheet" href="/ui/static/ui.css"></head>'
+            f'<link rel="icon" href="data:,"><link rel="stylesheet" href="/ui/static/ui.css"></head>'
             f'<body class="plain"><main class="narrow">{body}</main></body></html>').encode()
 
 
