@@ -129,6 +129,11 @@ def test_top_once_from_a_sqlite_ledger_and_from_an_empty_one(sim: Any, tmp_path:
         assert "not in a SQLite ledger" in out.stdout          # no backend load there, and it says so
     finally:
         router.close()
+    empty = _organism(tmp_path / "empty.yaml", sim, usage_store="sqlite:///empty.db")
+    LLMRouter(load_config(empty)).close()                       # a ledger with no call yet
+    out = subprocess.run([sys.executable, "-m", "xml_pipeline_llm.cli", "top", "-c", str(empty), "--once"],
+                         env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "No calls recorded yet" in out.stdout, out.stdout + out.stderr
 
 
 def test_top_with_the_memory_store_says_there_is_nothing_to_watch(sim: Any, tmp_path: Path) -> None:
