@@ -365,3 +365,42 @@ def test_two_processes_on_redis_share_what_the_provider_says_is_left(sim):
     limited, used = _shares(stats, skip=1, upto=4)       # the windows the load covered from start to end
     assert limited <= 0.04, f"{limited:.1%} of the tries were answered 429: {stats}"
     assert used >= 0.8, f"only {used:.0%} of the quota the neighbour left was used: {stats}"
+
+
+async def test_the_breaker_is_the_fleets_with_redis(sim):
+    from test_redis import REDIS_SERVER, RedisServer
+
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisServer().start()
+    a, b = f"cbr-a-{uuid.uuid4().hex[:6]}", f"cbr-b-{uuid.uuid4().hex[:6]}"
+    prefix = f"t{uuid.uuid4().hex[:6]}"
+    circuit = {"failure_rate": 50, "min_calls": 4, "window": "30s", "open_for": 0.8}
+
+    def router() -> LLMRouter:
+        return make_router([backend(sim, "xai", a, circuit=circuit), backend(sim, "xai", b, priority=2)],
+                           retries=1, retry_base_delay=0.001, retry_max_delay=0.002,
+                           shared_state=server.url, redis_prefix=prefix)
+
+    one, two = router(), router()
+    try:
+        sim.script(a, [Fault.status(500)] * 2)
+        for r in (one, two, one, two):            # 2 failures and 2 successes, from two routers: 50% of 4
+            await r.complete("grok-4", MESSAGES)
+        assert await until(lambda: one.circuit(a) == "open" or two.circuit(a) == "open", 2)
+        await two.cooldowns()
+        n = sim.stats(a).requests
+        for r in (one, two, one, two):
+            assert (await r.complete("grok-4", MESSAGES)).backend == b
+        assert sim.stats(a).requests == n         # open for the whole fleet
+        assert two.circuit(a) in ("open", "half_open")
+        await asyncio.sleep(0.85)
+        sim.set_latency(a, 0.4)
+        results = await asyncio.gather(*(r.complete("grok-4", MESSAGES) for r in (one, two) * 3))
+        assert sim.stats(a).requests == n + 1     # one probe for the fleet
+        assert [x.backend for x in results].count(a) == 1
+        assert await until(lambda: one.circuit(a) == "closed", 2)
+    finally:
+        await one.aclose()
+        await two.aclose()
+        server.stop()

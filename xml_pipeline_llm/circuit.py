@@ -209,7 +209,7 @@ class MemoryBreakers:
                 b.calls.popleft()
             n = len(b.calls)
             bad = sum(1 for _, f in b.calls if f)
-            if failed and n >= s.min_calls and bad * 100 >= s.failure_rate * n:
+            if n >= s.min_calls and bad * 100 >= s.failure_rate * n:
                 b.state, b.open_until = OPEN, now + s.open_for
                 b.calls.clear()
                 log.warning("circuit of %s opens: %d of the last %d tries in %gs failed on the server's "
@@ -260,7 +260,7 @@ local all = redis.call('ZRANGE', KEYS[2], 0, -1)
 local bad = 0
 for _, m in ipairs(all) do if string.sub(m, -2) == ':1' then bad = bad + 1 end end
 local n = #all
-if failed and n >= minc and bad * 100 >= rate * n then
+if n >= minc and bad * 100 >= rate * n then
   redis.call('HSET', KEYS[1], 'st', 1, 'until', string.format('%.17g', now + openms), 'probe', 0)
   redis.call('PEXPIRE', KEYS[1], ttl)
   redis.call('DEL', KEYS[2])

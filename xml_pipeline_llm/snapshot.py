@@ -289,8 +289,8 @@ def assemble(*, agents: Mapping[str, AgentUsage], backends: Mapping[str, AgentUs
 
 
 def circuit_of(router: Any, backend: str) -> str:
-    """The backend's circuit state when the router has a circuit breaker (``circuit_state(name)``), else closed."""
-    read = getattr(router, "circuit_state", None)
+    """The backend's circuit state when the router has a circuit breaker (``circuit(name)``), else closed."""
+    read = getattr(router, "circuit", None)
     if callable(read):
         try:
             return str(read(backend))
