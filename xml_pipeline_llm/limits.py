@@ -326,7 +326,8 @@ class Cap:
     after that one are not in the provider's figure yet, so what they take is
     deducted from it.  A first reading, or one after the last reset, sets the
     cap; a newer reading before the reset can only lower what is left (the later
-    reset holds).  Once the reset has passed the cap is lifted until the next
+    reset holds), and when it shows that others sharing the quota took some since
+    the last one, twice as much again is held back for what they take meanwhile.  Once the reset has passed the cap is lifted until the next
     reading.  ``acquire`` takes units while the cap holds, waiting while too
     few are left (until the reset, or until units come back); ``settle`` gives
     back what a call did not use, unless a lower reading has counted it since,
@@ -355,8 +356,8 @@ class Cap:
             if not self.active(now):
                 self.left, self.until, self.counted = left, until, seq
             elif left < self.left:      # a newer reading only lowers what is left
-                # others took ``self.left - left`` since the last reading: as much again is held back,
-                # for what they take before the next one
+                # others took ``self.left - left`` since the last reading: twice as much again is held
+                # back, for what they take before the next one reaches the provider
                 left = max(0.0, 3 * left - 2 * self.left)
                 self.left, self.until, self.counted = left, max(self.until, until), max(self.counted, seq)
             futs, self._futs = self._futs, []

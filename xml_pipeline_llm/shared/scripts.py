@@ -206,6 +206,8 @@ local function apply(lf, uf, left, ms, pending, counts)
     redis.call('HSET', KEYS[1], lf, f(left), uf, f(untl))
     if counts then redis.call('HSET', KEYS[1], 'ct', seq) end
   elseif left < (cur or 0) then
+    -- others took cur - left since the last reading: twice as much again is held back (limits.Cap)
+    left = math.max(0, 3 * left - 2 * cur)
     redis.call('HSET', KEYS[1], lf, f(left), uf, f(math.max(cu, untl)))
     if counts then redis.call('HSET', KEYS[1], 'ct', math.max(seq, tonumber(h[3]) or 0)) end
   end
