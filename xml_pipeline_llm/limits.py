@@ -327,11 +327,12 @@ class Cap:
     deducted from it.  A first reading, or one after the last reset, sets the
     cap; a newer reading before the reset can only lower what is left (the later
     reset holds), and when it shows that others sharing the quota took some since
-    the last one, twice as much again is held back for what they take meanwhile.  Once the reset has passed the cap is lifted until the next
-    reading.  ``acquire`` takes units while the cap holds, waiting while too
-    few are left (until the reset, or until units come back); ``settle`` gives
-    back what a call did not use, unless a lower reading has counted it since,
-    as the provider saw it.
+    the last one, twice as much again is held back for what they take meanwhile.
+    Once the reset has passed the cap is lifted until the next reading.
+    ``acquire`` takes units while the cap holds, waiting while too few are left
+    (until the reset, or until units come back); ``settle`` gives back what a
+    call did not use, unless a lower reading has counted it since, as the
+    provider saw it.
     """
 
     def __init__(self) -> None:
