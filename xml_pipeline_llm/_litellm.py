@@ -20,7 +20,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from . import OFFLINE_DEFAULTS  # set at package import; again before LiteLLM is, in case they were removed
-from .config import ResolvedBackend
+from .backends import ResolvedBackend
+from .errors import EmptyStreamError
 from .response import LLMResponse
 
 log = logging.getLogger("xml_pipeline_llm")
@@ -445,8 +446,6 @@ def _cause_table() -> list[tuple[tuple[type[BaseException], ...], str]]:
         import aiohttp
         import httpx
         import openai
-
-        from .streaming import EmptyStreamError
 
         lt = load()
         _CAUSES.extend([

@@ -37,7 +37,7 @@ from .request import Request, Step
 from .retry import Cooldowns, until_ready
 
 if TYPE_CHECKING:
-    from .config import ResolvedBackend
+    from .backends import ResolvedBackend
     from .routing import Routes
     from .state import BackendGate
     from .strategies import Strategy

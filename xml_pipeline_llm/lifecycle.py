@@ -32,7 +32,7 @@ from .telemetry import NOOP, NoTelemetry
 from .usage import OK, UsageEvent, UsageLedger, make_event
 
 if TYPE_CHECKING:
-    from .config import ResolvedBackend
+    from .backends import ResolvedBackend
     from .limits import Reservation
     from .request import Request
     from .state import BackendGate

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ResolvedBackend
+from .backends import ResolvedBackend
 from .deadline import Deadline
 from .errors import Attempt, BackendError, BadRequestError, NoBackendError, ProviderError, RateLimitError
 from .options import CallOptions

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from . import _litellm
 
 if TYPE_CHECKING:
-    from .config import ResolvedBackend
+    from .backends import ResolvedBackend
     from .pricing import Pricing
     from .request import Request
 

@@ -22,6 +22,7 @@ import os
 import sys
 from typing import Any
 
+from ..env import CONFIG_ENV
 from ..usage import EXPORTS
 from .budgets import cmd_budgets
 from .check import cmd_check
@@ -31,7 +32,7 @@ from .init import cmd_init
 from .output import describe, print_error, setup_logging, terminal_columns
 from .serve import cmd_serve
 from .simulate import cmd_simulate
-from .usage import CONFIG_ENV, cmd_usage
+from .usage import cmd_usage
 
 __all__ = ["build_parser", "main"]
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from ..env import CONFIG_ENV
 from .output import CLIError, make_console
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ def _config_for_complete(args: argparse.Namespace) -> Iterator[RouterConfig]:
     if not args.simulate:
         yield load_config(args.config)
         return
-    from ..config import CONFIG_ENV, config_file
+    from ..config import config_file
     from ..simulator import run_simulator
 
     config = args.config

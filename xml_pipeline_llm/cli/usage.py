@@ -10,12 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..env import CONFIG_ENV, REDIS_SCHEMES
 from ..redact import redact_url
 from ..usage import TOTAL_COLUMNS
 from .output import CLIError, cost_text, make_console, make_table, show, when_text
-
-CONFIG_ENV = "XML_PIPELINE_LLM_CONFIG"   # same as config.CONFIG_ENV (not imported: it pulls in pydantic)
-
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)\s*$", re.IGNORECASE)
 _UNIT = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -52,8 +50,6 @@ def cmd_usage(args: argparse.Namespace) -> int:
         raise CLIError(f"no usage ledger to read ({why}); pass --store sqlite:///path/usage.db "
                        f"or set usage_store: sqlite:///... in the llm: block")
     since = parse_since(args.since)
-    from ..config import REDIS_SCHEMES
-
     if url.startswith(REDIS_SCHEMES):
         where, events, totals = _read_redis(url, prefix or "xpl", args.by, since)
     else:
