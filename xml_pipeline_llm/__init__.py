@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from os import PathLike
 from typing import TYPE_CHECKING, Any
 
+from .env import OFFLINE_DEFAULTS
 from .errors import (
     BackendError,
     BadRequestError,
@@ -29,14 +30,6 @@ from .errors import (
 from .response import LLMResponse
 from .usage import AgentUsage, UsageEvent
 
-#: LiteLLM's run-time fetches (cost map, Anthropic beta headers) and telemetry, off unless the user
-#: chose otherwise.  Set on import, so a program that imports LiteLLM itself afterwards fetches nothing.
-OFFLINE_DEFAULTS = {
-    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-    "LITELLM_OFFLINE_MODE": "true",
-    "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS": "True",
-    "LITELLM_TELEMETRY": "False",
-}
 for _key, _value in OFFLINE_DEFAULTS.items():
     os.environ.setdefault(_key, _value)
 

@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from . import OFFLINE_DEFAULTS  # set at package import; again before LiteLLM is, in case they were removed
 from .backends import ResolvedBackend
+from .env import OFFLINE_DEFAULTS  # set at package import; again before LiteLLM is, in case they were removed
 from .errors import EmptyStreamError
 from .response import LLMResponse
 

@@ -9,3 +9,12 @@ CONFIG_ENV = "XML_PIPELINE_LLM_CONFIG"
 REDIS_ENV = "XML_PIPELINE_LLM_REDIS_URL"
 #: what names a Redis server: one (TLS with rediss://, a socket with unix://) or a Redis Cluster
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+
+#: LiteLLM's run-time fetches (cost map, Anthropic beta headers) and telemetry, off unless the user
+#: chose otherwise.  Set on import, so a program that imports LiteLLM itself afterwards fetches nothing.
+OFFLINE_DEFAULTS = {
+    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+    "LITELLM_OFFLINE_MODE": "true",
+    "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS": "True",
+    "LITELLM_TELEMETRY": "False",
+}
