@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..config import config_file, read_llm_block, resolve_store
 from ..env import CONFIG_ENV, REDIS_SCHEMES
 from ..redact import redact_url
-from ..usage import TOTAL_COLUMNS
+from ..stores import open_store, read_events, sqlite_path
+from ..usage import TOTAL_COLUMNS, AgentUsage, group_events, write_csv
 from .output import CLIError, cost_text, make_console, make_table, show, when_text
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)\s*$", re.IGNORECASE)
@@ -53,13 +55,9 @@ def cmd_usage(args: argparse.Namespace) -> int:
     if url.startswith(REDIS_SCHEMES):
         where, events, totals = _read_redis(url, prefix or "xpl", args.by, since)
     else:
-        from ..stores import read_events
-
         path = _ledger_path(url)
         where, events, totals = str(path), list(read_events(path, since)), None
     if totals is None and args.by != "event":
-        from ..usage import group_events
-
         totals = group_events(events, args.by)
     if args.csv:
         return _usage_csv(args.csv, args.by, events, totals)
@@ -89,8 +87,6 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 def _read_redis(url: str, prefix: str, by: str, since: float | None) -> tuple[str, list[Any], Any]:
     """Usage kept in Redis (``shared_state``): exact totals, or the recent events for --by event / --since."""
-    from ..stores import open_store
-
     shown = redact_url(url)
     store = open_store(url, prefix)    # ConfigError when Redis does not answer
     try:
@@ -108,8 +104,6 @@ def _read_redis(url: str, prefix: str, by: str, since: float | None) -> tuple[st
 
 
 def _ledger_path(url: str) -> Path:
-    from ..stores import sqlite_path
-
     if "://" not in url:
         return Path(url)
     return sqlite_path(url)
@@ -124,8 +118,6 @@ def _store_from_config(config: str | None) -> tuple[str | None, str | None, str 
     """
     if config is None and not os.environ.get(CONFIG_ENV) and not Path("organism.yaml").exists():
         return None, None, None
-    from ..config import config_file, read_llm_block, resolve_store
-
     path = config_file(config)
     block = read_llm_block(path)
     store = block.get("usage_store")
@@ -138,8 +130,6 @@ def _store_from_config(config: str | None) -> tuple[str | None, str | None, str 
 
 
 def _usage_csv(target: str, by: str, events: list[Any], totals: Any) -> int:
-    from ..usage import write_csv
-
     if target == "-":
         import tempfile
 
@@ -156,8 +146,6 @@ def _usage_csv(target: str, by: str, events: list[Any], totals: Any) -> int:
 def _totals_table(by: str, groups: dict[str, Any]) -> Any:
     """Totals per key with a totals footer; an unknown cost (no priced call) shows "-"."""
     from rich.text import Text
-
-    from ..usage import AgentUsage
 
     total = AgentUsage()
     for u in groups.values():

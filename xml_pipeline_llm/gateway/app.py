@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BackendError
+from ..errors import BackendError, RateLimitError
 from .auth import Identity, Keys
 from .errors import HTTPError, bad_request, error_chunk, from_exception
 from .translate import Call, ChunkWriter, completion, parse_body, to_call
@@ -153,8 +153,6 @@ class Gateway:
         return Reply(200, out, json.dumps(completion(resp, rid)).encode())
 
     async def _http_error(self, exc: BackendError, rid: str, router: LLMRouter, call: Call) -> HTTPError:
-        from ..errors import RateLimitError
-
         wait = None
         if isinstance(exc, RateLimitError):
             wait = await _cooldown(router, call.model)
