@@ -44,6 +44,35 @@ def parse_since(text: str | None, now: float | None = None) -> float | None:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
+    where, events, totals = _read(args)
+    if args.csv:
+        return _usage_csv(args.csv, args.by, events, totals)
+    console = make_console()
+    if not (events if args.by == "event" else totals):
+        when = f" since {args.since}" if args.since else ""
+        console.print(f"no calls recorded in {where}{when}", soft_wrap=True)
+        return 0
+    if events:
+        console.print(f"{where}: {len(events)} provider call{'s' if len(events) != 1 else ''}, "
+                      f"{when_text(events[0].timestamp)} .. {when_text(events[-1].timestamp)} UTC", soft_wrap=True)
+    else:
+        console.print(f"{where}: fleet totals by {args.by}", soft_wrap=True)
+    if args.by == "event":
+        show(console, _event_table(events))
+        line = _cache_line(events)
+        if line:
+            console.print(line, soft_wrap=False)
+        return 0
+    show(console, _totals_table(args.by, totals or {}))
+    details = _details_table(args.by, totals or {})
+    if details is not None:
+        console.print()
+        show(console, details)
+    return 0
+
+
+def _read(args: argparse.Namespace) -> tuple[str, list[Any], Any]:
+    """Where the ledger is (for the messages), its events and (unless --by event) the totals."""
     url, prefix, source = (args.store, None, None) if args.store else _store_from_config(args.config)
     prefix = args.redis_prefix or prefix
     if not url or url == "memory":
@@ -59,30 +88,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
         where, events, totals = str(path), list(read_events(path, since)), None
     if totals is None and args.by != "event":
         totals = group_events(events, args.by)
-    if args.csv:
-        return _usage_csv(args.csv, args.by, events, totals)
-    console = make_console()
-    if not (events if args.by == "event" else totals):
-        when = f" since {args.since}" if args.since else ""
-        console.print(f"no calls recorded in {where}{when}", soft_wrap=True)
-        return 0
-    if events:
-        console.print(f"{where}: {len(events)} provider call{'s' if len(events) != 1 else ''}, "
-                      f"{when_text(events[0].timestamp)} .. {when_text(events[-1].timestamp)} UTC", soft_wrap=True)
-    else:
-        console.print(f"{where}: fleet totals by {args.by}", soft_wrap=True)
-    table = _event_table(events) if args.by == "event" else _totals_table(args.by, totals or {})
-    show(console, table)
-    if args.by == "event":
-        line = _cache_line(events)
-        if line:
-            console.print(line, soft_wrap=False)
-    else:
-        details = _details_table(args.by, totals or {})
-        if details is not None:
-            console.print()
-            show(console, details)
-    return 0
+    return where, events, totals
 
 
 def _read_redis(url: str, prefix: str, by: str, since: float | None) -> tuple[str, list[Any], Any]:
