@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from .config import RouterConfig
     from .gateway.inprocess import openai_client
     from .router import LLMRouter
+    from .state import BackendGate, SharedUsage, State
+    from .strategies import Strategy
     from .streaming import LLMStream
     from .sync import SyncStream, complete_sync, stream_sync
 
@@ -46,7 +48,9 @@ if TYPE_CHECKING:
 _LAZY = {"load_config": "config", "RouterConfig": "config", "LLMRouter": "router",
          "LLMStream": "streaming", "BudgetExceededError": "budgets", "BudgetStatus": "budgets",
          "BudgetEvent": "budgets", "complete_sync": "sync", "stream_sync": "sync", "SyncStream": "sync",
-         "openai_client": "gateway.inprocess"}
+         "openai_client": "gateway.inprocess",
+         # the extension points: your own strategy (``strategy=``) and state (``LLMRouter(state=...)``)
+         "Strategy": "strategies", "State": "state", "BackendGate": "state", "SharedUsage": "state"}
 
 
 def __getattr__(name: str) -> Any:
@@ -64,6 +68,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AgentUsage",
     "BackendError",
+    "BackendGate",
     "BadRequestError",
     "BudgetEvent",
     "BudgetExceededError",
@@ -78,6 +83,9 @@ __all__ = [
     "ProviderError",
     "RateLimitError",
     "RouterConfig",
+    "SharedUsage",
+    "State",
+    "Strategy",
     "SyncStream",
     "UsageEvent",
     "complete",
