@@ -1,15 +1,17 @@
 """One caller request while it is served: what it asked for and what its tries have learnt.
 
-A request is a chain of ``Step``s, one per model: a plain call
-has one; an alias of ``llm.models`` or a call with ``fallbacks=[...]`` has one
-per model, in order.  ``model`` and ``candidates`` are those of the step being
-tried (``use(i)`` moves them; ``fallback.choose`` decides which), so
-everything downstream (the try, its reservation, its usage event) sees the
-model really sent; ``requested_model`` is the name the caller asked for.
+``Call`` is what the caller asked for, checked and frozen.  ``Request`` is
+that call while the request loop (``router.py``) serves it: a chain of
+``Step``s, one per model (a plain call has one; an alias of ``llm.models`` or
+a call with ``fallbacks=[...]`` has one per model, in order), the step being
+tried, and what its tries have learnt.  ``model`` and ``candidates`` are
+those of the step being tried (``selection.py`` says which), so everything
+downstream (the try, its reservation, its usage event) sees the model really
+sent; ``requested_model`` is the name the caller asked for.
 
-The stop rule is here (``exhausted``: tenacity's ``stop`` and the ledger's
-``retried`` / ``error`` outcome both ask it), and so is the error a request
-ends with when no try served it (``final_error``).
+The stop rule is here (``exhausted``: the retry policy's ``stop`` and the
+ledger's ``retried`` / ``error`` outcome both ask it), and so is the error a
+request ends with when no try served it (``final_error``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import _litellm
 from .backends import ResolvedBackend
 from .deadline import Deadline
 from .errors import Attempt, BackendError, BadRequestError, NoBackendError, ProviderError, RateLimitError
@@ -46,9 +49,13 @@ class Step:
         return [b for b in self.candidates if b.name not in self.dropped]
 
 
-@dataclass
-class Request:
-    """One ``complete()`` or ``stream()`` call and what its tries have learnt so far."""
+@dataclass(frozen=True)
+class Call:
+    """What the caller asked for, checked before anything was sent; it does not change while served.
+
+    ``model`` is the name asked for: a model, an alias of ``llm.models``, or
+    ``provider/model``; the models really sent are the request's chain.
+    """
 
     model: str
     messages: list[dict[str, Any]]
@@ -56,25 +63,71 @@ class Request:
     agent_id: str | None
     thread_id: str | None
     metadata: dict[str, Any]
-    candidates: list[ResolvedBackend]
     options: CallOptions
+
+
+@dataclass(eq=False)
+class Request:
+    """One call while it is served: its ``Call``, and the progress the request loop records.
+
+    Only the loop (``router.py``) changes it, through ``use``, ``skip``,
+    ``note`` and ``drop``; everything else reads it.
+    """
+
+    call: Call
+    chain: list[Step]                 # the models to try, in order (at least one)
     tries: int                        # at most this many provider calls
+    deadline: Deadline = field(default_factory=lambda: Deadline(None))   # the whole request's time
+    queue_wait: float | None = None   # llm.max_queue_wait: longest wait for a saturated model, when others follow
     turn: int = 0                     # round-robin position
-    estimate: int | None = None       # prompt tokens, counted once
+    step: int = 0                     # the model being tried
     attempts: list[Attempt] = field(default_factory=list)
     verdicts: list[Verdict] = field(default_factory=list)
     unsupported: dict[str, str] = field(default_factory=dict)   # backend -> parameters its provider refused
     last_exc: BaseException | None = None
-    requested_model: str = ""         # the name the caller asked for (an alias, or the first model)
-    chain: list[Step] = field(default_factory=list)   # the models to try, in order
-    step: int = 0                     # the one being tried
-    deadline: Deadline = field(default_factory=lambda: Deadline(None))   # the whole request's time
-    queue_wait: float | None = None   # llm.max_queue_wait: longest wait for a saturated model, when others follow
+    _estimate: int | None = None
+    span: Any = None                  # the request's telemetry span (telemetry.py), None when off
 
-    def __post_init__(self) -> None:
-        if not self.chain:
-            self.chain = [Step(self.model, self.candidates)]
-        self.requested_model = self.requested_model or self.model
+    # ---- what the caller asked for
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return self.call.messages
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return self.call.kwargs
+
+    @property
+    def agent_id(self) -> str | None:
+        return self.call.agent_id
+
+    @property
+    def thread_id(self) -> str | None:
+        return self.call.thread_id
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.call.metadata
+
+    @property
+    def options(self) -> CallOptions:
+        return self.call.options
+
+    @property
+    def requested_model(self) -> str:
+        """The name the caller asked for (an alias, or the model)."""
+        return self.call.model
+
+    # ---- where it stands
+    @property
+    def model(self) -> str:
+        """The model being tried, as it is sent."""
+        return self.chain[self.step].model
+
+    @property
+    def candidates(self) -> list[ResolvedBackend]:
+        """The backends serving the model being tried (file order)."""
+        return self.chain[self.step].candidates
 
     @property
     def failed(self) -> set[str]:
@@ -86,11 +139,20 @@ class Request:
         """Backends that cannot serve the current model at all."""
         return self.chain[self.step].dropped
 
+    @property
+    def estimate(self) -> int | None:
+        """The prompt estimate if it was made already (``prompt_estimate``), else None."""
+        return self._estimate
+
+    def prompt_estimate(self) -> int:
+        """LiteLLM's count of the prompt tokens (tools included), made once per request."""
+        if self._estimate is None:
+            self._estimate = _litellm.token_estimate(self.model, self.messages, self.kwargs.get("tools"))
+        return self._estimate
+
     def use(self, i: int) -> None:
-        """Try the ``i``-th model next: ``model`` and ``candidates`` become its own."""
+        """Try the ``i``-th model next."""
         self.step = i
-        self.model, self.candidates = self.chain[i].model, self.chain[i].candidates
-    span: Any = None                  # the request's telemetry span (telemetry.py), None when off
 
     def pool(self) -> list[ResolvedBackend]:
         """The current model's candidates not dropped for this request."""
@@ -116,10 +178,15 @@ class Request:
         """Whether a model after the current one is still in the request (an alias or fallbacks)."""
         return any(i > self.step for i, _ in self.live())
 
-    def skip(self, reason: str) -> bool:
-        """Take the current model out of the request; whether another model is left."""
-        self.chain[self.step].skipped = reason
+    def skip(self, reason: str, i: int | None = None) -> bool:
+        """Take a model (the current one by default) out of the request; whether another model is left."""
+        self.chain[self.step if i is None else i].skipped = reason
         return bool(self.live())
+
+    def drop(self, backend: ResolvedBackend, unsupported: str) -> None:
+        """The backend's provider does not take a parameter of the call (nothing was sent to it)."""
+        self.dropped.add(backend.name)
+        self.unsupported[backend.name] = unsupported
 
     def note(self, backend: ResolvedBackend, verdict: Verdict, exc: BaseException, detail: str) -> None:
         """A failed try: what it was, and whether the backend may still serve this request."""

@@ -30,9 +30,7 @@ def prompt_tokens(model: str, messages: list[dict[str, Any]], tools: Any = None)
 
 def worst_case(req: Request, default_max_tokens: int) -> tuple[int, int]:
     """(prompt tokens, the most the answer may take): LiteLLM's count of the prompt, made once per request."""
-    if req.estimate is None:
-        req.estimate = _litellm.token_estimate(req.model, req.messages, req.kwargs.get("tools"))
-    return req.estimate, most_out(req.kwargs, default_max_tokens)
+    return req.prompt_estimate(), most_out(req.kwargs, default_max_tokens)
 
 
 def most_out(kwargs: dict[str, Any], default_max_tokens: int) -> int:

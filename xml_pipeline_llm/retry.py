@@ -1,7 +1,8 @@
 """The retry policy: which errors are worth another try, how long to wait, when to stop.
 
 ``retrying(req, cooldowns)`` is tenacity's ``AsyncRetrying`` with the three
-policy objects: ``retry`` on ``TryFailed`` (a try that another try may fix),
+policy objects: ``retry`` on ``TryAgain`` (a try that another try may fix,
+or a round that sent nothing),
 ``stop`` by the request's one stop rule (``Request.exhausted``: ``retries + 1``
 provider calls, or no candidate left), and ``wait`` that pauses only while
 every candidate of every model still serving the request cools down, until
@@ -155,8 +156,13 @@ def outcome(final: bool, verdict: Verdict) -> str:
     return f"{'error' if final else 'retried'}:{verdict.label}"
 
 
-class TryFailed(Exception):
-    """A try failed in a way another try may fix (what tenacity retries on)."""
+class TryAgain(Exception):
+    """The request loop goes round again (what tenacity retries on): a backend was dropped before
+    anything was sent, a model was skipped, or every backend left cools down."""
+
+
+class TryFailed(TryAgain):
+    """A provider try failed in a way another try may fix."""
 
 
 class stop_when_exhausted(stop_base):
@@ -177,25 +183,37 @@ def until_ready(cooling: Mapping[str, float], pool: Sequence[ResolvedBackend]) -
 
 
 class wait_for_a_ready_backend:
-    """tenacity wait: none while a candidate is ready, else until the earliest cooldown ends."""
+    """tenacity wait: none while a candidate is ready, else until the earliest cooldown ends.
 
-    def __init__(self, req: Request, cooldowns: Cooldowns) -> None:
+    A wait that would end after the request's deadline is refused at once
+    (``DeadlineExceededError``) instead of being slept through; ``on_wait(req,
+    seconds)`` hears of every wait (telemetry).
+    """
+
+    def __init__(self, req: Request, cooldowns: Cooldowns,
+                 on_wait: Callable[[Request, float], None] | None = None) -> None:
         self.req = req
         self.cooldowns = cooldowns
+        self.on_wait = on_wait
 
     async def __call__(self, retry_state: RetryCallState) -> float:
         req = self.req
         pool = req.remaining()       # every backend of every model left
         wait = until_ready(await self.cooldowns(b.name for b in pool), pool) if pool else 0.0
-        if wait and req.deadline.at is not None and not req.exhausted():
-            req.deadline.refuse_if(wait, f"the cooldown of {', '.join(b.name for b in pool)}",
-                                   req.name, req.attempts)
+        if wait:
+            if req.deadline.at is not None:
+                req.deadline.refuse_if(wait, f"the cooldown of {', '.join(b.name for b in pool)}",
+                                       req.name, req.attempts)
+            if self.on_wait is not None:
+                self.on_wait(req, wait)
         return wait
 
 
-def retrying(req: Request, cooldowns: Cooldowns) -> AsyncRetrying:
-    """The tries of one request, as tenacity runs them."""
+def retrying(req: Request, cooldowns: Cooldowns,
+             on_wait: Callable[[Request, float], None] | None = None) -> AsyncRetrying:
+    """The rounds of one request's loop, as tenacity runs them: again on ``TryAgain`` until
+    ``Request.exhausted``, waiting only while every backend left cools down."""
     # AsyncRetrying awaits a coroutine ``wait`` (tenacity's annotation only names sync ones)
-    wait = cast("wait_base", wait_for_a_ready_backend(req, cooldowns))
+    wait = cast("wait_base", wait_for_a_ready_backend(req, cooldowns, on_wait))
     return AsyncRetrying(stop=stop_when_exhausted(req), wait=wait,
-                         retry=retry_if_exception_type(TryFailed), reraise=True)
+                         retry=retry_if_exception_type(TryAgain), reraise=True)

@@ -1,11 +1,15 @@
-"""LLMRouter: find the backends serving a model, then serve the request by the retry rules.
+"""LLMRouter: the public calls, and the one request loop that serves them.
 
-A request goes: candidates (``routing.py``) -> the strategy picks a ready
-backend (``strategies.py``) -> a ``Try`` (``lifecycle.py``) is admitted by the
-backend's gate (``limits.py``), sent through LiteLLM, settled, recorded
-(``usage.py``) and released -> on failure the error is classified, the
-backend cools down and tenacity runs the next try by the policy in
-``retry.py``.  This file is the routing and that loop, nothing more.
+    _request   the call checked (options.py), its chain of models (routing.py,
+               fallback.py: aliases, fallbacks=, context windows), its deadline
+    _serve     the loop, by the policy of retry.py (when to stop, how long to
+               wait), within the deadline (deadline.py); each round is _step:
+    _step      the model and backend for this try (selection.py, strategies.py)
+               -> a Try (lifecycle.py): admitted by the backend's limits
+               (limits.py) and budgets (budgets.py), sent through LiteLLM,
+               priced (pricing.py), settled, recorded (usage.py), released
+               -> on failure, _failed: what it means (retry.classify), the
+               backend cools down or is dropped, the loop goes round again.
 """
 
 from __future__ import annotations
@@ -22,15 +26,16 @@ from .budgets import BudgetMethods, Budgets
 from .config import RouterConfig
 from .deadline import Deadline
 from .errors import BadRequestError, Saturated, TryTimedOut
-from .fallback import build_chain, check_windows, choose
+from .fallback import build_chain, none_fits, too_small
 from .lifecycle import OpenStream, Services, Try
 from .options import CallOptions, checked
 from .pricing import Pricing
 from .redact import short
-from .request import Request
+from .request import Call, Request
 from .response import LLMResponse
-from .retry import Action, TryFailed, classify, cooldown, outcome, retrying
+from .retry import Action, TryAgain, TryFailed, classify, cooldown, outcome, retrying
 from .routing import Routes
+from .selection import pick
 from .state import BackendGate, State
 from .stores import make_state, open_store
 from .strategies import STRATEGIES, Strategy
@@ -138,25 +143,29 @@ class LLMRouter(UsageMethods, BudgetMethods):
                        kwargs: dict[str, Any], options: CallOptions) -> Request:
         chain = build_chain(self._routes, self.config.models, model, options.fallbacks)
         retries = self.config.retries if options.retries is None else options.retries
-        req = Request(chain[0].model, messages, kwargs, agent_id, thread_id, dict(metadata or {}),
-                      chain[0].candidates, options, retries + 1, requested_model=model, chain=chain,
-                      deadline=Deadline(options.deadline or self.config.deadline),
-                      queue_wait=self.config.max_queue_wait)
-        check_windows(req)
+        call = Call(model, messages, kwargs, agent_id, thread_id, dict(metadata or {}), options)
+        req = Request(call, chain, retries + 1, Deadline(options.deadline or self.config.deadline),
+                      self.config.max_queue_wait)
+        for place, why in too_small(req):
+            req.skip(why, place)
+        live = req.live()
+        if not live:
+            raise none_fits(req)
+        req.use(live[0][0])
         if self._strategy.rotates:
             req.turn = await self._state.next_turn(req.model)
         return req
 
     async def _serve(self, req: Request, stream: bool) -> LLMResponse | OpenStream:
-        """Tries until one serves the request, by the policy in ``retry.py``, within its deadline."""
+        """The request loop: rounds of ``_step`` by the policy in ``retry.py``, within the deadline."""
         served: LLMResponse | OpenStream | None = None
         with self.telemetry.request(req, stream):      # the request's span (a stream's ends with it)
             try:
                 async with req.deadline.bound() as bound:
-                    async for attempt in retrying(req, self._state.cooldowns):
+                    async for attempt in retrying(req, self._state.cooldowns, self.telemetry.waiting):
                         with attempt:
-                            served = await self._try(req, stream)
-            except TryFailed:
+                            served = await self._step(req, stream)
+            except TryAgain:
                 raise req.final_error() from req.last_exc
             except TimeoutError:
                 if not bound.expired():
@@ -165,27 +174,31 @@ class LLMRouter(UsageMethods, BudgetMethods):
         assert served is not None
         return served
 
-    async def _try(self, req: Request, stream: bool) -> LLMResponse | OpenStream:
-        """One provider try; a backend that refuses a parameter before sending is not a try."""
-        while True:
-            backend = await self._choose(req)
-            try:
-                async with Try(self._services, req, backend) as t:
-                    try:
-                        return await (t.open_stream() if stream else t.complete())
-                    except Exception as exc:
-                        if t.sent() or isinstance(exc, TryTimedOut):
-                            await self._failed(req, t, exc)
+    async def _step(self, req: Request, stream: bool) -> LLMResponse | OpenStream:
+        """One round: pick the model and backend, try it; a failure raises ``TryAgain`` (or the
+        request's own error), and the loop goes round again."""
+        cooling = await self._state.cooldowns(b.name for b in req.remaining())
+        chosen = pick(req, cooling, self._strategy, self._gates)
+        if chosen is None:
+            raise TryAgain()        # every backend left cools down: the policy waits for the first
+        place, backend = chosen
+        if place != req.step:
+            log.info("%s: moving on to model %s", req.name, req.chain[place].model)
+            req.use(place)
+        try:
+            async with Try(self._services, req, backend) as t:
+                try:
+                    return await (t.open_stream() if stream else t.complete())
+                except Exception as exc:
+                    if not (t.sent() or isinstance(exc, TryTimedOut)):
                         self._not_sent(req, backend, exc)
-            except Saturated as exc:     # llm.max_queue_wait: on to the next model that can start
-                req.skip(f"saturated: {exc}")
-                log.info("%s: %s skipped for this request: %s", req.name, req.model, exc)
+                    await self._failed(req, t, exc)
+        except Saturated as exc:     # llm.max_queue_wait: on to the next model that can start
+            req.skip(f"saturated: {exc}")
+            log.info("%s: %s skipped for this request: %s", req.name, req.model, exc)
+            raise TryAgain() from None
 
-    async def _choose(self, req: Request) -> ResolvedBackend:
-        """The backend for the next try, over every model of the request (``fallback.py``)."""
-        return await choose(req, self._state.cooldowns, self._strategy, self._gates, self.telemetry.waiting)
-
-    def _not_sent(self, req: Request, backend: ResolvedBackend, exc: Exception) -> None:
+    def _not_sent(self, req: Request, backend: ResolvedBackend, exc: Exception) -> NoReturn:
         """LiteLLM failed before sending: no cooldown, no try.  A parameter the backend's provider
         does not take drops that backend for this request; anything else is the request's own fault."""
         verdict = classify(exc, _litellm.cause(exc))
@@ -194,10 +207,10 @@ class LLMRouter(UsageMethods, BudgetMethods):
                 f"{req.model}: LiteLLM could not build the request for {backend.name} "
                 f"({backend.provider.name}), so nothing was sent: {self._short(exc)}; check the "
                 f"messages and parameters", req.attempts) from exc
-        req.dropped.add(backend.name)
-        req.unsupported[backend.name] = _litellm.unsupported_params(exc)
+        req.drop(backend, _litellm.unsupported_params(exc))
         log.info("%s: %s (%s) does not take %s; nothing sent, trying the next backend", req.model,
                  backend.name, backend.provider.name, req.unsupported[backend.name])
+        raise TryAgain() from exc
 
     async def _failed(self, req: Request, t: Try, exc: Exception) -> NoReturn:
         """Classify a failed try, cool the backend down or drop it, record it, then raise."""

@@ -152,8 +152,7 @@ class LLMStream:
         if last is not None:
             usage = _litellm.usage_of(last)
         else:   # abandoned before the provider reported usage: count what we got
-            prompt = req.estimate if req.estimate is not None else \
-                _litellm.token_estimate(req.model, req.messages)
+            prompt = req.prompt_estimate()
             completion = _litellm.text_tokens(req.model, "".join(self._text))
             usage = {"prompt_tokens": prompt, "completion_tokens": completion,
                      "total_tokens": prompt + completion, "cached_tokens": 0, "cache_write_tokens": 0,
