@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import MESSAGES, backend, make_router, until
+from test_telemetry import otel  # noqa: F401  (the OpenTelemetry test reader, a fixture)
 
 from xml_pipeline_llm import BackendError, ConfigError, LLMRouter, load_config
 from xml_pipeline_llm.pacing import parse_duration, parse_reset, read
@@ -406,3 +407,19 @@ async def test_the_breaker_is_the_fleets_with_redis(sim):
         await one.aclose()
         await two.aclose()
         server.stop()
+
+
+async def test_an_open_circuit_shows_in_telemetry_and_the_live_view(sim, otel):  # noqa: F811
+    from xml_pipeline_llm.snapshot import snapshot
+
+    a, b = f"cbt-a-{uuid.uuid4().hex[:6]}", f"cbt-b-{uuid.uuid4().hex[:6]}"
+    router = _breaker_router(sim, a, b, min_calls=2)
+    sim.script(a, [Fault.status(500), Fault.status(500)])
+    await router.complete("grok-4", MESSAGES)
+    await router.complete("grok-4", MESSAGES)
+    assert router.circuit(a) == "open"
+    rows = {r.backend: r for r in (await snapshot(router)).backends}
+    assert rows[a].circuit == "open" and rows[b].circuit == "closed"
+    gauges = {p.attributes["xpl.backend"]: p.value for p in otel.points("xpl.backend.circuit_open", {a, b})}
+    assert gauges == {a: 1, b: 0}
+    await router.aclose()

@@ -6,7 +6,7 @@ else ``llm.default_max_tokens``).  After the call the gate settles it against
 the tokens the provider reported: the difference is refunded, or the excess
 charged.  A backend without ``rate_limit_tpm`` reserves nothing and counts nothing,
 unless its provider reports a token quota in its headers (``pacing.py``).
-Budgets (``budgets.py``) reserve the same worst case, and its price in dollars.
+Budgets (``budgets/``) reserve the same worst case, and its price in dollars.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from . import _litellm
 
 if TYPE_CHECKING:
-    from .config import ResolvedBackend
+    from .backends import ResolvedBackend
     from .pricing import Pricing
     from .request import Request
 

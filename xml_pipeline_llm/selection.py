@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from .strategies import choose
 
 if TYPE_CHECKING:
-    from .config import ResolvedBackend
+    from .backends import ResolvedBackend
     from .request import Request
     from .state import BackendGate
     from .strategies import Strategy

@@ -21,12 +21,17 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .budgets import metadata_key
-from .config import REDIS_SCHEMES
+from .circuit import Breakers, MemoryBreakers, settings
+from .env import REDIS_SCHEMES
 from .errors import ConfigError
+from .state import MemoryState, State
 from .usage import EVENT_FIELDS, UsageEvent, metadata_from, metadata_json
+
+if TYPE_CHECKING:
+    from .config import RouterConfig
 
 log = logging.getLogger("xml_pipeline_llm")
 
@@ -75,6 +80,31 @@ def open_store(url: str | None, prefix: str = "xpl") -> Any:
 
         return RedisUsageStore(url, prefix)
     return SqliteStore(sqlite_path(url))
+
+
+def make_state(config: RouterConfig) -> State:
+    """The state for a router: ``RedisState`` with ``shared_state`` set, else ``MemoryState``.
+
+    Building a ``RedisState`` checks that Redis answers, raising ``ConfigError``
+    (naming the URL without its password) when it does not.
+    """
+    if not config.shared_state:
+        return MemoryState(config.priority_aging)
+    from .shared.state import RedisState
+
+    return RedisState(config.shared_state, config.redis_prefix or "xpl", priority_aging=config.priority_aging)
+
+
+def make_breakers(config: RouterConfig, state: State) -> Breakers:
+    """The circuit breakers of a router's backends (``circuit.py``): in Redis when its state is
+    (``shared_state``), else in this process.  A probe's lease is its backend's timeout and 5 s."""
+    conf = settings(config)
+    ttl = {b.name: b.timeout + 5.0 for b in config.backends}
+    if getattr(state, "conn", None) is None or not hasattr(state, "key"):
+        return MemoryBreakers(conf, ttl)
+    from .shared.circuit import RedisBreakers
+
+    return RedisBreakers(conf, state, ttl)     # type: ignore[arg-type]
 
 
 def _connect(path: Path) -> sqlite3.Connection:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 
 if TYPE_CHECKING:
-    from .config import ResolvedBackend
+    from .backends import ResolvedBackend
 
 StrategyName = Literal["failover", "round-robin", "least-loaded", "lowest-latency"]
 STRATEGY_NAMES: tuple[str, ...] = get_args(StrategyName)

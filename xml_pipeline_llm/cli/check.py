@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..circuit import settings
+from ..config import load_config
 from ..redact import redact_url
+from ..routing import Routes
 from .output import make_console, make_table, num, show
 
 
 def _print_aliases(cfg: Any, console: Any) -> None:
     """``llm.models``: each alias, its chain of models and the backends of each (tried in this order)."""
     from rich.text import Text
-
-    from ..routing import Routes
 
     if not cfg.models:
         return
@@ -26,9 +27,6 @@ def _print_aliases(cfg: Any, console: Any) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from rich.text import Text
-
-    from ..circuit import settings
-    from ..config import load_config
 
     cfg = load_config(args.config)
     console = make_console()
