@@ -333,7 +333,7 @@ def _unknown_provider(where: str, name: str) -> str:
 def _describe(err: Mapping[str, Any], block: Mapping[str, Any]) -> str:
     """One pydantic error as ``llm.backends[1].rate_limit_tpm: expected ..., got ...``."""
     loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list[")))]
-    path, field = _place(loc)
+    path, field = _circuit_place(loc) if "circuit" in loc else _place(loc)   # llm.circuit, a backend's
     if err["type"] == "extra_forbidden":
         return _unknown_key(path, str(loc[-1]), loc)
     if err["type"] == "missing":
@@ -353,8 +353,6 @@ def _place(loc: list[Any]) -> tuple[str, str]:
         names = [p for p in loc if isinstance(p, str)]
         return ("llm" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc),
                 "gateway.metadata" if "metadata" in names else f"gateway.{names[-1]}")
-    if "circuit" in loc:       # llm.circuit or a backend's circuit
-        return _circuit_place(loc)
     keyed = len(loc) >= 2 and loc[0] in ("pricing", "models")     # mappings keyed by model or alias
     path = "llm" + "".join(f'["{p}"]' if keyed and i == 1 else f"[{p}]" if isinstance(p, int) else f".{p}"
                            for i, p in enumerate(loc))
