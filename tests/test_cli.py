@@ -457,7 +457,7 @@ def test_demo_runs_offline_and_writes_the_csv(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert took < 30, took
     out = p.stdout
-    for text in ("failover:", "round-robin:", "least-loaded:", "Strategies", "Backends", "Agents",
+    for text in ("failover:", "round-robin:", "least-loaded:", "lowest-latency:", "Strategies", "Backends", "Agents",
                  "Fallback across models", "xai-main down",
                  "xai-main", "anthropic-main", "openai-main", "Peak in flight", "researcher", "writer",
                  "critic", "planner", "total", "Prompt cache: agent 'looper'", "saved"):
@@ -469,7 +469,7 @@ def test_demo_runs_offline_and_writes_the_csv(tmp_path):
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert {r["agent_id"] for r in rows} == {"researcher", "writer", "critic", "planner"}
-    assert sum(int(r["request_count"]) + int(r["error_count"]) for r in rows) == 36
+    assert sum(int(r["request_count"]) + int(r["error_count"]) for r in rows) == 12 * 4    # 4 strategies
     assert all(int(r["total_tokens"]) > 0 for r in rows)
 
 
