@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
+from .cache import EXPECTED as CACHE_EXPECTED
+from .cache import CacheConfig, cache_problems
 from .errors import ConfigError
 from .providers import BUILTIN, LITELLM_PROVIDERS, Provider, lookup
 from .redact import redact_mapping, redact_url
@@ -156,6 +158,7 @@ class LLMConfig(BaseModel):
     models: dict[str, list[str]] = Field(default_factory=dict)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    cache: CacheConfig | None = None        # the response cache (cache.py); off unless configured
     backends: list[BackendConfig] = Field(min_length=1)
 
 
@@ -225,6 +228,7 @@ EXPECTED = {
     "gateway.metadata": "a mapping of metadata keys to strings, numbers or true/false, such as {org_id: acme}",
     "gateway.models": 'a list of model names, aliases or patterns, such as ["grok-*", smart]',
     "gateway.admin": "true or false (true: may read /v1/usage, /v1/budgets and /metrics)",
+    **CACHE_EXPECTED,
 }
 
 
@@ -314,6 +318,9 @@ class RouterConfig:
         self.telemetry = raw.telemetry
         #: ``llm.gateway``: the HTTP gateway's address, virtual keys and body limit (``gateway/``)
         self.gateway = raw.gateway
+        #: ``llm.cache``: the response cache (``cache.py``; None: off), its sqlite path resolved like usage_store's
+        self.cache = raw.cache if raw.cache is None else raw.cache.model_copy(
+            update={"store": resolve_store(raw.cache.store, base)})
 
     def __repr__(self) -> str:
         return f"RouterConfig(strategy={self.strategy!r}, backends={self.backends!r})"
@@ -478,6 +485,7 @@ def _check_block(raw: LLMConfig) -> list[str]:
     problems += _budget_problems(raw.budgets)
     problems += _check_telemetry(raw.telemetry)
     problems += _check_gateway(raw.gateway)
+    problems += cache_problems(raw.cache, raw.shared_state or os.environ.get(REDIS_ENV))
     for key in raw.pricing:
         if not key.strip():
             problems.append('llm.pricing: an empty model name; use a model name such as "grok-4.1" '
@@ -720,6 +728,8 @@ def _describe(err: Mapping[str, Any], block: Mapping[str, Any]) -> str:
 
 def _place(loc: list[Any]) -> tuple[str, str]:
     """``llm.pricing["grok-4.1"].input_per_mtok`` and the field whose EXPECTED text applies."""
+    if loc[:1] == ["cache"]:
+        return "llm" + "".join(f".{p}" for p in loc), "cache" if len(loc) == 1 else f"cache.{loc[-1]}"
     if loc[:1] == ["gateway"]:
         if "metadata" in loc:          # a metadata value: drop the union member tags (str, int, ...)
             loc = loc[:loc.index("metadata") + 2]
@@ -741,7 +751,7 @@ def _unknown_key(path: str, key: str, loc: list[Any]) -> str:
              else BudgetConfig if loc[:1] == ["budgets"] else AgentConfig if loc[:1] == ["agents"]
              else TelemetryConfig if loc[:1] == ["telemetry"]
              else GatewayKeyConfig if loc[:2] == ["gateway", "keys"]
-             else GatewayConfig if loc[:1] == ["gateway"] else LLMConfig)
+             else GatewayConfig if loc[:1] == ["gateway"] else CacheConfig if loc[:1] == ["cache"] else LLMConfig)
     valid = list(model.model_fields)
     hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     did = f'did you mean "{hint[0]}"? ' if hint else ""

@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 from . import _litellm
 from .budgets import BudgetMethods, Budgets
+from .cache import ResponseCache
 from .config import ResolvedBackend, RouterConfig
 from .deadline import Deadline
 from .errors import BadRequestError, Saturated, TryTimedOut
@@ -73,6 +74,10 @@ class LLMRouter(UsageMethods, BudgetMethods):
         self.id = uuid.uuid4().hex
         #: spans and metrics (``telemetry.py``): ``NOOP`` when off or not installed; ``.metrics_url``
         self.telemetry = make_telemetry(config, self, self._ledger, self._secrets)
+        #: the response cache (``llm.cache``, ``cache.py``); None when off
+        self.cache = None if config.cache is None else ResponseCache(
+            config.cache, self._ledger, conn=getattr(self._state, "conn", None), prefix=config.redis_prefix,
+            providers={b.name: b.provider.name for b in self.backends})
         self._services = Services(self.id, {b.name: b for b in self.backends}, self._gates, self._ledger,
                                   self._deployments, config.default_max_tokens, self._budgets,
                                   config.weights, self.telemetry, config.stream_idle_timeout,
@@ -117,6 +122,15 @@ class LLMRouter(UsageMethods, BudgetMethods):
                        metadata: dict[str, Any] | None = None, **kwargs: Any) -> LLMResponse:
         """One chat completion, retried and failed over by the configured rules."""
         options, kwargs, metadata = checked(model, messages, agent_id, thread_id, metadata, kwargs, streaming=False)
+        plan = self.cache and self.cache.plan(model, messages, kwargs, agent_id, thread_id, metadata, options)
+        if plan:        # the response cache: a hit, or this call through it (cache.py)
+            return await plan.complete(lambda: self._complete(model, messages, agent_id, thread_id, metadata,
+                                                              kwargs, options))
+        return await self._complete(model, messages, agent_id, thread_id, metadata, kwargs, options)
+
+    async def _complete(self, model: str, messages: list[dict[str, Any]], agent_id: str | None,
+                        thread_id: str | None, metadata: dict[str, Any], kwargs: dict[str, Any],
+                        options: CallOptions) -> LLMResponse:
         req = await self._request(model, messages, agent_id, thread_id, metadata, kwargs, options)
         resp = await self._serve(req, stream=False)
         assert isinstance(resp, LLMResponse)
@@ -135,6 +149,9 @@ class LLMRouter(UsageMethods, BudgetMethods):
             assert isinstance(opened, OpenStream)
             return opened
 
+        plan = self.cache and self.cache.plan(model, messages, kwargs, agent_id, thread_id, metadata, options)
+        if plan:        # the response cache: a hit replayed, or this stream through it (cache.py)
+            return plan.stream(lambda: LLMStream(open_stream))
         return LLMStream(open_stream)
 
     async def _request(self, model: str, messages: list[dict[str, Any]], agent_id: str | None,
@@ -267,6 +284,8 @@ class LLMRouter(UsageMethods, BudgetMethods):
     async def aclose(self) -> None:
         """Flush and close the usage store and the shared-state connection."""
         self.telemetry.close()
+        if self.cache is not None:
+            await self.cache.close()
         await self._ledger.close()
         await self._state.close()
 

@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .redact import mask
+from .usage import CACHE_HIT
 
 if TYPE_CHECKING:
     from .config import RouterConfig
@@ -256,6 +257,12 @@ class OTelTelemetry(NoTelemetry):
                                  "gen_ai.provider.name": provider_name(event.provider),
                                  "gen_ai.request.model": event.model, "xpl.backend": event.backend,
                                  "xpl.agent_id": event.agent_id or "(none)"}
+        if event.outcome == CACHE_HIT:      # the response cache answered: no provider call to measure
+            for ins in self._instruments:
+                ins.cache_hits.add(1, attrs)
+                if event.saved_usd:
+                    ins.saved.add(event.saved_usd, attrs)
+            return
         timed = attrs if event.succeeded else {**attrs, "error.type": event.outcome.partition(":")[2]}
         counted = {**attrs, "xpl.outcome": event.outcome}
         for ins in self._instruments:
@@ -362,6 +369,10 @@ class Instruments:
         self.requests = meter.create_counter(
             "xpl.requests", unit="{request}", description="Provider calls (tries), by xpl.outcome")
         self.cost = meter.create_counter("xpl.cost", unit="USD", description="Cost of the priced provider calls")
+        self.cache_hits = meter.create_counter(
+            "xpl.cache.hits", unit="{request}", description="Requests the response cache answered")
+        self.saved = meter.create_counter(
+            "xpl.cache.saved", unit="USD", description="What cached answers cost originally")
         for name, what in (("in_flight", "Calls in flight per backend"),
                            ("queued", "Calls waiting for a backend's limits"),
                            ("cooling_down", "1 while a backend cools down after a failure, else 0")):

@@ -67,6 +67,9 @@ class AgentUsage:
     ``cached_tokens``, ``cache_write_tokens`` (parts of ``prompt_tokens``: read
     from and written to the provider's prompt cache) and ``reasoning_tokens``
     (part of ``completion_tokens``) sum what the providers reported.
+    ``cache_hits`` counts the requests the response cache answered and
+    ``saved_usd`` what their original answers cost (priced ones); hits add
+    nothing else, so tokens, ``request_count`` and ``cost_usd`` are provider calls.
     """
 
     prompt_tokens: int = 0
@@ -79,6 +82,8 @@ class AgentUsage:
     cached_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_hits: int = 0
+    saved_usd: float = 0.0
 
     def merge(self, other: AgentUsage) -> None:
         """Add another key's totals (a footer row, totals across runs)."""
@@ -86,6 +91,10 @@ class AgentUsage:
             setattr(self, f.name, plus(getattr(self, f.name), getattr(other, f.name)))
 
     def add(self, event: UsageEvent) -> None:
+        if event.outcome == CACHE_HIT:      # answered by the response cache: no provider call
+            self.cache_hits += 1
+            self.saved_usd += event.saved_usd or 0.0
+            return
         self.prompt_tokens += event.prompt_tokens
         self.completion_tokens += event.completion_tokens
         self.total_tokens += event.total_tokens
@@ -109,11 +118,14 @@ def plus(a: Any, b: Any) -> Any:
 
 
 OK = "ok"   # the outcome of a try that served its request; a failed one is retry.outcome()
+CACHE_HIT = "cache_hit"   # a request the response cache answered (cache.py): no provider call
 
 
 @dataclass(frozen=True)
 class UsageEvent:
-    """One provider call.  ``outcome`` is ``ok``, ``retried:<kind>`` or ``error:<kind>``.
+    """One provider call.  ``outcome`` is ``ok``, ``retried:<kind>`` or ``error:<kind>``; or
+    ``cache_hit``: a request the response cache answered (zero tokens, ``cost_usd`` 0.0,
+    ``saved_usd`` what the original answer cost, None when unpriced).
 
     ``model`` is the model sent; ``requested_model`` the name the caller asked
     for (an alias of ``llm.models``, or the first model of a ``fallbacks=``
@@ -136,6 +148,7 @@ class UsageEvent:
     cached_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    saved_usd: float | None = None
     call_id: str = field(default="", compare=False)
     #: ``metadata=`` of the call (str keys; str/int/float/bool values), {} when none.  The last field:
     #: the ``metadata`` column of an event CSV is the last one.
@@ -155,7 +168,8 @@ class UsageEvent:
 def make_event(*, agent_id: str | None, thread_id: str | None, model: str, backend: str, provider: str,
                usage: Mapping[str, int] | None, cost_usd: float | None, latency_ms: float, outcome: str,
                call_id: str = "", requested_model: str | None = None,
-               metadata: Mapping[str, MetadataValue] | None = None) -> UsageEvent:
+               metadata: Mapping[str, MetadataValue] | None = None,
+               saved_usd: float | None = None) -> UsageEvent:
     """The one way a usage event is made (by a try, and by LiteLLM's success callback)."""
     usage = usage or {}
     return UsageEvent(timestamp=time.time(), agent_id=agent_id or "", thread_id=thread_id or "",
@@ -168,7 +182,7 @@ def make_event(*, agent_id: str | None, thread_id: str | None, model: str, backe
                       call_id=call_id, metadata=dict(metadata) if metadata else {},
                       cached_tokens=usage.get("cached_tokens", 0),
                       cache_write_tokens=usage.get("cache_write_tokens", 0),
-                      reasoning_tokens=usage.get("reasoning_tokens", 0))
+                      reasoning_tokens=usage.get("reasoning_tokens", 0), saved_usd=saved_usd)
 
 
 def metadata_json(metadata: Mapping[str, Any]) -> str:
@@ -190,7 +204,7 @@ def metadata_from(text: Any) -> dict[str, Any]:
 EVENT_FIELDS = tuple(f.name for f in fields(UsageEvent))       # what the stores keep
 EVENT_COLUMNS = [name for name in EVENT_FIELDS if name != "call_id"]   # what an event CSV shows
 TOTAL_COLUMNS = [f.name for f in fields(AgentUsage)]
-COUNT_COLUMNS = [c for c in TOTAL_COLUMNS if c != "cost_usd"]   # the whole numbers among them
+COUNT_COLUMNS = [c for c in TOTAL_COLUMNS if c not in ("cost_usd", "saved_usd")]   # the whole numbers among them
 
 
 class UsageStore(Protocol):
