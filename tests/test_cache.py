@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from conftest import FAKE_KEYS, MESSAGES, backend, make_router, until
 
-from xml_pipeline_llm import BadRequestError, ConfigError, load_config
+from xml_pipeline_llm import BadRequestError, ConfigError, ProviderError, load_config
 from xml_pipeline_llm.simulator import Fault
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -146,7 +146,7 @@ async def test_ttl_and_least_recently_used_eviction(sim: Any) -> None:
 async def test_errors_and_truncated_answers_are_not_cached(sim: Any) -> None:
     r = cached_router(sim, "ca-err")
     sim.script("ca-err", [Fault.status(500)])
-    with pytest.raises(Exception):
+    with pytest.raises(ProviderError):
         await r.complete("grok-4.1", MESSAGES, agent_id="a", temperature=0, retries=0)
     ok = await r.complete("grok-4.1", MESSAGES, agent_id="a", temperature=0)
     assert not ok.cache_hit and sim.stats("ca-err").requests == 2

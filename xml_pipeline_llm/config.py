@@ -158,7 +158,7 @@ class LLMConfig(BaseModel):
     models: dict[str, list[str]] = Field(default_factory=dict)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
-    cache: CacheConfig | None = None        # the response cache (cache.py); off unless configured
+    cache: CacheConfig | None = None        # the response cache (cache/); off unless configured
     backends: list[BackendConfig] = Field(min_length=1)
 
 
@@ -318,7 +318,7 @@ class RouterConfig:
         self.telemetry = raw.telemetry
         #: ``llm.gateway``: the HTTP gateway's address, virtual keys and body limit (``gateway/``)
         self.gateway = raw.gateway
-        #: ``llm.cache``: the response cache (``cache.py``; None: off), its sqlite path resolved like usage_store's
+        #: ``llm.cache``: the response cache (``cache/``; None: off), its sqlite path resolved like usage_store's
         self.cache = raw.cache if raw.cache is None else raw.cache.model_copy(
             update={"store": resolve_store(raw.cache.store, base)})
 

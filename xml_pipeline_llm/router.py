@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 from . import _litellm
 from .budgets import BudgetMethods, Budgets
-from .cache import ResponseCache
+from .cache.serve import ResponseCache
 from .config import ResolvedBackend, RouterConfig
 from .deadline import Deadline
 from .errors import BadRequestError, Saturated, TryTimedOut
@@ -74,7 +74,7 @@ class LLMRouter(UsageMethods, BudgetMethods):
         self.id = uuid.uuid4().hex
         #: spans and metrics (``telemetry.py``): ``NOOP`` when off or not installed; ``.metrics_url``
         self.telemetry = make_telemetry(config, self, self._ledger, self._secrets)
-        #: the response cache (``llm.cache``, ``cache.py``); None when off
+        #: the response cache (``llm.cache``, ``cache/``); None when off
         self.cache = None if config.cache is None else ResponseCache(
             config.cache, self._ledger, conn=getattr(self._state, "conn", None), prefix=config.redis_prefix,
             providers={b.name: b.provider.name for b in self.backends})
@@ -123,7 +123,7 @@ class LLMRouter(UsageMethods, BudgetMethods):
         """One chat completion, retried and failed over by the configured rules."""
         options, kwargs, metadata = checked(model, messages, agent_id, thread_id, metadata, kwargs, streaming=False)
         plan = self.cache and self.cache.plan(model, messages, kwargs, agent_id, thread_id, metadata, options)
-        if plan:        # the response cache: a hit, or this call through it (cache.py)
+        if plan:        # the response cache: a hit, or this call through it (cache/)
             return await plan.complete(lambda: self._complete(model, messages, agent_id, thread_id, metadata,
                                                               kwargs, options))
         return await self._complete(model, messages, agent_id, thread_id, metadata, kwargs, options)
@@ -150,7 +150,7 @@ class LLMRouter(UsageMethods, BudgetMethods):
             return opened
 
         plan = self.cache and self.cache.plan(model, messages, kwargs, agent_id, thread_id, metadata, options)
-        if plan:        # the response cache: a hit replayed, or this stream through it (cache.py)
+        if plan:        # the response cache: a hit replayed, or this stream through it (cache/)
             return plan.stream(lambda: LLMStream(open_stream))
         return LLMStream(open_stream)
 

@@ -118,7 +118,7 @@ def plus(a: Any, b: Any) -> Any:
 
 
 OK = "ok"   # the outcome of a try that served its request; a failed one is retry.outcome()
-CACHE_HIT = "cache_hit"   # a request the response cache answered (cache.py): no provider call
+CACHE_HIT = "cache_hit"   # a request the response cache answered (cache/): no provider call
 
 
 @dataclass(frozen=True)

@@ -168,10 +168,11 @@ def _totals_table(by: str, groups: dict[str, Any]) -> Any:
         total.merge(u)
     table = make_table(footer=True)
     table.add_column(by if by.startswith("metadata.") else by.capitalize(), overflow="fold", footer="total")
-    for column, foot in zip(MAIN_COLUMNS, usage_cells(total)):
+    columns = MAIN_COLUMNS if total.cache_hits else [c for c in MAIN_COLUMNS if c not in CACHE_COLUMNS]
+    for column, foot in zip(columns, usage_cells(total, columns)):
         table.add_column(HEADINGS[column], justify="right", footer=foot)
     for key in sorted(groups):
-        table.add_row(Text(key), *usage_cells(groups[key]))
+        table.add_row(Text(key), *usage_cells(groups[key], columns))
     return table
 
 
@@ -200,6 +201,7 @@ HEADINGS = {"prompt_tokens": "Prompt", "completion_tokens": "Completion", "total
             "unpriced_requests": "Unpriced", "cached_tokens": "Cached", "cache_write_tokens": "Cache write",
             "reasoning_tokens": "Reasoning", "cache_hits": "Cache hits", "saved_usd": "Saved USD"}
 DETAIL_COLUMNS = ("cached_tokens", "cache_write_tokens", "reasoning_tokens")   # in a table of their own
+CACHE_COLUMNS = ("cache_hits", "saved_usd")    # the response cache's: shown when it answered any request
 MAIN_COLUMNS = [c for c in TOTAL_COLUMNS if c not in DETAIL_COLUMNS]
 
 

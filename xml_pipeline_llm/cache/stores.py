@@ -2,7 +2,7 @@
 
 Every store has ``get(key, now)``, ``put(key, entry, ttl)`` and ``close()``;
 an expired entry reads as absent.  Their failures are not handled here:
-``cache.py`` turns any exception of a store into a miss (and one WARNING per
+``serve.py`` turns any exception of a store into a miss (and one WARNING per
 outage), so a broken store never fails a call.
 
 * ``MemoryStore``: an LRU of ``max_entries`` in this process (entries are the
@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .shared.scripts import Script
+from ..shared.scripts import Script
 
 
 @dataclass
@@ -113,7 +113,7 @@ class SqliteStore:
     """Entries in a SQLite file (WAL): they outlive the process and are shared on one machine.
 
     The file is opened on first use and again after a failure (a damaged file
-    then fails each operation, which ``cache.py`` treats as a miss).
+    then fails each operation, which ``serve.py`` treats as a miss).
     """
 
     def __init__(self, path: Path) -> None:
