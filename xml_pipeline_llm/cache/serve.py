@@ -210,7 +210,11 @@ class ResponseCache:
                 raise
             return flight.entry if flight.entry is not None else False
         if self._redis is not None:
-            found = await self._across_processes(plan)
+            try:
+                found = await self._across_processes(plan)
+            except BaseException:       # cancelled while waiting: the calls waiting on this one go on alone
+                await asyncio.shield(self.answered(plan, None))
+                raise
             if found is not None:
                 self._land(plan, found)
                 return found
@@ -267,16 +271,24 @@ class ResponseCache:
         ``resp`` None: the call failed, and each waiting call goes to the provider itself."""
         entry = None
         if resp is not None and resp.finish_reason != "length" and not resp.cache_hit:
-            now = time.time()
-            entry = _entry(resp, self.providers.get(resp.backend, ""), now, plan.ttl)
-            await self.guard.run(lambda: self.store.put(plan.key, entry, plan.ttl), None)
-        await self._release(plan)
-        self._land(plan, entry)
-
-    async def _release(self, plan: Plan) -> None:
+            entry = _entry(resp, self.providers.get(resp.backend, ""), time.time(), plan.ttl)
+        if entry is not None and self._memory is not None:
+            self._memory.keep(plan.key, entry)      # before the flight lands: no thread misses both
+            entry_stored = True
+        else:
+            entry_stored = False
+        self._land(plan, entry)         # the calls of this process waiting for it have it now
         if plan.renewing is not None:
             plan.renewing.cancel()
             plan.renewing = None
+        try:
+            if entry is not None and not entry_stored:
+                stored = entry
+                await self.guard.run(lambda: self.store.put(plan.key, stored, plan.ttl), None)
+        finally:                        # other processes poll: the entry first, then the lock goes
+            await self._release(plan)
+
+    async def _release(self, plan: Plan) -> None:
         token, plan.token = plan.token, None
         if token is not None and self._redis is not None:
             redis = self._redis

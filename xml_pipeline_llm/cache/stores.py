@@ -90,6 +90,9 @@ class MemoryStore:
         return self.peek(key, now)
 
     async def put(self, key: str, entry: Entry, ttl: float) -> None:
+        self.keep(key, entry)
+
+    def keep(self, key: str, entry: Entry) -> None:
         with self._lock:
             self._entries[key] = entry
             self._entries.move_to_end(key)
