@@ -430,3 +430,13 @@ def test_single_flight_across_two_processes_on_redis(sim: Any) -> None:
     finally:
         sim.set_latency("ca-procs", 0.0)
         server.stop()
+
+
+async def test_the_live_view_does_not_count_hits_as_errors_or_tries(sim: Any) -> None:
+    from xml_pipeline_llm.snapshot import snapshot
+
+    r = cached_router(sim, "ca-live")
+    for _ in range(3):
+        await r.complete("grok-4.1", MESSAGES, agent_id="viewer", temperature=0)
+    snap = await snapshot(r)
+    assert not snap.errors and snap.agents[0].requests_per_min == 1 and snap.agents[0].errors_per_min == 0

@@ -27,6 +27,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+#: outcomes that are not failures: a provider answer, and a response-cache hit
+SERVED = ("ok", "cache_hit")
+
 if TYPE_CHECKING:
     from .budgets import BudgetStatus
     from .router import LLMRouter
@@ -159,7 +162,7 @@ class Recent:
     def add(self, event: UsageEvent) -> None:
         with self._lock:
             self._events.append(event)
-            if event.outcome != "ok":
+            if event.outcome not in SERVED:
                 self._errors.append(event)
             self._prune(time.time())
 
@@ -203,7 +206,7 @@ def recent_of(router: LLMRouter) -> Recent:
         router.on_usage(listen)
         horizon = time.time() - WINDOW
         past = [e for e in router.usage_events()[-100_000:] if id(e) not in seen]
-        window.extend(e for e in past if e.timestamp >= horizon or e.outcome != "ok")
+        window.extend(e for e in past if e.timestamp >= horizon or e.outcome not in SERVED)
         seeding = False
         return window
 
@@ -248,6 +251,8 @@ def assemble(*, agents: Mapping[str, AgentUsage], backends: Mapping[str, AgentUs
     now = time.time() if now is None else now
     rate: dict[str, dict[str, list[float]]] = {"agent": {}, "backend": {}}
     for e in recent:                       # [requests, tokens, usd, errors, tries]
+        if e.outcome == "cache_hit":       # answered by the response cache: no provider try
+            continue
         for group, key in (("agent", e.agent_id or NO_AGENT), ("backend", e.backend)):
             r = rate[group].setdefault(key, [0, 0, 0.0, 0, 0])
             r[0] += e.succeeded or e.ended_in_error
