@@ -440,3 +440,30 @@ async def test_the_live_view_does_not_count_hits_as_errors_or_tries(sim: Any) ->
         await r.complete("grok-4.1", MESSAGES, agent_id="viewer", temperature=0)
     snap = await snapshot(r)
     assert not snap.errors and snap.agents[0].requests_per_min == 1 and snap.agents[0].errors_per_min == 0
+
+
+async def test_calls_wait_for_an_identical_stream_and_go_alone_when_it_is_closed_early(sim: Any) -> None:
+    r = cached_router(sim, "ca-sflight")
+    sim.set_latency("ca-sflight", 0.3)
+    try:
+        leader = r.stream("grok-4.1", MESSAGES, agent_id="a", temperature=0)
+        first = await leader.next_chunk()           # the stream leads: the provider call is open
+        waiting = [asyncio.ensure_future(r.complete("grok-4.1", MESSAGES, agent_id="a", temperature=0))
+                   for _ in range(3)]
+        await asyncio.sleep(0.05)
+        assert first is not None and not any(w.done() for w in waiting)
+        text = "".join([d async for d in leader])
+        out = await asyncio.gather(*waiting)
+        assert all(o.cache_hit for o in out) and sim.stats("ca-sflight").requests == 1
+        assert out[0].content.endswith(text)
+        # a stream closed early answers nobody: the calls waiting on it go to the provider
+        cut = r.stream("grok-4.1", ask("closed before its end"), agent_id="a", temperature=0)
+        await cut.next_chunk()
+        waiting = [asyncio.ensure_future(r.complete("grok-4.1", ask("closed before its end"), agent_id="a",
+                                                    temperature=0)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        await cut.aclose()
+        out = await asyncio.wait_for(asyncio.gather(*waiting), 30)
+        assert all(o.content for o in out) and sim.stats("ca-sflight").requests >= 2 + 1
+    finally:
+        sim.set_latency("ca-sflight", 0.0)
