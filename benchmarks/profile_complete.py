@@ -50,7 +50,7 @@ FEATURES = [
     ("  router cooldown lookups", "router_cooldowns", "active"),
     ("  cold storage", "cold_storage", None),
     ("  token_counter (package's TPM reservation)", "litellm/litellm_core_utils/token_counter.py", "token_counter"),
-    ("  package's UsageCallback", "xml_pipeline_llm/_litellm.py", "async_log_success_event"),
+    ("  package's UsageCallback", "xml_pipeline_llm/_litellm/load.py", "async_log_success_event"),
 ]
 
 GROUPS = [

@@ -78,6 +78,22 @@ def test_public_names_exist_and_are_exported():
         assert hasattr(xml_pipeline_llm, name), f"__all__ lists missing {name}"
 
 
+def test_extension_points_are_exported_lazily():
+    """``Strategy`` and the state Protocols come from the package, without importing their modules early."""
+    out = run_python("""
+        import sys
+        import xml_pipeline_llm
+        early = [m for m in ('xml_pipeline_llm.state', 'xml_pipeline_llm.strategies') if m in sys.modules]
+        from xml_pipeline_llm import BackendGate, SharedUsage, State, Strategy
+        import xml_pipeline_llm.state as state, xml_pipeline_llm.strategies as strategies
+        same = (State is state.State and BackendGate is state.BackendGate and SharedUsage is state.SharedUsage
+                and Strategy is strategies.Strategy)
+        listed = all(n in xml_pipeline_llm.__all__ for n in ("Strategy", "State", "BackendGate", "SharedUsage"))
+        print(early, same, listed)
+    """, timeout=30)
+    assert out.split() == ["[]", "True", "True"], out
+
+
 def test_public_shapes():
     assert inspect.iscoroutinefunction(complete)
     params = inspect.signature(complete).parameters

@@ -289,7 +289,8 @@ def test_unreachable_redis_is_a_config_error_naming_the_url_without_its_password
 
 def test_make_state_picks_redis_from_the_config_or_the_environment(sim, redis_server, monkeypatch):
     from xml_pipeline_llm.shared.state import RedisState
-    from xml_pipeline_llm.state import MemoryState, make_state
+    from xml_pipeline_llm.state import MemoryState
+    from xml_pipeline_llm.stores import make_state
 
     plain = load_config({"llm": {"backends": [backend(sim, "xai", "rdx-ms-a")]}})
     assert isinstance(make_state(plain), MemoryState)

@@ -29,8 +29,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode  # noqa: E402
 
 from xml_pipeline_llm import ProviderError  # noqa: E402
+from xml_pipeline_llm.instruments import DURATION_BUCKETS, TOKEN_BUCKETS  # noqa: E402
 from xml_pipeline_llm.simulator import Fault  # noqa: E402
-from xml_pipeline_llm.telemetry import DURATION_BUCKETS, TOKEN_BUCKETS  # noqa: E402
 
 # A model of the tests' own: LiteLLM's cost map is one per process, so a price given here stays for the session.
 PRICED = "grok-otel-priced"

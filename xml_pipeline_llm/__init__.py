@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from os import PathLike
 from typing import TYPE_CHECKING, Any
 
+from .env import OFFLINE_DEFAULTS
 from .errors import (
     BackendError,
     BadRequestError,
@@ -29,14 +30,6 @@ from .errors import (
 from .response import LLMResponse
 from .usage import AgentUsage, UsageEvent
 
-#: LiteLLM's run-time fetches (cost map, Anthropic beta headers) and telemetry, off unless the user
-#: chose otherwise.  Set on import, so a program that imports LiteLLM itself afterwards fetches nothing.
-OFFLINE_DEFAULTS = {
-    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-    "LITELLM_OFFLINE_MODE": "true",
-    "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS": "True",
-    "LITELLM_TELEMETRY": "False",
-}
 for _key, _value in OFFLINE_DEFAULTS.items():
     os.environ.setdefault(_key, _value)
 
@@ -45,6 +38,8 @@ if TYPE_CHECKING:
     from .config import RouterConfig
     from .gateway.inprocess import openai_client
     from .router import LLMRouter
+    from .state import BackendGate, SharedUsage, State
+    from .strategies import Strategy
     from .streaming import LLMStream
     from .sync import SyncStream, complete_sync, stream_sync
 
@@ -53,7 +48,9 @@ if TYPE_CHECKING:
 _LAZY = {"load_config": "config", "RouterConfig": "config", "LLMRouter": "router",
          "LLMStream": "streaming", "BudgetExceededError": "budgets", "BudgetStatus": "budgets",
          "BudgetEvent": "budgets", "complete_sync": "sync", "stream_sync": "sync", "SyncStream": "sync",
-         "openai_client": "gateway.inprocess"}
+         "openai_client": "gateway.inprocess",
+         # the extension points: your own strategy (``strategy=``) and state (``LLMRouter(state=...)``)
+         "Strategy": "strategies", "State": "state", "BackendGate": "state", "SharedUsage": "state"}
 
 
 def __getattr__(name: str) -> Any:
@@ -71,6 +68,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AgentUsage",
     "BackendError",
+    "BackendGate",
     "BadRequestError",
     "BudgetEvent",
     "BudgetExceededError",
@@ -85,6 +83,9 @@ __all__ = [
     "ProviderError",
     "RateLimitError",
     "RouterConfig",
+    "SharedUsage",
+    "State",
+    "Strategy",
     "SyncStream",
     "UsageEvent",
     "complete",

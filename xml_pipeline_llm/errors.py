@@ -123,6 +123,12 @@ class Saturated(Exception):
     """The backend could not admit the try within ``llm.max_queue_wait`` while another model follows."""
 
 
+class EmptyStreamError(Exception):
+    """The stream ended before any content: LiteLLM's answer to a malformed stream body."""
+
+    kind = "bad_response"
+
+
 class StreamCut(Exception):
     """No chunk came in time once a stream had handed out text; ``why``: idle, timeout or deadline."""
 

@@ -28,11 +28,12 @@ from .fairness import ANONYMOUS, Turn
 from .pricing import Pricing
 from .reservation import fair_cost, tokens_to_reserve, worst_case, worst_cost
 from .response import LLMResponse
+from .streaming import close_quietly, first_chunks
 from .telemetry import NOOP, NoTelemetry
 from .usage import OK, UsageEvent, UsageLedger, make_event
 
 if TYPE_CHECKING:
-    from .config import ResolvedBackend
+    from .backends import ResolvedBackend
     from .limits import Reservation
     from .request import Request
     from .state import BackendGate
@@ -209,8 +210,6 @@ class Try:
 
     async def open_stream(self) -> OpenStream:
         """Send a streaming request and read up to its first content; the try stays held."""
-        from .streaming import close_quietly, first_chunks
-
         options = {**self.req.kwargs.get("stream_options", {}), "include_usage": True}
         opened = time.monotonic()
         try:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _litellm
-from .config import ResolvedBackend
+from .backends import ResolvedBackend
 from .deadline import Deadline
 from .errors import Attempt, BackendError, BadRequestError, NoBackendError, ProviderError, RateLimitError
 from .options import CallOptions

@@ -5,7 +5,7 @@ tokens (made once per request) plus ``max_tokens`` (or ``max_completion_tokens``
 else ``llm.default_max_tokens``).  After the call the gate settles it against
 the tokens the provider reported: the difference is refunded, or the excess
 charged.  A backend without ``rate_limit_tpm`` reserves nothing and counts nothing.
-Budgets (``budgets.py``) reserve the same worst case, and its price in dollars.
+Budgets (``budgets/``) reserve the same worst case, and its price in dollars.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from . import _litellm
 
 if TYPE_CHECKING:
-    from .config import ResolvedBackend
+    from .backends import ResolvedBackend
     from .pricing import Pricing
     from .request import Request
 

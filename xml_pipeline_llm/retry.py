@@ -31,7 +31,7 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 if TYPE_CHECKING:
-    from .config import ResolvedBackend
+    from .backends import ResolvedBackend
     from .request import Request
 
 Cooldowns = Callable[[Iterable[str]], Awaitable[dict[str, float]]]

@@ -21,9 +21,10 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from . import _litellm
+from .backends import ResolvedBackend
 from .budgets import BudgetMethods, Budgets
 from .cache.serve import ResponseCache
-from .config import ResolvedBackend, RouterConfig
+from .config import RouterConfig
 from .deadline import Deadline
 from .errors import BadRequestError, Saturated, TryTimedOut
 from .fallback import build_chain, none_fits, too_small
@@ -36,8 +37,8 @@ from .response import LLMResponse
 from .retry import Action, TryAgain, TryFailed, classify, cooldown, outcome, retrying
 from .routing import Routes
 from .selection import pick
-from .state import BackendGate, State, make_state
-from .stores import open_store
+from .state import BackendGate, State
+from .stores import make_state, open_store
 from .strategies import STRATEGIES, Strategy
 from .streaming import LLMStream
 from .telemetry import make_telemetry

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .config import ResolvedBackend
+from .backends import ResolvedBackend
 from .errors import ModelNotFoundError
 from .providers import lookup, matches
 

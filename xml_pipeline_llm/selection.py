@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .config import ResolvedBackend
+    from .backends import ResolvedBackend
     from .request import Request
     from .state import BackendGate
     from .strategies import Strategy

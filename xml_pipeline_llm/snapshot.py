@@ -160,6 +160,8 @@ class Recent:
         self._lock = threading.Lock()
 
     def add(self, event: UsageEvent) -> None:
+        if event.outcome == "cache_hit":      # answered by the response cache: no provider try to show
+            return
         with self._lock:
             self._events.append(event)
             if event.outcome not in SERVED:
@@ -251,8 +253,6 @@ def assemble(*, agents: Mapping[str, AgentUsage], backends: Mapping[str, AgentUs
     now = time.time() if now is None else now
     rate: dict[str, dict[str, list[float]]] = {"agent": {}, "backend": {}}
     for e in recent:                       # [requests, tokens, usd, errors, tries]
-        if e.outcome == "cache_hit":       # answered by the response cache: no provider try
-            continue
         for group, key in (("agent", e.agent_id or NO_AGENT), ("backend", e.backend)):
             r = rate[group].setdefault(key, [0, 0, 0.0, 0, 0])
             r[0] += e.succeeded or e.ended_in_error

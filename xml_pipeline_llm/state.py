@@ -21,7 +21,7 @@ from .fairness import Turn
 from .limits import Gate, Reservation
 
 if TYPE_CHECKING:
-    from .config import BudgetConfig, RouterConfig
+    from .config import BudgetConfig
     from .usage import AgentUsage, UsageEvent
 
 
@@ -119,16 +119,3 @@ class MemoryState:
 
     async def close(self) -> None:
         """Nothing to release in memory; the Redis state closes its connection here."""
-
-
-def make_state(config: RouterConfig) -> State:
-    """The state for a router: ``RedisState`` with ``shared_state`` set, else ``MemoryState``.
-
-    Building a ``RedisState`` checks that Redis answers, raising ``ConfigError``
-    (naming the URL without its password) when it does not.
-    """
-    if not config.shared_state:
-        return MemoryState(config.priority_aging)
-    from .shared.state import RedisState
-
-    return RedisState(config.shared_state, config.redis_prefix or "xpl", priority_aging=config.priority_aging)

@@ -21,12 +21,16 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .budgets import metadata_key
-from .config import REDIS_SCHEMES
+from .env import REDIS_SCHEMES
 from .errors import ConfigError
+from .state import MemoryState, State
 from .usage import EVENT_FIELDS, UsageEvent, metadata_from, metadata_json
+
+if TYPE_CHECKING:
+    from .config import RouterConfig
 
 log = logging.getLogger("xml_pipeline_llm")
 
@@ -76,6 +80,19 @@ def open_store(url: str | None, prefix: str = "xpl") -> Any:
 
         return RedisUsageStore(url, prefix)
     return SqliteStore(sqlite_path(url))
+
+
+def make_state(config: RouterConfig) -> State:
+    """The state for a router: ``RedisState`` with ``shared_state`` set, else ``MemoryState``.
+
+    Building a ``RedisState`` checks that Redis answers, raising ``ConfigError``
+    (naming the URL without its password) when it does not.
+    """
+    if not config.shared_state:
+        return MemoryState(config.priority_aging)
+    from .shared.state import RedisState
+
+    return RedisState(config.shared_state, config.redis_prefix or "xpl", priority_aging=config.priority_aging)
 
 
 def _connect(path: Path) -> sqlite3.Connection:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal, Protocol, get_args
 
 if TYPE_CHECKING:
-    from .config import ResolvedBackend
+    from .backends import ResolvedBackend
 
 StrategyName = Literal["failover", "round-robin", "least-loaded"]
 STRATEGY_NAMES: tuple[str, ...] = get_args(StrategyName)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _litellm
 from .deadline import timeout_at
-from .errors import ProviderError, StreamCut, TryTimedOut
+from .errors import EmptyStreamError, ProviderError, StreamCut, TryTimedOut
 from .response import LLMResponse
 from .usage import OK
 
@@ -177,12 +177,6 @@ async def close_quietly(wrapper: Any) -> None:
             await close()
         except Exception:
             pass
-
-
-class EmptyStreamError(Exception):
-    """The stream ended before any content: LiteLLM's answer to a malformed stream body."""
-
-    kind = "bad_response"
 
 
 async def first_chunks(wrapper: Any, idle: float) -> tuple[list[Any], bool]:

@@ -23,6 +23,8 @@ import threading
 from collections.abc import Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from . import get_router
+
 if TYPE_CHECKING:
     from .response import LLMResponse
     from .router import LLMRouter
@@ -60,8 +62,6 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 def complete_sync(model: str, messages: list[dict[str, Any]], *, router: LLMRouter | None = None,
                   **kwargs: Any) -> LLMResponse:
     """``complete()`` for synchronous code: the same arguments, the same ``LLMResponse`` and errors."""
-    from . import get_router
-
     r = router or get_router()
     return run(r.complete(model, messages, **kwargs))
 
@@ -69,8 +69,6 @@ def complete_sync(model: str, messages: list[dict[str, Any]], *, router: LLMRout
 def stream_sync(model: str, messages: list[dict[str, Any]], *, router: LLMRouter | None = None,
                 **kwargs: Any) -> SyncStream:
     """``stream()`` for synchronous code: an iterator of text deltas whose ``.response`` is set at the end."""
-    from . import get_router
-
     r = router or get_router()
     return SyncStream(r.stream(model, messages, **kwargs))
 

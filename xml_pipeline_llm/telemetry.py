@@ -27,14 +27,13 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import threading
 import time
 import weakref
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
-from .errors import ConfigError
+from .instruments import LIVE, SCOPE, instruments, prometheus
 from .redact import mask
 from .usage import CACHE_HIT
 
@@ -43,18 +42,11 @@ if TYPE_CHECKING:
     from .lifecycle import Try
     from .request import Request
     from .response import LLMResponse
-    from .router import LLMRouter
     from .usage import UsageEvent, UsageLedger
 
-#: Bucket boundaries the OpenTelemetry GenAI semantic conventions advise.
-TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216,
-                 67108864)
-DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96,
-                    81.92)
 #: ``gen_ai.provider.name`` for providers the conventions name differently from LiteLLM.
 PROVIDER_NAMES = {"xai": "x_ai", "mistral": "mistral_ai", "azure": "azure.ai.openai", "gemini": "gcp.gemini",
                   "vertex_ai": "gcp.vertex_ai", "bedrock": "aws.bedrock", "watsonx": "ibm.watsonx.ai"}
-SCOPE = "xml_pipeline_llm"
 
 
 class NoTelemetry:
@@ -99,12 +91,36 @@ def available() -> bool:
         return False
 
 
-def make_telemetry(config: RouterConfig, router: LLMRouter, ledger: UsageLedger,
+class GateLoad(Protocol):
+    """What the gauges read of one backend's gate (``state.BackendGate`` has it)."""
+
+    @property
+    def in_flight(self) -> int: ...
+
+    @property
+    def queued(self) -> int: ...
+
+
+class Readouts(Protocol):
+    """What telemetry reads for its gauges, and nothing else: one backend's gate by name, and the
+    budgets' statuses (objects with ``scope``, ``key``, ``remaining_tokens``, ``remaining_usd``).
+    Held weakly: the gauges go quiet when the object that gives them is gone."""
+
+    def gate(self, backend: str) -> GateLoad: ...
+
+    def budgets(self) -> Any: ...
+
+
+def make_telemetry(config: RouterConfig, readouts: Readouts, ledger: UsageLedger,
                    secrets: Iterable[str] = ()) -> NoTelemetry:
-    """The router's telemetry: ``OTelTelemetry`` when installed and not switched off, else ``NOOP``."""
+    """The router's telemetry: ``OTelTelemetry`` when installed and not switched off, else ``NOOP``.
+
+    It hears of calls through its hooks (``request``, ``try_started``, ``sending``, ``try_ended``,
+    ``try_exited``, ``waiting``) and the ledger's usage events, and reads ``readouts`` for the gauges.
+    """
     if not config.telemetry.otel or not available():
         return NOOP
-    return OTelTelemetry(config, router, ledger, secrets)
+    return OTelTelemetry(config, readouts, ledger, secrets)
 
 
 def provider_name(provider: str) -> str:
@@ -116,7 +132,7 @@ class OTelTelemetry(NoTelemetry):
 
     enabled = True
 
-    def __init__(self, config: RouterConfig, router: LLMRouter, ledger: UsageLedger,
+    def __init__(self, config: RouterConfig, readouts: Readouts, ledger: UsageLedger,
                  secrets: Iterable[str] = ()) -> None:
         from opentelemetry import metrics, trace
 
@@ -129,14 +145,15 @@ class OTelTelemetry(NoTelemetry):
         self._servers = {b.name: _server(b.base_url) for b in config.backends}
         self._backends = [b.name for b in config.backends]
         self._cooling: dict[str, float] = {}        # backend -> monotonic end of its cooldown (this process)
-        self._router = weakref.ref(router)
+        self._readouts = weakref.ref(readouts)
+        self._spans = _SpanMap()        # request -> its span while its tries run (the request holds none)
         self._instruments = [instruments(metrics.get_meter_provider())]
         t = config.telemetry
         if t.prometheus_port is not None:
             provider, self.metrics_url = prometheus(t.prometheus_host, t.prometheus_port)
             self._instruments.append(instruments(provider))
         self._unsubscribe = ledger.listeners.add(self._on_event)
-        _LIVE.add(self)
+        LIVE.add(self)
 
     # ---------------------------------------------------------- spans
 
@@ -145,8 +162,8 @@ class OTelTelemetry(NoTelemetry):
         attrs = _call_attributes(req)
         if self._capture:
             attrs["gen_ai.input.messages"] = mask(json.dumps(req.messages, default=str), self._secrets)
-        req.span = _RequestSpan(self._tracer.start_span(f"chat {req.model}", kind=self._kind,
-                                                        attributes=attrs), stream)
+        self._spans.put(req, _RequestSpan(self._tracer.start_span(f"chat {req.model}", kind=self._kind,
+                                                                  attributes=attrs), stream))
         try:
             yield
         except BaseException as exc:
@@ -156,7 +173,7 @@ class OTelTelemetry(NoTelemetry):
             self._end_request(req, None)
 
     def _end_request(self, req: Request, error_type: str | None) -> None:
-        held: _RequestSpan | None = req.span
+        held = self._spans.pop(req)
         if held is None or held.ended:
             return
         held.ended = True
@@ -168,7 +185,7 @@ class OTelTelemetry(NoTelemetry):
         span.end()
 
     def try_started(self, t: Try) -> None:
-        held: _RequestSpan | None = t.req.span
+        held = self._spans.get(t.req)
         if held is None:
             return
         held.tries += 1
@@ -205,7 +222,7 @@ class OTelTelemetry(NoTelemetry):
             span.set_attribute("error.type", event.outcome.partition(":")[2] or event.outcome)
             span.set_status(self._error)
         span.end()
-        held: _RequestSpan | None = t.req.span
+        held = self._spans.get(t.req)
         if held is not None and resp is not None and not held.ended:      # the try that served it
             if event.succeeded:
                 attrs.pop("xpl.cooldown_s", None)
@@ -245,7 +262,7 @@ class OTelTelemetry(NoTelemetry):
             span.end()
 
     def waiting(self, req: Request, seconds: float) -> None:
-        held: _RequestSpan | None = req.span
+        held = self._spans.get(req)
         if held is not None:
             held.span.add_event("xpl.waiting_for_cooldown", {"xpl.wait_s": round(seconds, 3)})
 
@@ -276,25 +293,25 @@ class OTelTelemetry(NoTelemetry):
 
     def gauges(self) -> Iterator[tuple[str, float, dict[str, Any]]]:
         """(gauge, value, attributes) for this router's backends and budgets, for the observable gauges."""
-        router = self._router()
-        if router is None:
+        readouts = self._readouts()
+        if readouts is None:
             return
         now = time.monotonic()
         for name in self._backends:
-            gate = router.gate(name)
+            gate = readouts.gate(name)
             attrs = {"xpl.backend": name}
             yield "in_flight", gate.in_flight, attrs
             yield "queued", gate.queued, attrs
             yield "cooling_down", 1 if self._cooling.get(name, 0.0) > now else 0, attrs
-        yield from _budget_gauges(router)
+        yield from _budget_gauges(readouts)
 
     def close(self) -> None:
         self._unsubscribe()
-        _LIVE.discard(self)
+        LIVE.discard(self)
 
 
 class _RequestSpan:
-    """A request's span, held on ``Request.span`` while its tries run."""
+    """A request's span while its tries run (in the telemetry's ``_SpanMap``)."""
 
     __slots__ = ("span", "stream", "tries", "ended")
 
@@ -303,6 +320,30 @@ class _RequestSpan:
         self.stream = stream
         self.tries = 0
         self.ended = False
+
+
+class _SpanMap:
+    """Request spans by the request they belong to, by identity (requests compare by value).
+
+    An entry leaves when its request's span ends, or when the request is collected
+    (a stream dropped unread), so the map never outgrows the requests alive.
+    """
+
+    __slots__ = ("_by_id",)
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, _RequestSpan] = {}
+
+    def put(self, req: object, held: _RequestSpan) -> None:
+        key = id(req)
+        self._by_id[key] = held
+        weakref.finalize(req, self._by_id.pop, key, None)
+
+    def get(self, req: object) -> _RequestSpan | None:
+        return self._by_id.get(id(req))
+
+    def pop(self, req: object) -> _RequestSpan | None:
+        return self._by_id.pop(id(req), None)
 
 
 def _call_attributes(req: Request) -> dict[str, Any]:
@@ -327,9 +368,9 @@ def _server(base_url: str | None) -> tuple[str | None, int | None]:
         return None, None
 
 
-def _budget_gauges(router: Any) -> Iterator[tuple[str, float, dict[str, Any]]]:
-    """``xpl.budget.remaining`` per budget: asks ``router.budgets()`` when the router has it."""
-    budgets = getattr(router, "budgets", None)
+def _budget_gauges(readouts: Readouts) -> Iterator[tuple[str, float, dict[str, Any]]]:
+    """``xpl.budget.remaining`` per budget: asks ``readouts.budgets()`` when it has it."""
+    budgets = getattr(readouts, "budgets", None)
     if not callable(budgets):
         return
     try:
@@ -344,96 +385,3 @@ def _budget_gauges(router: Any) -> Iterator[tuple[str, float, dict[str, Any]]]:
             value = getattr(st, name, None)
             if isinstance(value, (int, float)):
                 yield "budget_remaining", value, {**base, "xpl.budget.unit": unit}
-
-
-# ------------------------------------------------------------ instruments
-
-_LIVE: weakref.WeakSet[OTelTelemetry] = weakref.WeakSet()
-_LOCK = threading.Lock()
-_BY_PROVIDER: dict[int, Instruments] = {}
-_SERVERS: dict[tuple[str, int], tuple[Any, str]] = {}
-
-
-class Instruments:
-    """The package's instruments on one meter provider (made once per provider, shared by its routers)."""
-
-    def __init__(self, provider: Any) -> None:
-        meter = provider.get_meter(SCOPE)
-        self.provider = provider
-        self.tokens = meter.create_histogram(
-            "gen_ai.client.token.usage", unit="{token}", description="Tokens used per provider call",
-            explicit_bucket_boundaries_advisory=list(TOKEN_BUCKETS))
-        self.duration = meter.create_histogram(
-            "gen_ai.client.operation.duration", unit="s", description="Duration of each provider call",
-            explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS))
-        self.requests = meter.create_counter(
-            "xpl.requests", unit="{request}", description="Provider calls (tries), by xpl.outcome")
-        self.cost = meter.create_counter("xpl.cost", unit="USD", description="Cost of the priced provider calls")
-        self.cache_hits = meter.create_counter(
-            "xpl.cache.hits", unit="{request}", description="Requests the response cache answered")
-        self.saved = meter.create_counter(
-            "xpl.cache.saved", unit="USD", description="What cached answers cost originally")
-        for name, what in (("in_flight", "Calls in flight per backend"),
-                           ("queued", "Calls waiting for a backend's limits"),
-                           ("cooling_down", "1 while a backend cools down after a failure, else 0")):
-            meter.create_observable_gauge(f"xpl.backend.{name}", callbacks=[_observe(name)],
-                                          unit="{call}" if name != "cooling_down" else "1", description=what)
-        meter.create_observable_gauge("xpl.budget.remaining", callbacks=[_observe("budget_remaining")],
-                                      description="What is left of each budget (xpl.budget.unit: tokens or usd)")
-
-
-def instruments(provider: Any) -> Instruments:
-    with _LOCK:
-        found = _BY_PROVIDER.get(id(provider))
-        if found is None or found.provider is not provider:
-            found = _BY_PROVIDER[id(provider)] = Instruments(provider)
-        return found
-
-
-def _observe(gauge: str) -> Any:
-    from opentelemetry.metrics import Observation
-
-    def callback(options: Any) -> list[Any]:
-        out = []
-        for tel in list(_LIVE):
-            for name, value, attrs in tel.gauges():
-                if name == gauge:
-                    out.append(Observation(value, attrs))
-        return out
-
-    return callback
-
-
-def prometheus(host: str, port: int) -> tuple[Any, str]:
-    """An SDK meter provider whose metrics are served on ``http://host:port/metrics`` (once per process)."""
-    with _LOCK:
-        found = _SERVERS.get((host, port))
-        if found is not None:
-            return found
-        try:
-            from opentelemetry.exporter.prometheus import PrometheusMetricReader
-            from opentelemetry.sdk.metrics import MeterProvider
-            from prometheus_client import CollectorRegistry, start_http_server
-        except ImportError as exc:
-            raise ConfigError(f"llm.telemetry.prometheus_port: needs OpenTelemetry's Prometheus exporter "
-                              f"({exc.name} is missing); pip install 'xml-pipeline-llm[otel]'") from None
-        registry: Any = CollectorRegistry()
-        try:
-            reader = PrometheusMetricReader(registry=registry)
-        except TypeError:                   # exporters before registry=: the process-wide registry
-            import prometheus_client
-
-            registry = prometheus_client.REGISTRY
-            reader = PrometheusMetricReader()
-        try:
-            server, _ = start_http_server(port, addr=host, registry=registry)
-        except OSError as exc:
-            reader.shutdown()
-            raise ConfigError(f"llm.telemetry.prometheus_port: cannot serve /metrics on {host}:{port} "
-                              f"({exc.strerror or exc}); choose a free port or stop what holds it") from None
-        shown = f"[{host}]" if ":" in host else host
-        found = (MeterProvider(metric_readers=[reader]), f"http://{shown}:{server.server_port}/metrics")
-        _SERVERS[(host, port)] = found
-        if port == 0:
-            _SERVERS[(host, server.server_port)] = found
-        return found

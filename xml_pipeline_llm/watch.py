@@ -24,8 +24,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .budgets import Budgets
+from .config import load_config
 from .errors import ConfigError
 from .snapshot import ERRORS, WINDOW, BackendState, Snapshot, assemble, budget_keys
+from .stores import SqliteStore, read_events, sqlite_path
 from .usage import AgentUsage, UsageEvent
 
 if TYPE_CHECKING:
@@ -211,7 +214,6 @@ class SqliteSource:
         if not path.exists():
             raise ConfigError(f"{path}: no usage ledger there yet (llm.usage_store); it appears with the first "
                               f"call of a router using it")
-        from .stores import SqliteStore
 
         self.config = config
         self.path = path
@@ -231,7 +233,6 @@ class SqliteSource:
                 for name, tokens, usd, ok, err, hits in conn.execute(sql)}
 
     def read(self) -> Snapshot:
-        from .stores import read_events
 
         now = time.time()
         try:
@@ -252,7 +253,6 @@ class SqliteSource:
             raise WatchError(f"{self.path}: cannot read the ledger ({exc})") from None
         budgets: list[BudgetStatus] = []
         if self._store is not None:
-            from .budgets import Budgets
 
             fresh = Budgets(self.config.budgets, time.time, self._store.spend)   # spend read from the ledger
             budgets = [s for s in (fresh.status(scope, key) for scope, key in
@@ -273,14 +273,12 @@ def open_source(config_path: str | None, url: str | None, key: str | None) -> So
     """The source ``top`` reads: ``url`` (a gateway), else the organism file's Redis or SQLite ledger."""
     if url:
         return GatewaySource(url, key if key is not None else os.environ.get(KEY_ENV))
-    from .config import load_config
 
     config = load_config(config_path)
     if config.shared_state:
         return RedisSource(config, config.shared_state, config.redis_prefix or "xpl")
     store = config.usage_store
     if store and store.startswith("sqlite:///"):
-        from .stores import sqlite_path
 
         return SqliteSource(config, sqlite_path(store))
     g = config.gateway

@@ -10,8 +10,9 @@
 
 One module per command (init, check, complete, usage, simulate, demo); output.py
 holds how they all print.  ``--help`` must answer at once, so nothing here
-imports more than the standard library at import time; rich, the router,
-LiteLLM and the simulator are imported inside the command that needs them.
+imports more than the standard library and the package's light modules; a
+command's module (with rich, the router, LiteLLM or the simulator) is imported
+when that command runs.
 Every user mistake ends as one ``error: ...`` line on stderr and exit status 1;
 ``--debug`` shows the traceback.
 """
@@ -19,24 +20,32 @@ Every user mistake ends as one ``error: ...`` line on stderr and exit status 1;
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+import traceback
+from collections.abc import Callable
 from typing import Any
 
+from .. import __version__
+from ..env import CONFIG_ENV
+from ..strategies import STRATEGY_NAMES
 from ..usage import EXPORTS
-from .budgets import cmd_budgets
-from .check import cmd_check
-from .complete import cmd_complete
-from .demo import STRATEGY_NAMES, cmd_demo
-from .init import cmd_init
 from .output import describe, print_error, setup_logging, terminal_columns
-from .serve import cmd_serve
-from .simulate import cmd_simulate
-from .usage import CONFIG_ENV, cmd_usage
 
 __all__ = ["build_parser", "main"]
 
 PROG = "xml-pipeline-llm"
+
+
+def _command(name: str) -> Callable[[argparse.Namespace], int]:
+    """The subcommand ``cmd_<name>`` of ``cli/<name>.py``, its module imported when it runs
+    (so ``--help`` imports none of them)."""
+    def run(args: argparse.Namespace) -> int:
+        module = importlib.import_module(f"{__name__}.{name}")
+        return int(getattr(module, f"cmd_{name}")(args) or 0)
+
+    return run
 
 
 class _Parser(argparse.ArgumentParser):
@@ -197,8 +206,6 @@ anthropic, openai); xai-main answers some calls with 429 + Retry-After or 500.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
-
     common = _Parser(add_help=False)
     # SUPPRESS: given after the subcommand, these must not overwrite the main parser's value.
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -227,11 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite organism.yaml and .env if they exist")
     p.add_argument("--dashboard", action="store_true",
                    help="also write grafana-dashboard.json (the Grafana dashboard of the Prometheus metrics)")
-    p.set_defaults(func=cmd_init)
+    p.set_defaults(func=_command("init"))
 
     p = command("check", "validate the llm: block and print the routing table")
     p.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
-    p.set_defaults(func=cmd_check)
+    p.set_defaults(func=_command("check"))
 
     p = command("complete", "send one prompt through the router and print the answer")
     p.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
@@ -248,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answer from a local provider simulator instead of the real providers (the "
                         "backends of -c FILE or ./organism.yaml, pointed at it)")
     p.add_argument("prompt", nargs="+", metavar="PROMPT", help="the user message ('-' reads stdin)")
-    p.set_defaults(func=cmd_complete)
+    p.set_defaults(func=_command("complete"))
 
     p = command("usage", "show token usage and cost from a usage ledger")
     p.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP + "; its llm.usage_store is read")
@@ -261,12 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: agent)")
     p.add_argument("--since", metavar="WHEN", help="only calls since WHEN: 24h, 7d, or 2025-06-01T12:00")
     p.add_argument("--csv", metavar="FILE", help="write CSV to FILE ('-' for stdout) instead of a table")
-    p.set_defaults(func=cmd_usage)
+    p.set_defaults(func=_command("usage"))
 
     p = command("budgets", "show every budget: spent / limit, reserved, when it resets")
     p.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
     p.add_argument("--csv", metavar="FILE", help="write CSV to FILE ('-' for stdout) instead of a table")
-    p.set_defaults(func=cmd_budgets)
+    p.set_defaults(func=_command("budgets"))
 
     p = command("serve", "serve the router as an OpenAI-compatible HTTP API")
     p.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
@@ -277,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes on the one port (default 1; more need llm.shared_state)")
     p.add_argument("--grace", type=_non_negative_float, default=30.0, metavar="S",
                    help="on SIGTERM/SIGINT, seconds the calls in flight may take to finish (default 30)")
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=_command("serve"))
 
     p = command("top", "watch the swarm live: spend, tokens, backends, budgets, errors")
     p.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP + "; its llm.shared_state or usage_store is read")
@@ -296,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of calls (0..1) answered with 429/5xx/dropped/malformed (default 0)")
     p.add_argument("--latency", type=_non_negative_float, default=0.0, metavar="S",
                    help="seconds added before every answer (default 0)")
-    p.set_defaults(func=cmd_simulate)
+    p.set_defaults(func=_command("simulate"))
 
     p = command("demo", "offline tour: three simulated providers, faults, strategies, usage")
     p.add_argument("--requests", type=_positive_int, default=60, metavar="N",
@@ -310,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=_port, default=None, metavar="PORT",
                    help="serve Prometheus /metrics on 127.0.0.1:PORT while the demo runs (0: any free port; "
                         "needs the [otel] extra)")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=_command("demo"))
     parser.set_defaults(commands=commands)
     return parser
 
@@ -349,8 +356,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except Exception as exc:  # every user-facing error ends here
         if debug:
-            import traceback
-
             traceback.print_exc()
         print_error(describe(exc))
         return 1

@@ -7,6 +7,9 @@ import csv
 import sys
 from typing import TYPE_CHECKING, Any
 
+from ..config import load_config
+from ..router import LLMRouter
+from ..stores import open_store, read_events, sqlite_path
 from .output import make_console, make_table, show, when_text
 
 if TYPE_CHECKING:
@@ -18,9 +21,6 @@ COLUMNS = ("scope", "key", "used_tokens", "limit_tokens", "used_usd", "limit_usd
 
 
 def cmd_budgets(args: argparse.Namespace) -> int:
-    from ..config import load_config
-    from ..router import LLMRouter
-
     cfg = load_config(args.config)
     router = LLMRouter(cfg)
     try:
@@ -69,8 +69,6 @@ def _seen(cfg: RouterConfig) -> dict[str, set[str]]:
     column = {"agent": "agent_id", "thread": "thread_id"}
     out: dict[str, set[str]] = {"agent": set(), "thread": set()}
     if cfg.usage_store and cfg.usage_store.startswith("sqlite:///"):
-        from ..stores import read_events, sqlite_path
-
         path = sqlite_path(cfg.usage_store)
         if path.exists():
             for e in read_events(path):
@@ -78,8 +76,6 @@ def _seen(cfg: RouterConfig) -> dict[str, set[str]]:
                     if getattr(e, col):
                         out[scope].add(getattr(e, col))
     if cfg.shared_state:
-        from ..stores import open_store
-
         store: Any = open_store(cfg.shared_state, cfg.redis_prefix)
         for group, scope in (("agent", "agent"), ("thread", "thread")):
             totals = store.totals(group) or {}

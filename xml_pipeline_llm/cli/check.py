@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..config import load_config
 from ..redact import redact_url
+from ..routing import Routes
 from .output import make_console, make_table, num, show
 
 
 def _print_aliases(cfg: Any, console: Any) -> None:
     """``llm.models``: each alias, its chain of models and the backends of each (tried in this order)."""
     from rich.text import Text
-
-    from ..routing import Routes
 
     if not cfg.models:
         return
@@ -26,8 +26,6 @@ def _print_aliases(cfg: Any, console: Any) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from rich.text import Text
-
-    from ..config import load_config
 
     cfg = load_config(args.config)
     console = make_console()

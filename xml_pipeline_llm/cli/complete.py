@@ -11,6 +11,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from ..config import config_file, load_config, read_llm_block
+from ..env import CONFIG_ENV
+from ..router import LLMRouter
+from ..simulator import run_simulator
 from .output import CLIError, make_console
 
 if TYPE_CHECKING:
@@ -48,8 +52,6 @@ def cmd_complete(args: argparse.Namespace) -> int:
         kwargs["max_tokens"] = args.max_tokens
 
     with _config_for_complete(args) as cfg:
-        from ..router import LLMRouter
-
         router = LLMRouter(cfg)
         resp = asyncio.run(_complete(router, args, messages, kwargs))
     if args.json:
@@ -104,14 +106,9 @@ def _print_summary(resp: LLMResponse) -> None:
 
 @contextmanager
 def _config_for_complete(args: argparse.Namespace) -> Iterator[RouterConfig]:
-    from ..config import load_config
-
     if not args.simulate:
         yield load_config(args.config)
         return
-    from ..config import CONFIG_ENV, config_file
-    from ..simulator import run_simulator
-
     config = args.config
     if config is None and (os.environ.get(CONFIG_ENV) or os.path.exists("organism.yaml")):
         config = str(config_file(None))     # the organism file `check` and `complete` would read
@@ -144,8 +141,6 @@ def simulated_block(sim: Any, config: str | None) -> dict[str, Any]:
         block: dict[str, Any] = {"retry_base_delay": 0.1, "retry_max_delay": 1.0,
                                  "backends": [dict(b) for b in SIMULATED_BACKENDS]}
     else:
-        from ..config import read_llm_block
-
         block = read_llm_block(config)
         for key in ("usage_store", "shared_state"):
             block.pop(key, None)

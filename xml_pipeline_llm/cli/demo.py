@@ -26,14 +26,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import _litellm
+from ..config import load_config
+from ..errors import BackendError, ConfigError
+from ..router import LLMRouter
+from ..simulator import Fault, run_simulator
 from ..strategies import STRATEGY_NAMES as STRATEGY_NAMES
+from ..telemetry import available
+from ..usage import AgentUsage, write_csv
 from .complete import SIM_KEY_ENV, SIM_KEY_VALUE
+from .demo_acts import report_budget, run_budget, run_cached, run_greedy
 from .demo_fallback import report_fallback, run_fallback
 from .output import CLIError, cost_text, make_console, make_table, show
 
@@ -130,9 +137,6 @@ def run_demo(requests: int = 60, concurrency: int = 8, strategy: str = "all",
     """Run the demo; returns the exit status (0).  ``metrics_port``: serve Prometheus /metrics there."""
     from rich.console import Console
 
-    from .. import _litellm
-    from ..simulator import Fault, run_simulator
-
     console = console or Console(highlight=False)
     strategies = STRATEGY_NAMES if strategy == "all" else (strategy,)
     os.environ.setdefault(SIM_KEY_ENV, SIM_KEY_VALUE)
@@ -154,17 +158,15 @@ def run_demo(requests: int = 60, concurrency: int = 8, strategy: str = "all",
         results = asyncio.run(_run_all(sim, strategies, requests, concurrency, console, metrics_port))
         with console.status("fallback across models ..."):
             fallback = asyncio.run(run_fallback(sim, llm_block(sim, "failover")))
-        budgets = asyncio.run(_run_budget(sim))
-        fair = asyncio.run(_run_greedy(sim))
-        cached = asyncio.run(_run_cached(sim))
+        budgets = asyncio.run(run_budget(llm_block(sim, "failover")))
+        fair = asyncio.run(run_greedy(llm_block(sim, "failover")))
+        cached = asyncio.run(run_cached(sim, llm_block(sim, "failover")))
     _report(results, console)
     report_fallback(fallback, console)
-    _report_budget(budgets, console)
+    report_budget(budgets, console)
     console.print(fair)
     console.print(cached)
     agents = _sum_agents(results)
-    from ..usage import write_csv
-
     path = Path(csv_path).expanduser()
     rows = write_csv(path, "agent", totals=agents)
     console.print(f"Usage CSV, one row per agent ({rows}):", soft_wrap=True)
@@ -174,126 +176,8 @@ def run_demo(requests: int = 60, concurrency: int = 8, strategy: str = "all",
     return 0
 
 
-RUNAWAY = "runaway"
-RUNAWAY_BUDGET = 250     # tokens a day: a few calls, then it is stopped
-
-
-async def _run_budget(sim: Any) -> tuple[int, str, list[Any]]:
-    """An agent that loops on calls until its daily token budget stops it (before anything is sent)."""
-    from ..budgets import BudgetExceededError
-    from ..config import load_config
-    from ..router import LLMRouter
-
-    block = {**llm_block(sim, "failover"),
-             "budgets": [{"scope": "agent", "match": RUNAWAY, "max_tokens": RUNAWAY_BUDGET, "window": "1d"}]}
-    router = LLMRouter(load_config({"llm": block}))
-    sent, stopped = 0, ""
-    try:
-        for _ in range(50):
-            try:
-                await router.complete("claude-sonnet-4-5", [{"role": "user", "content": "keep going"}],
-                                      agent_id=RUNAWAY, max_tokens=100)
-                sent += 1
-            except BudgetExceededError as exc:
-                stopped = str(exc)
-                break
-        return sent, stopped, router.budgets()
-    finally:
-        await router.aclose()
-
-
-def _report_budget(outcome: tuple[int, str, list[Any]], console: Console) -> None:
-    sent, stopped, statuses = outcome
-    console.print(f"Budget: agent {RUNAWAY!r} may spend {RUNAWAY_BUDGET} tokens a day; it made {sent} "
-                  f"calls, then was stopped before sending:")
-    console.print(f"BudgetExceededError: {stopped}", style="yellow")
-    table = make_table(title="Budgets")
-    for name, justify in (("Scope", "left"), ("Key", "left"), ("Used / limit", "right"),
-                          ("Reserved", "right"), ("Resets (UTC)", "left")):
-        table.add_column(name, justify=justify)
-    from .output import when_text
-
-    for b in statuses:
-        table.add_row(b.scope, b.key or "-", f"{b.used_tokens:,} / {b.limit_tokens:,} tokens",
-                      f"{b.reserved_tokens:,}", when_text(b.resets_at) if b.resets_at else "never")
-    show(console, table)
-
-
-async def _run_greedy(sim: Any) -> str:
-    """A greedy agent floods one backend; a light agent's calls wait for its share, not the queue."""
-    from ..config import load_config
-    from ..router import LLMRouter
-
-    block = llm_block(sim, "failover")
-    block["backends"] = [{**b, "max_concurrent": 2} for b in block["backends"] if b["name"] == "openai-main"]
-    router = LLMRouter(load_config({"llm": block}))
-    messages = [{"role": "user", "content": "next step"}]
-    try:
-        flood = [asyncio.ensure_future(router.complete("gpt-4o-mini", messages, agent_id="planner"))
-                 for _ in range(GREEDY_CALLS)]
-        await asyncio.sleep(0)
-        waits = []
-        for _ in range(3):
-            start = time.perf_counter()
-            await router.complete("gpt-4o-mini", messages, agent_id="reviewer")
-            waits.append(time.perf_counter() - start)
-        queued = router.gate("openai-main").queued
-        await asyncio.gather(*flood)
-    finally:
-        await router.aclose()
-    one = statistics.median(waits)
-    return (f"Fair shares: 'planner' queued {GREEDY_CALLS} calls on a 2-slot backend; 'reviewer' sent 3, "
-            f"each answered in {one:.2f} s (median) with {queued} of the planner's still queued, "
-            f"instead of waiting behind all of them.")
-
-
-GREEDY_CALLS = 30
-LOOPER, LOOP_STEPS, LOOP_BACKEND = "looper", 6, "anthropic-main"
-
-
-async def _run_cached(sim: Any) -> str:
-    """An agent loop resending its growing prompt: most input is read from the provider's prompt cache.
-
-    The simulator reports Anthropic's cache figures; what the calls would have
-    cost without the cache is the same usage priced as uncached input.
-    """
-    from ..config import load_config
-    from ..router import LLMRouter
-
-    router = LLMRouter(load_config({"llm": llm_block(sim, "failover")}))
-    messages = [{"role": "system", "content": "You are a careful research agent. " * 150}]
-    uncached = 0.0
-    try:
-        for step in range(LOOP_STEPS):
-            if step == 0:       # the first step writes the prompt to the cache
-                sim.set_usage_details(LOOP_BACKEND, cache_write=0.9)
-            else:               # the later ones read it, and write what is new
-                sim.set_usage_details(LOOP_BACKEND, cached=0.9, cache_write=0.05)
-            messages.append({"role": "user", "content": f"step {step + 1}: go on with the research"})
-            resp = await router.complete("claude-sonnet-4-5", messages, agent_id=LOOPER, max_tokens=64)
-            messages.append({"role": "assistant", "content": resp.content})
-            plain = {k: resp.usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
-            uncached += router.pricing.cost("claude-sonnet-4-5", "anthropic", plain) or 0.0
-        u = router.get_agent_usage(LOOPER)
-    finally:
-        sim.set_usage_details(LOOP_BACKEND)
-        await router.aclose()
-    cost = u.cost_usd or 0.0
-    saved = 1 - cost / uncached if uncached else 0.0
-    return (f"Prompt cache: agent {LOOPER!r} made {u.request_count} calls resending a growing prompt; "
-            f"{u.cached_tokens:,} of its {u.prompt_tokens:,} input tokens were read from the cache and "
-            f"{u.cache_write_tokens:,} written to it. Cost ${cost:.4f} instead of ${uncached:.4f} "
-            f"without the cache ({saved:.0%} saved).")
-
-
 def _serve_metrics(sim: Any, port: int, console: Console) -> int:
     """Start the Prometheus endpoint the demo's routers share; the port it serves on."""
-    from ..config import load_config
-    from ..errors import ConfigError
-    from ..router import LLMRouter
-    from ..telemetry import available
-    from .output import CLIError
-
     if not available():
         raise CLIError("--metrics-port: needs OpenTelemetry; pip install 'xml-pipeline-llm[otel]'")
     try:
@@ -308,9 +192,6 @@ def _serve_metrics(sim: Any, port: int, console: Console) -> int:
 
 async def _warm_up(sim: Any) -> None:
     """One call per backend through a throwaway router (before any fault is set)."""
-    from ..config import load_config
-    from ..router import LLMRouter
-
     router = LLMRouter(load_config({"llm": llm_block(sim, "failover")}))
     try:
         for model in ("grok-4.3", "claude-sonnet-4-5", "gpt-4o-mini"):
@@ -338,10 +219,6 @@ async def _run_all(sim: Any, strategies: tuple[str, ...], requests: int, concurr
 
 async def _run_strategy(sim: Any, result: StrategyResult, concurrency: int,
                         display: _Display | None, metrics_port: int | None = None) -> None:
-    from ..config import load_config
-    from ..errors import BackendError
-    from ..router import LLMRouter
-
     router = LLMRouter(load_config({"llm": llm_block(sim, result.strategy, metrics_port)}))
     names = [b.name for b in BACKENDS]
     sim.reset_stats()
@@ -451,8 +328,6 @@ class _Display:
 # ================================================================ report
 
 def _sum_agents(results: list[StrategyResult]) -> dict[str, AgentUsage]:
-    from ..usage import AgentUsage
-
     out: dict[str, AgentUsage] = {}
     for r in results:
         for agent, u in r.agents.items():
@@ -462,8 +337,6 @@ def _sum_agents(results: list[StrategyResult]) -> dict[str, AgentUsage]:
 
 def _report(results: list[StrategyResult], console: Console) -> None:
     from rich.text import Text
-
-    from ..usage import AgentUsage
 
     names = [b.name for b in BACKENDS]
     scope = "all strategies" if len(results) > 1 else results[0].strategy

@@ -15,6 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..config import load_config
+from ..errors import BackendError
+from ..router import LLMRouter
+from ..simulator import Fault
 from .output import make_table, show
 
 if TYPE_CHECKING:
@@ -44,11 +48,6 @@ def fallback_block(block: dict[str, Any]) -> dict[str, Any]:
 
 
 async def run_fallback(sim: Any, block: dict[str, Any]) -> FallbackResult:
-    from ..config import load_config
-    from ..errors import BackendError
-    from ..router import LLMRouter
-    from ..simulator import Fault
-
     router = LLMRouter(load_config({"llm": fallback_block(block)}))
     result = FallbackResult()
     sim.set_fault_rate(DOWN, 1.0, [Fault.status(503, retry_after=0.3)], seed=1)

@@ -7,6 +7,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..errors import BackendError, ConfigError
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -24,8 +26,6 @@ def terminal_columns() -> int:
 
 def describe(exc: BaseException) -> str:
     """The message for an error: our own errors are already user-ready."""
-    from ..errors import BackendError, ConfigError
-
     if isinstance(exc, (CLIError, ConfigError, BackendError)):
         return str(exc) or type(exc).__name__
     if isinstance(exc, OSError) and exc.filename:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import load_config
+from ..gateway.server import serve
+
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..config import load_config
-    from ..gateway.server import serve
-
     config = load_config(args.config)
     return serve(config, host=args.host, port=args.port, workers=args.workers, grace=args.grace)

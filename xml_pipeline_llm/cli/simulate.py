@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from ..simulator import run_foreground
 from .output import print_error
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from ..simulator import run_foreground
-
     def out(line: str) -> None:
         if line.startswith("provider simulator cannot listen"):
             print_error(line[len("provider simulator "):] + "; choose another --port (0 picks a free one)")

@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..config import config_file, read_llm_block, resolve_store
+from ..env import CONFIG_ENV, REDIS_SCHEMES
 from ..redact import redact_url
-from ..usage import TOTAL_COLUMNS
+from ..stores import open_store, read_events, sqlite_path
+from ..usage import TOTAL_COLUMNS, AgentUsage, group_events, write_csv
 from .output import CLIError, cost_text, make_console, make_table, show, when_text
-
-CONFIG_ENV = "XML_PIPELINE_LLM_CONFIG"   # same as config.CONFIG_ENV (not imported: it pulls in pydantic)
-
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)\s*$", re.IGNORECASE)
 _UNIT = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -44,27 +44,7 @@ def parse_since(text: str | None, now: float | None = None) -> float | None:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    url, prefix, source = (args.store, None, None) if args.store else _store_from_config(args.config)
-    prefix = args.redis_prefix or prefix
-    if not url or url == "memory":
-        why = (f"{source} has no llm.usage_store or llm.shared_state" if source else
-               f"no -c FILE, ${CONFIG_ENV} or ./organism.yaml")
-        raise CLIError(f"no usage ledger to read ({why}); pass --store sqlite:///path/usage.db "
-                       f"or set usage_store: sqlite:///... in the llm: block")
-    since = parse_since(args.since)
-    from ..config import REDIS_SCHEMES
-
-    if url.startswith(REDIS_SCHEMES):
-        where, events, totals = _read_redis(url, prefix or "xpl", args.by, since)
-    else:
-        from ..stores import read_events
-
-        path = _ledger_path(url)
-        where, events, totals = str(path), list(read_events(path, since)), None
-    if totals is None and args.by != "event":
-        from ..usage import group_events
-
-        totals = group_events(events, args.by)
+    where, events, totals = _read(args)
     if args.csv:
         return _usage_csv(args.csv, args.by, events, totals)
     console = make_console()
@@ -77,24 +57,42 @@ def cmd_usage(args: argparse.Namespace) -> int:
                       f"{when_text(events[0].timestamp)} .. {when_text(events[-1].timestamp)} UTC", soft_wrap=True)
     else:
         console.print(f"{where}: fleet totals by {args.by}", soft_wrap=True)
-    table = _event_table(events) if args.by == "event" else _totals_table(args.by, totals or {})
-    show(console, table)
     if args.by == "event":
+        show(console, _event_table(events))
         line = _cache_line(events)
         if line:
             console.print(line, soft_wrap=False)
-    else:
-        details = _details_table(args.by, totals or {})
-        if details is not None:
-            console.print()
-            show(console, details)
+        return 0
+    show(console, _totals_table(args.by, totals or {}))
+    details = _details_table(args.by, totals or {})
+    if details is not None:
+        console.print()
+        show(console, details)
     return 0
+
+
+def _read(args: argparse.Namespace) -> tuple[str, list[Any], Any]:
+    """Where the ledger is (for the messages), its events and (unless --by event) the totals."""
+    url, prefix, source = (args.store, None, None) if args.store else _store_from_config(args.config)
+    prefix = args.redis_prefix or prefix
+    if not url or url == "memory":
+        why = (f"{source} has no llm.usage_store or llm.shared_state" if source else
+               f"no -c FILE, ${CONFIG_ENV} or ./organism.yaml")
+        raise CLIError(f"no usage ledger to read ({why}); pass --store sqlite:///path/usage.db "
+                       f"or set usage_store: sqlite:///... in the llm: block")
+    since = parse_since(args.since)
+    if url.startswith(REDIS_SCHEMES):
+        where, events, totals = _read_redis(url, prefix or "xpl", args.by, since)
+    else:
+        path = _ledger_path(url)
+        where, events, totals = str(path), list(read_events(path, since)), None
+    if totals is None and args.by != "event":
+        totals = group_events(events, args.by)
+    return where, events, totals
 
 
 def _read_redis(url: str, prefix: str, by: str, since: float | None) -> tuple[str, list[Any], Any]:
     """Usage kept in Redis (``shared_state``): exact totals, or the recent events for --by event / --since."""
-    from ..stores import open_store
-
     shown = redact_url(url)
     store = open_store(url, prefix)    # ConfigError when Redis does not answer
     try:
@@ -112,8 +110,6 @@ def _read_redis(url: str, prefix: str, by: str, since: float | None) -> tuple[st
 
 
 def _ledger_path(url: str) -> Path:
-    from ..stores import sqlite_path
-
     if "://" not in url:
         return Path(url)
     return sqlite_path(url)
@@ -128,8 +124,6 @@ def _store_from_config(config: str | None) -> tuple[str | None, str | None, str 
     """
     if config is None and not os.environ.get(CONFIG_ENV) and not Path("organism.yaml").exists():
         return None, None, None
-    from ..config import config_file, read_llm_block, resolve_store
-
     path = config_file(config)
     block = read_llm_block(path)
     store = block.get("usage_store")
@@ -142,8 +136,6 @@ def _store_from_config(config: str | None) -> tuple[str | None, str | None, str 
 
 
 def _usage_csv(target: str, by: str, events: list[Any], totals: Any) -> int:
-    from ..usage import write_csv
-
     if target == "-":
         import tempfile
 
@@ -160,8 +152,6 @@ def _usage_csv(target: str, by: str, events: list[Any], totals: Any) -> int:
 def _totals_table(by: str, groups: dict[str, Any]) -> Any:
     """Totals per key with a totals footer; an unknown cost (no priced call) shows "-"."""
     from rich.text import Text
-
-    from ..usage import AgentUsage
 
     total = AgentUsage()
     for u in groups.values():

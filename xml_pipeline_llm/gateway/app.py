@@ -23,10 +23,13 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BackendError
+from ..errors import BackendError, RateLimitError
+from ..snapshot import snapshot
 from .auth import Identity, Keys
 from .errors import HTTPError, bad_request, error_chunk, from_exception
+from .reply import JSON, MB, SSE, Reply, error_reply, json_reply
 from .translate import Call, ChunkWriter, completion, parse_body, to_call
+from .ui import UI
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -35,29 +38,6 @@ if TYPE_CHECKING:
     from ..streaming import LLMStream
 
 log = logging.getLogger("xml_pipeline_llm.gateway")
-
-JSON = {"Content-Type": "application/json"}
-SSE = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-MB = 1024 * 1024
-
-
-class Reply:
-    """One answer: status, headers and either ``body`` or ``stream`` (SSE events, closed with ``aclose``)."""
-
-    __slots__ = ("status", "headers", "body", "stream")
-
-    def __init__(self, status: int, headers: dict[str, str], body: bytes = b"",
-                 stream: AsyncIterator[bytes] | None = None) -> None:
-        self.status, self.headers, self.body, self.stream = status, headers, body, stream
-
-
-def json_reply(status: int, value: Any, headers: dict[str, str]) -> Reply:
-    return Reply(status, {**JSON, **headers}, json.dumps(value).encode())
-
-
-def error_reply(err: HTTPError, request_id: str) -> Reply:
-    return Reply(err.status, {**JSON, **err.headers, "x-request-id": request_id}, err.body())
-
 
 class Gateway:
     """OpenAI's chat-completions API (and the gateway's own endpoints) over one router.
@@ -86,8 +66,6 @@ class Gateway:
             ("GET", "/v1/budgets"): self._budgets,
             ("GET", "/v1/snapshot"): self._snapshot,
         }
-        from .ui import UI
-
         self.ui = UI(self.keys, router)       # GET /ui: the live page (ui.py)
 
     @property
@@ -161,8 +139,6 @@ class Gateway:
         return Reply(200, out, json.dumps(completion(resp, rid)).encode())
 
     async def _http_error(self, exc: BackendError, rid: str, router: LLMRouter, call: Call) -> HTTPError:
-        from ..errors import RateLimitError
-
         wait = None
         if isinstance(exc, RateLimitError):
             wait = await _cooldown(router, call.model)
@@ -245,7 +221,6 @@ class Gateway:
     async def _snapshot(self, rid: str, query: Mapping[str, str], headers: Mapping[str, str], raw: bytes,
                         identity: Identity | None) -> Reply:
         """``GET /v1/snapshot``: the router now (``snapshot.py``), for ``top --url`` and the page."""
-        from ..snapshot import snapshot
 
         self._admin(headers, identity)
         snap = await snapshot(self.router(), source="gateway")

@@ -16,7 +16,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import BackendError, BadRequestError, ModelNotFoundError, NoBackendError, ProviderError, RateLimitError
+from ..budgets import BudgetExceededError
+from ..errors import (
+    BackendError,
+    BadRequestError,
+    ConfigError,
+    ModelNotFoundError,
+    NoBackendError,
+    ProviderError,
+    RateLimitError,
+)
 
 log = logging.getLogger("xml_pipeline_llm.gateway")
 
@@ -69,8 +78,6 @@ def from_exception(exc: BaseException, request_id: str, cooldown: float | None =
     """
     if isinstance(exc, HTTPError):
         return exc
-    from ..budgets import BudgetExceededError
-
     if isinstance(exc, BudgetExceededError):
         wait = None if exc.resets_at is None or now is None else exc.resets_at - now
         return HTTPError(429, str(exc), "budget_exceeded", "budget_exceeded", headers=retry_after(wait))
@@ -89,8 +96,6 @@ def from_exception(exc: BaseException, request_id: str, cooldown: float | None =
         return HTTPError(502, str(exc), "upstream_error", "provider_error")
     if isinstance(exc, BackendError):
         return HTTPError(502, str(exc), "upstream_error", "backend_error")
-    from ..errors import ConfigError
-
     if isinstance(exc, ConfigError):          # the router's config: the message names the place and the fix
         return HTTPError(500, f"the gateway's configuration is wrong: {exc}", "server_error", "config_error")
     log.error("request %s: unexpected %s", request_id, type(exc).__name__, exc_info=exc)

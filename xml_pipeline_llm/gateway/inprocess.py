@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from .. import get_router
+from ..errors import ConfigError
 from .app import Gateway
 from .auth import ANY_AGENT, Identity
 
@@ -30,8 +32,6 @@ def gateway() -> Gateway:
     """The in-process gateway over the process-wide router (it follows ``configure_router``)."""
     global _GATEWAY
     if _GATEWAY is None:
-        from .. import get_router
-
         _GATEWAY = Gateway(get_router)
     return _GATEWAY
 
@@ -107,8 +107,6 @@ def openai_client(agent_id: str | None = None, thread_id: str | None = None,
     try:
         import openai
     except ImportError:
-        from ..errors import ConfigError
-
         raise ConfigError("openai_client() needs the openai package: pip install 'xml-pipeline-llm[openai]'") from None
     identity = Identity(agent=agent_id or ANY_AGENT, metadata=dict(metadata or {}), name="in-process")
     client_options.setdefault("max_retries", 0)

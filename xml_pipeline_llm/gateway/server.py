@@ -27,8 +27,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import _litellm
 from ..errors import ConfigError
+from ..router import LLMRouter
+from .app import Gateway, aiohttp_app
 from .auth import Keys, check_bind, load_keys
+from .metrics import install, share
 
 if TYPE_CHECKING:
     from ..config import RouterConfig
@@ -148,11 +152,6 @@ async def _orphaned(parent: int, stop: asyncio.Event) -> None:
 async def _worker(config: RouterConfig, keys: Keys, sock: socket.socket, grace: float, worker: int | None,
                   share_dir: Path | None, parent: int | None) -> None:
     from aiohttp import web
-
-    from .. import _litellm
-    from ..router import LLMRouter
-    from .app import Gateway, aiohttp_app
-    from .metrics import install, share
 
     render = install(worker, share_dir)
     _litellm.load()                          # LiteLLM's import (seconds) before the first caller, not in its call

@@ -60,6 +60,21 @@ def parse_body(raw: bytes) -> dict[str, Any]:
 
 def to_call(body: dict[str, Any], headers: Mapping[str, str], identity: Identity) -> Call:
     """The router call for a chat-completions body; 400/403 for what cannot be one."""
+    model, messages, stream, options = _shape(body)
+    for name in [model, *_fallbacks(body.get("fallbacks"))]:
+        if not identity.allows(name):
+            raise forbidden(f"model {name!r} is not allowed for this key (allowed: "
+                            f"{', '.join(identity.models or ())})", "model_not_allowed")
+    agent, thread = _who(body, headers, identity)
+    kwargs = {k: v for k, v in body.items() if k not in OWN_FIELDS}
+    if "priority" not in kwargs and headers.get("x-priority"):
+        kwargs["priority"] = headers["x-priority"].strip().lower()
+    return Call(model, messages, stream, bool(options.get("include_usage")), agent, thread,
+                _metadata(body.get("metadata"), headers, identity), kwargs)
+
+
+def _shape(body: dict[str, Any]) -> tuple[str, list[Any], bool, dict[str, Any]]:
+    """The body's model, messages, stream flag and stream_options, checked (400 for a wrong one)."""
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise bad_request('model: required; expected a model name or alias such as "grok-4.1"', "model")
@@ -76,24 +91,20 @@ def to_call(body: dict[str, Any], headers: Mapping[str, str], identity: Identity
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise bad_request("stream_options: expected an object such as {\"include_usage\": true}", "stream_options")
-    for name in [model, *_fallbacks(body.get("fallbacks"))]:
-        if not identity.allows(name):
-            raise forbidden(f"model {name!r} is not allowed for this key (allowed: "
-                            f"{', '.join(identity.models or ())})", "model_not_allowed")
+    return model, messages, bool(stream), options
+
+
+def _who(body: dict[str, Any], headers: Mapping[str, str], identity: Identity) -> tuple[str | None, str | None]:
+    """The call's agent (as the key allows it) and thread, from the headers or the body."""
     named = headers.get("x-agent-id") or body.get("agent_id")
     if identity.agent == "*":           # the body's user names the agent only under a "*" key
         named = named or body.get("user")
     if named is not None and not isinstance(named, str):
         raise bad_request("agent_id / user: expected a string (the agent id)", "user")
-    agent = identity.agent_for(named)
     thread = headers.get("x-thread-id") or body.get("thread_id")
     if thread is not None and not isinstance(thread, str):
         raise bad_request("thread_id: expected a string", "thread_id")
-    kwargs = {k: v for k, v in body.items() if k not in OWN_FIELDS}
-    if "priority" not in kwargs and headers.get("x-priority"):
-        kwargs["priority"] = headers["x-priority"].strip().lower()
-    return Call(model, messages, bool(stream), bool(options.get("include_usage")), agent, thread or None,
-                _metadata(body.get("metadata"), headers, identity), kwargs)
+    return identity.agent_for(named), thread or None
 
 
 def _fallbacks(value: Any) -> list[str]:

@@ -25,12 +25,13 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
+from ..snapshot import snapshot
 from .auth import Identity
 from .errors import HTTPError
+from .reply import JSON, Reply
 
 if TYPE_CHECKING:
     from ..router import LLMRouter
-    from .app import Reply
     from .auth import Keys
 
 COOKIE = "xpl_ui_session"
@@ -72,13 +73,11 @@ class UI:
         try:
             return await self._route(method, path, headers, body, identity)
         except PageError as err:
-            from .app import Reply
 
             return Reply(err.status, dict(PAGE_HEADERS), err.page)
 
     async def _route(self, method: str, path: str, headers: Mapping[str, str], body: bytes,
                      identity: Identity | None) -> Reply:
-        from .app import Reply
 
         if path.startswith("/ui/static/"):
             if method != "GET":
@@ -104,8 +103,6 @@ class UI:
             if method != "GET":
                 raise _method(method, path, "GET")
             await self._who(headers, identity, page=False)
-            from ..snapshot import snapshot
-            from .app import JSON
 
             snap = await snapshot(self.router(), source="gateway")
             return Reply(200, {**JSON, "Cache-Control": "no-store"}, snap.to_json().encode())
@@ -154,7 +151,6 @@ class UI:
                         "invalid_request_error", "invalid_api_key")
 
     async def _login(self, headers: Mapping[str, str], body: bytes) -> Reply:
-        from .app import Reply
 
         if len(body) > 16_384:
             return _login_page("That form is too large.", 413)
@@ -272,7 +268,6 @@ def _page(title: str, body: str) -> bytes:
 
 
 def _login_page(message: str, status: int) -> Reply:
-    from .app import Reply
 
     note = f'<p class="problem" role="alert">{html.escape(message)}</p>' if message else ""
     body = (f"<h1>xml-pipeline-llm: live view</h1>{note}"

@@ -28,18 +28,18 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..budgets import (
-    _MONDAY,
+from ..budgets.accounting import Budgets
+from ..budgets.rules import (
+    MONDAY,
     WINDOW_SECONDS,
     Account,
     BudgetEvent,
     BudgetKey,
-    Budgets,
     BudgetStatus,
     Hold,
     Limit,
     Unit,
-    _check,
+    check_fits,
     severity,
 )
 from .connection import Conn, RedisDown
@@ -153,7 +153,7 @@ class FleetHold(Hold):
 
 def _window_args(limit: Limit) -> list[Any]:
     seconds = WINDOW_SECONDS[limit.window]
-    return [0 if seconds is None else seconds * 1000, _MONDAY * 1000 if limit.window == "7d" else 0]
+    return [0 if seconds is None else seconds * 1000, MONDAY * 1000 if limit.window == "7d" else 0]
 
 
 class RedisBudgets(Budgets):
@@ -203,7 +203,7 @@ class RedisBudgets(Budgets):
             acct.used_usd, acct.reserved_usd = float(res[4]), float(res[5])
         if res[2] != "unpriced" and len(res) > 7 and int(res[7]) == 1:   # the first refusal in this window
             self._fire([BudgetEvent(scope, key, 100, float(res[4]), float(res[3]), unit, "exhausted")])
-        _check(acct, tokens, usd, model)
+        check_fits(acct, tokens, usd, model)
         raise AssertionError("a refused reservation passed the local check")    # pragma: no cover
 
     def settle(self, hold: Hold, tokens: int, usd: float | None) -> None:
@@ -248,7 +248,7 @@ class RedisBudgets(Budgets):
         seconds = WINDOW_SECONDS[limit.window]
         now_ms = self._clock() * 1000
         if seconds is not None:
-            off = _MONDAY * 1000 if limit.window == "7d" else 0
+            off = MONDAY * 1000 if limit.window == "7d" else 0
             acct.start = ((now_ms - off) // (seconds * 1000) * seconds * 1000 + off) / 1000
         if h and (seconds is None or float(h.get("win", -1)) / 1000 == acct.start):
             acct.used_tokens, acct.used_usd = int(float(h.get("used_t", 0))), float(h.get("used_u", 0))

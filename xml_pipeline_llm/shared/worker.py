@@ -16,7 +16,7 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from .connection import RedisDown, unreachable
+from .health import RedisDown, unreachable
 from .scripts import RENEW, Script
 
 if TYPE_CHECKING:
