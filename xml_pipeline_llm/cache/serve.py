@@ -1,6 +1,6 @@
 """The response cache at work: which calls it answers, single flight, hits, stored answers.
 
-What it does is described in ``cache/__init__.py``; the stores are in ``cache/stores.py``.
+What it does is described in ``cache/__init__.py``; streams are in ``replay.py``, the stores in ``stores.py``; the ``llm.cache`` block is validated in ``config/``.
 """
 
 from __future__ import annotations
