@@ -49,7 +49,7 @@ WINDOW_SECONDS: dict[str, int | None] = {"none": None, "1h": 3600, "1d": 86400, 
                                          "30d": 30 * 86400}
 _MONDAY = 4 * 86400          # 1970-01-01 was a Thursday: weeks start four days later
 Unit = Literal["tokens", "usd"]
-Severity = Literal["warning", "critical", "final", "exhausted"]
+Severity = Literal["warning", "critical", "final", "exhausted", "degraded"]   # degraded: a budget's degrade.at
 BudgetKey = tuple[str, "str | None"]      # (scope, key): ("agent", "researcher"), ("global", None)
 
 
@@ -129,6 +129,7 @@ class Limit:
     max_usd: float | None = None
     window: str = "none"
     warn_at: tuple[int, ...] = (75, 90, 95)
+    degrade_at: int | None = None        # degrade: {at: P}: a ``degraded`` event when the spend reaches P%
 
 
 @dataclass
@@ -198,7 +199,8 @@ class Budgets:
 
     def __init__(self, rules: Iterable[BudgetConfig], clock: Callable[[], float] = time.time,
                  restore: Restore | None = None) -> None:
-        self._rules = [(r.scope, r.match, Limit(r.max_tokens, r.max_usd, r.window, tuple(sorted(r.warn_at))))
+        self._rules = [(r.scope, r.match, Limit(r.max_tokens, r.max_usd, r.window, tuple(sorted(r.warn_at)),
+                                                r.degrade.at if r.degrade is not None else None))
                        for r in rules]
         self._set: dict[BudgetKey, Limit] = {}
         self._accounts: dict[BudgetKey, Account] = {}
@@ -392,6 +394,10 @@ def _crossings(acct: Account) -> list[BudgetEvent]:
         if not limit:
             continue
         for percent in (*acct.limit.warn_at, 100):
+            at = acct.limit.degrade_at      # degrade: {at: P}, once, before the warn_at of the same percent
+            if at is not None and at <= percent and used * 100 >= at * limit and (unit, -at) not in acct.crossed:
+                acct.crossed.add((unit, -at))
+                out.append(BudgetEvent(acct.scope, acct.key, at, used, limit, unit, "degraded"))
             if used * 100 >= percent * limit and (unit, percent) not in acct.crossed:
                 acct.crossed.add((unit, percent))
                 out.append(BudgetEvent(acct.scope, acct.key, percent, used, limit, unit, severity(percent)))
@@ -435,7 +441,11 @@ class BudgetMethods:
         self._budgets.reset(*_checked_key(scope, key))
 
     def end_thread(self, thread_id: str) -> BudgetStatus | None:
-        """Forget a finished thread's budget; its final state (None: it had none)."""
+        """Forget a finished thread's budget (and its call count and loop window: ``guards.py``); its
+        final budget state (None: it had none)."""
+        guards = getattr(self, "_guards", None)
+        if guards is not None:
+            guards.forget_thread(thread_id)
         return self._budgets.forget("thread", thread_id)
 
     def on_budget(self, callback: Callable[[BudgetEvent], Any]) -> Callable[[], None]:

@@ -21,6 +21,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from .errors import ConfigError
+from .guards import EXPECTED as GUARDS_EXPECTED
+from .guards import DegradeConfig, GuardsConfig, guard_problems
 from .providers import BUILTIN, LITELLM_PROVIDERS, Provider, lookup
 from .redact import redact_mapping, redact_url
 from .strategies import STRATEGY_NAMES, Strategy, is_strategy
@@ -91,6 +93,7 @@ class BudgetConfig(BaseModel):
     max_usd: float | None = Field(default=None, gt=0)
     window: str = "none"
     warn_at: list[int] = Field(default_factory=lambda: [75, 90, 95])
+    degrade: DegradeConfig | None = None      # from at% of the limit, its calls go to model `to` (guards.py)
 
 
 class TelemetryConfig(BaseModel):
@@ -156,6 +159,7 @@ class LLMConfig(BaseModel):
     models: dict[str, list[str]] = Field(default_factory=dict)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    guards: GuardsConfig = Field(default_factory=GuardsConfig)     # loops, call caps per thread (guards.py)
     backends: list[BackendConfig] = Field(min_length=1)
 
 
@@ -225,6 +229,7 @@ EXPECTED = {
     "gateway.metadata": "a mapping of metadata keys to strings, numbers or true/false, such as {org_id: acme}",
     "gateway.models": 'a list of model names, aliases or patterns, such as ["grok-*", smart]',
     "gateway.admin": "true or false (true: may read /v1/usage, /v1/budgets and /metrics)",
+    **GUARDS_EXPECTED,
 }
 
 
@@ -428,6 +433,8 @@ def _validate(block: Mapping[str, Any], source: str, base: Path | None) -> Route
     problems += _check_block(raw)
     if backends and not problems:
         problems += _check_models(raw.models, backends, [(n, f"{v} not set") for _, n, v in skipped])
+        problems += guard_problems(raw.guards, raw.budgets, raw.models, backends,
+                                   [(n, f"{v} not set") for _, n, v in skipped])
     if skipped and not backends and not problems:
         missing = ", ".join(f"{var} for {name}" for _, name, var in skipped)
         problems.append(f"llm.missing_keys: skip left no backend, none has its key set ({missing}); "
@@ -737,11 +744,14 @@ def _place(loc: list[Any]) -> tuple[str, str]:
 
 
 def _unknown_key(path: str, key: str, loc: list[Any]) -> str:
-    model = (ModelPrice if loc[:1] == ["pricing"] else BackendConfig if loc[:1] == ["backends"]
+    model: type[BaseModel] = (ModelPrice if loc[:1] == ["pricing"] else BackendConfig if loc[:1] == ["backends"]
              else BudgetConfig if loc[:1] == ["budgets"] else AgentConfig if loc[:1] == ["agents"]
              else TelemetryConfig if loc[:1] == ["telemetry"]
              else GatewayKeyConfig if loc[:2] == ["gateway", "keys"]
-             else GatewayConfig if loc[:1] == ["gateway"] else LLMConfig)
+             else GatewayConfig if loc[:1] == ["gateway"] else GuardsConfig if loc[:1] == ["guards"]
+             else LLMConfig)
+    if loc[:1] == ["budgets"] and "degrade" in loc[:-1]:
+        model = DegradeConfig
     valid = list(model.model_fields)
     hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     did = f'did you mean "{hint[0]}"? ' if hint else ""

@@ -27,6 +27,7 @@ from .budgets import cmd_budgets
 from .check import cmd_check
 from .complete import cmd_complete
 from .demo import STRATEGY_NAMES, cmd_demo
+from .guards import cmd_block, cmd_blocked, cmd_unblock
 from .init import cmd_init
 from .output import describe, print_error, setup_logging, terminal_columns
 from .serve import cmd_serve
@@ -149,6 +150,25 @@ falls under: the global one, and those of the agents and threads the usage
 store (llm.usage_store, or the fleet's Redis) has seen, with what is spent in
 the current window, what calls in flight hold (Redis), and when it resets.
 """,
+    "block": """\
+examples:
+  xml-pipeline-llm block --agent researcher --reason "loops on the search tool"
+  xml-pipeline-llm block --thread t-42 --metadata org_id=acme -c organism.yaml
+
+Every new request of the matching caller (all the options given must match)
+raises BlockedError before anything is sent; calls in flight finish. Kept in
+llm.shared_state (Redis: every process sees it within a second) or else the
+SQLite ledger of llm.usage_store (every process using it, within a second);
+survives restarts. Lift it with unblock and the same options.
+""",
+    "unblock": """\
+examples:
+  xml-pipeline-llm unblock --agent researcher
+""",
+    "blocked": """\
+examples:
+  xml-pipeline-llm blocked -c organism.yaml
+""",
     "serve": """\
 examples:
   xml-pipeline-llm serve                              # ./organism.yaml, http://127.0.0.1:4000/v1
@@ -254,6 +274,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
     p.add_argument("--csv", metavar="FILE", help="write CSV to FILE ('-' for stdout) instead of a table")
     p.set_defaults(func=cmd_budgets)
+
+    for name, help_text, func in (
+            ("block", "stop an agent, thread or tenant across the fleet (kill switch)", cmd_block),
+            ("unblock", "lift a block set with the same options", cmd_unblock)):
+        p = command(name, help_text)
+        p.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
+        p.add_argument("--agent", metavar="A", help="the agent id")
+        p.add_argument("--thread", metavar="T", help="the thread id")
+        p.add_argument("--metadata", metavar="KEY=VALUE", action="append",
+                       help="a metadata value the calls carry (repeatable)")
+        if name == "block":
+            p.add_argument("--reason", metavar="TEXT", default="", help="why (shown in the BlockedError)")
+        p.set_defaults(func=func)
+
+    p = command("blocked", "list what is blocked, with the reasons")
+    p.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
+    p.set_defaults(func=cmd_blocked)
 
     p = command("serve", "serve the router as an OpenAI-compatible HTTP API")
     p.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
