@@ -304,3 +304,142 @@ def test_the_gateway_maps_guard_errors_to_429_and_403():
     assert (loop.status, loop.code) == (429, "loop_detected")
     assert (cap.status, cap.code) == (429, "call_limit_exceeded")
     assert (blocked.status, blocked.code) == (403, "blocked")
+
+
+# ------------------------------------------------------------------ with shared_state (Redis)
+
+redis_only = pytest.mark.skipif(__import__("shutil").which("redis-server") is None and not os.environ.get("CI"),
+                                reason="redis-server is not installed")
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    from test_redis import RedisServer
+
+    server = RedisServer().start()
+    yield server.url
+    server.stop()
+
+
+def _shared(url: str, prefix: str, backends, **extra):
+    return make_router(backends, shared_state=url, redis_prefix=prefix, **extra)
+
+
+def _prefix() -> str:
+    import uuid
+
+    return f"g{uuid.uuid4().hex[:8]}"
+
+
+@redis_only
+async def test_fleet_loops_and_call_caps_are_exact_across_routers(sim, redis_url):
+    p = _prefix()
+    guards = {"repeat_limit": 5, "repeat_window": "10m", "max_calls_per_thread": 9}
+    a = _shared(redis_url, p, [backend(sim, "xai", "gr-a", max_concurrent=60)], guards=guards)
+    b = _shared(redis_url, p, [backend(sim, "xai", "gr-a", max_concurrent=60)], guards=guards)
+    sim.reset_stats("gr-a")
+    res = await asyncio.gather(*(r.complete("grok-4.1", MESSAGES, thread_id="fleet", max_tokens=5)
+                                 for r in (a, b) for _ in range(25)), return_exceptions=True)
+    assert sum(not isinstance(x, BaseException) for x in res) == 5
+    assert all(isinstance(x, LoopDetectedError) for x in res if isinstance(x, BaseException))
+    res = await asyncio.gather(*(r.complete("grok-4.1", [{"role": "user", "content": f"q{i}"}], thread_id="fleet",
+                                            max_tokens=5) for i, r in enumerate([a, b] * 10)), return_exceptions=True)
+    assert sum(not isinstance(x, BaseException) for x in res) == 4          # 9 calls in all, 5 made already
+    assert all(isinstance(x, CallLimitError) for x in res if isinstance(x, BaseException))
+    assert sim.stats("gr-a").requests == 9
+    b.end_thread("fleet")                                                   # forgotten fleet-wide
+    await a.complete("grok-4.1", MESSAGES, thread_id="fleet", max_tokens=5)
+    await a.aclose()
+    await b.aclose()
+
+
+@redis_only
+def test_a_block_in_one_process_stops_the_agent_in_another_and_survives_a_restart(sim, redis_url, tmp_path):
+    p = _prefix()
+    block = {"shared_state": redis_url, "redis_prefix": p, "timeout": 10, "backends": [backend(sim, "xai", "gr-k")]}
+    cfg = tmp_path / "organism.yaml"
+    cfg.write_text(json.dumps({"llm": block}))
+    code = textwrap.dedent(f"""
+        import asyncio, sys, time
+        from xml_pipeline_llm import LLMRouter, load_config
+        r = LLMRouter(load_config({str(cfg)!r}))
+        async def go():
+            await r.block(agent="swarm-7", reason="burning money")
+            print(time.time(), flush=True)
+            await r.aclose()
+        asyncio.run(go())
+    """)
+    from xml_pipeline_llm import LLMRouter, load_config
+
+    r = LLMRouter(load_config(str(cfg)))
+
+    async def go() -> None:
+        await r.complete("grok-4.1", MESSAGES, agent_id="swarm-7", max_tokens=5)
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, stdout=subprocess.PIPE,
+                                                    stderr=subprocess.PIPE, env={**os.environ, **FAKE_KEYS})
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()[-2000:]
+        blocked_at = float(out.decode().split()[-1])
+        while True:                                  # the agent keeps calling until it is stopped
+            try:
+                await r.complete("grok-4.1", MESSAGES, agent_id="swarm-7", max_tokens=5)
+            except BlockedError as exc:
+                assert exc.reason == "burning money"
+                break
+            assert time.time() - blocked_at < 5
+            await asyncio.sleep(0.02)
+        await r.complete("grok-4.1", MESSAGES, agent_id="someone-else", max_tokens=5)
+        await r.aclose()
+
+    asyncio.run(go())
+    again = LLMRouter(load_config(str(cfg)))         # a restart: still blocked
+
+    async def restarted() -> None:
+        with pytest.raises(BlockedError):
+            await again.complete("grok-4.1", MESSAGES, agent_id="swarm-7", max_tokens=5)
+        assert [b.agent for b in await again.blocked()] == ["swarm-7"]
+        await again.aclose()
+
+    asyncio.run(restarted())
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "xml_pipeline_llm.cli", *args, "-c", str(cfg)],
+                              capture_output=True, text=True, timeout=60, env={**os.environ, **FAKE_KEYS})
+
+    listed = cli("blocked")
+    assert listed.returncode == 0 and "swarm-7" in listed.stdout and "burning money" in listed.stdout, listed
+    assert cli("unblock", "--agent", "swarm-7").returncode == 0
+    assert "nothing is blocked" in cli("blocked").stdout
+    last = LLMRouter(load_config(str(cfg)))
+
+    async def lifted() -> None:
+        await last.complete("grok-4.1", MESSAGES, agent_id="swarm-7", max_tokens=5)
+        await last.aclose()
+
+    asyncio.run(lifted())
+
+
+@redis_only
+async def test_a_fleet_budget_degrades_and_fires_once(sim, redis_url):
+    from xml_pipeline_llm.reservation import prompt_tokens
+
+    per_call = prompt_tokens("grok-4.1", MESSAGES) + 10
+    p = _prefix()
+    rules = [{"scope": "agent", "max_tokens": 8 * per_call, "degrade": {"at": 50, "to": "grok-3-mini"}}]
+    a = _shared(redis_url, p, [backend(sim, "xai", "gr-d")], budgets=rules)
+    b = _shared(redis_url, p, [backend(sim, "xai", "gr-d")], budgets=rules)
+    events = []
+    a.on_budget(events.append)
+    b.on_budget(events.append)
+    models = []
+    for i in range(12):
+        try:
+            models.append((await (a, b)[i % 2].complete("grok-4.1", MESSAGES, agent_id="fleet-r",
+                                                        max_tokens=10)).model)
+        except BudgetExceededError:
+            break
+        await asyncio.sleep(0.3)               # the other router reads the fleet's spend every half second
+    assert "grok-4.1" in models[0] and "mini" in models[-1]
+    assert [(e.severity, e.percent) for e in events].count(("degraded", 50)) == 1
+    await a.aclose()
+    await b.aclose()
