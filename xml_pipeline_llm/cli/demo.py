@@ -155,11 +155,13 @@ def run_demo(requests: int = 60, concurrency: int = 8, strategy: str = "all",
         with console.status("fallback across models ..."):
             fallback = asyncio.run(run_fallback(sim, llm_block(sim, "failover")))
         budgets = asyncio.run(_run_budget(sim))
+        loop = asyncio.run(_run_loop(sim))
         fair = asyncio.run(_run_greedy(sim))
         cached = asyncio.run(_run_cached(sim))
     _report(results, console)
     report_fallback(fallback, console)
     _report_budget(budgets, console)
+    console.print(loop)
     console.print(fair)
     console.print(cached)
     agents = _sum_agents(results)
@@ -217,6 +219,30 @@ def _report_budget(outcome: tuple[int, str, list[Any]], console: Console) -> Non
         table.add_row(b.scope, b.key or "-", f"{b.used_tokens:,} / {b.limit_tokens:,} tokens",
                       f"{b.reserved_tokens:,}", when_text(b.resets_at) if b.resets_at else "never")
     show(console, table)
+
+
+async def _run_loop(sim: Any) -> str:
+    """An agent stuck in a loop (the same request again and again) is stopped by llm.guards."""
+    from ..config import load_config
+    from ..errors import LoopDetectedError
+    from ..router import LLMRouter
+
+    block = {**llm_block(sim, "failover"), "guards": {"repeat_limit": 3, "repeat_window": "10m"}}
+    router = LLMRouter(load_config({"llm": block}))
+    sent, stopped = 0, ""
+    try:
+        for _ in range(20):
+            try:
+                await router.complete("grok-4.3", [{"role": "user", "content": "call the search tool again"}],
+                                      agent_id="stuck", thread_id="task-1", max_tokens=16)
+                sent += 1
+            except LoopDetectedError as exc:
+                stopped = f"LoopDetectedError after {exc.count - 1} identical requests in {exc.window:g}s"
+                break
+    finally:
+        await router.aclose()
+    return (f"Guards: agent 'stuck' sent the same request in thread task-1 {sent} times, then the next one "
+            f"was refused before sending ({stopped}); llm.guards.repeat_limit: 3.")
 
 
 async def _run_greedy(sim: Any) -> str:
