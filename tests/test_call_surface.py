@@ -28,11 +28,9 @@ def _outcomes(r) -> list[str]:
 
 async def test_per_call_timeout_is_shorter_than_the_configured_one(sim):
     r = make_router([backend(sim, "openai", "pt-a"), backend(sim, "openai", "pt-b")], timeout=30)
-    sim.script("pt-a", [Fault.timeout(5)])
-    start = time.monotonic()
+    sim.script("pt-a", [Fault.timeout(5)])       # pt-a would answer after 5 s, well within 30 s
     resp = await r.complete("gpt-4o", MESSAGES, timeout=0.5)
-    assert resp.backend == "pt-b"
-    assert time.monotonic() - start < 4          # the 30 s configured timeout did not apply
+    assert resp.backend == "pt-b"                 # so pt-a's try was cut at 0.5 s: the 30 s did not apply
     assert _outcomes(r) == ["retried:timeout", "ok"]
 
 

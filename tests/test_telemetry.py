@@ -281,7 +281,7 @@ async def test_prometheus_serves_the_histograms_and_the_backend_gauges(sim, otel
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     wanted = {m for e in exprs for m in re.findall(r"\b((?:gen_ai|xpl)_[a-zA-Z_]+)(?:\{|\[|$)", e)}
     served = {line.split("{")[0] for line in lines if not line.startswith("#")}
-    assert wanted - served == {"xpl_budget_remaining"}          # that one appears once budgets exist
+    assert wanted - served <= {"xpl_budget_remaining"}          # that one appears once budgets exist (in this process)
     await r.aclose()
 
 
