@@ -475,6 +475,7 @@ class Guards:
         self._degrade_scopes = tuple(dict.fromkeys(r.scope for r in self.degrade_rules))
         self._spend: dict[tuple[str, str | None], tuple[float, BudgetStatus | None]] = {}
         self._shared_budgets = hasattr(budgets, "conn")
+        self._reading: dict[tuple[str, str | None], asyncio.Future[BudgetStatus | None]] = {}
         self.checks = cfg.active or bool(self.degrade_rules)
 
     # ---------------------------------------------------------- the request loop's two lines
@@ -505,7 +506,7 @@ class Guards:
                 if pending is not None:      # a refresh of the blocks follows: undone if it blocks
                     pending.counting = _done(verdict)
         if self.degrade_rules:
-            model = self.degrade(model, agent, thread, metadata)
+            model = await self.degrade(model, agent, thread, metadata)
         return model, pending
 
     async def passed(self, req: Request) -> None:
@@ -578,7 +579,7 @@ class Guards:
 
     # ---------------------------------------------------------- degrade
 
-    def degrade(self, model: str, agent: str | None, thread: str | None, metadata: Mapping[str, Any]) -> str:
+    async def degrade(self, model: str, agent: str | None, thread: str | None, metadata: Mapping[str, Any]) -> str:
         """``model``, or the ``degrade.to`` of the first budget covering the call whose spend reached ``at``%."""
         from .budgets import keys_for
 
@@ -587,22 +588,33 @@ class Guards:
                          and (key is None or fnmatchcase(key, r.match))), None)
             if rule is None or model == rule.to:
                 continue
-            status = self._status(scope, key)
+            if self._shared_budgets:
+                status = await self._fleet_status(scope, key)
+            else:
+                status = self.budgets.status(scope, key)
             if status is not None and _reached(status, rule.at):
                 return rule.to
         return model
 
-    def _status(self, scope: str, key: str | None) -> BudgetStatus | None:
-        """The budget's settled spend: in memory now; a fleet's read at most every half second."""
-        if not self._shared_budgets:
-            return self.budgets.status(scope, key)
+    async def _fleet_status(self, scope: str, key: str | None) -> BudgetStatus | None:
+        """A fleet budget's settled spend, read from Redis at most every half second, off the request's
+        path (a worker thread; the request goes on with what was read last).  The first request of a budget
+        in this process, and the one after this process's own settlement reached ``at``, wait for the read."""
         now = time.monotonic()
-        seen = self._spend.get((scope, key))
-        if seen is None or now >= seen[0]:
-            status = self.budgets.status(scope, key)
-            self._spend[(scope, key)] = (now + REFRESH_EVERY, status)
-            return status
+        bkey = (scope, key)
+        seen = self._spend.get(bkey)
+        if seen is None:
+            return await self._read_spend(bkey)
+        if now >= seen[0] and bkey not in self._reading:
+            task = asyncio.ensure_future(self._read_spend(bkey))
+            self._reading[bkey] = task
+            task.add_done_callback(lambda _: self._reading.pop(bkey, None))
         return seen[1]
+
+    async def _read_spend(self, bkey: tuple[str, str | None]) -> BudgetStatus | None:
+        status = await asyncio.to_thread(self.budgets.status, *bkey)
+        self._spend[bkey] = (time.monotonic() + REFRESH_EVERY, status)
+        return status
 
     def saw_budget_event(self, event: Any) -> None:
         """A ``degraded`` event of this process: its budget degrades here at once (no waiting for a read)."""
