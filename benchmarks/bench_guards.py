@@ -128,6 +128,7 @@ def _redis(args: argparse.Namespace, sim: Any, url: str, port: int) -> None:
         return out
 
     res = asyncio.run(main())
+    spread = asyncio.run(propagation(sim, url))
 
     def m(name: str, key: str) -> float:
         return statistics.median(x[key] for x in res[name])
@@ -136,6 +137,43 @@ def _redis(args: argparse.Namespace, sim: Any, url: str, port: int) -> None:
            "CPU ms/call"], [[name, m(name, "reads"), m(name, "commands"), m(name, "wall_ms"), m(name, "cpu_ms")]
                             for name in routers],
           title=f"Guards with Redis (median of {args.rounds} rounds x {n} calls; INFO stats)")
+    print(f"a block set in one router stopped the agent's calls in another (its own block list, as another "
+          f"process has) after {statistics.median(spread) * 1000:.0f} ms (median of {len(spread)}; longest "
+          f"{max(spread) * 1000:.0f} ms; target: within a second)")
+
+
+async def propagation(sim: Any, url: str, times: int = 6) -> list[float]:
+    """Seconds from ``block()`` returning in one router until another router's next call is refused."""
+    from xml_pipeline_llm import BlockedError
+
+    make = [common.make_router([common.backend_entry(sim, "rg-p", **common.NOT_BINDING)], shared_state=url,
+                               redis_prefix="prop") for _ in range(2)]
+    setter, victim = make
+    for r in make:
+        await r.complete(MODEL, MESSAGES, max_tokens=8)
+    out = []
+
+    async def calls(refused_at: list[float]) -> None:
+        while True:
+            try:
+                await victim.complete(MODEL, MESSAGES, agent_id="target", max_tokens=8)
+            except BlockedError:
+                refused_at.append(time.perf_counter())
+                return
+
+    for _ in range(times):
+        refused_at: list[float] = []
+        task = asyncio.ensure_future(calls(refused_at))
+        await asyncio.sleep(0.3)
+        await setter.block(agent="target", reason="bench")
+        set_at = time.perf_counter()
+        await asyncio.wait_for(task, 10)
+        out.append(refused_at[0] - set_at)
+        await setter.unblock(agent="target")
+        await asyncio.sleep(0.6)          # the victim's list is re-read: the agent may call again
+    for r in make:
+        await r.aclose()
+    return out
 
 
 def main() -> None:
