@@ -143,7 +143,7 @@ def _redis(args: argparse.Namespace, sim: Any, url: str, port: int) -> None:
 
 
 async def propagation(sim: Any, url: str, times: int = 6) -> list[float]:
-    """Seconds from ``block()`` returning in one router until another router's next call is refused."""
+    """Seconds from calling ``block()`` in one router until another router's next call is refused."""
     from xml_pipeline_llm import BlockedError
 
     make = [common.make_router([common.backend_entry(sim, "rg-p", **common.NOT_BINDING)], shared_state=url,
@@ -165,8 +165,8 @@ async def propagation(sim: Any, url: str, times: int = 6) -> list[float]:
         refused_at: list[float] = []
         task = asyncio.ensure_future(calls(refused_at))
         await asyncio.sleep(0.3)
+        set_at = time.perf_counter()          # from the call to block(): its write is part of the delay
         await setter.block(agent="target", reason="bench")
-        set_at = time.perf_counter()
         await asyncio.wait_for(task, 10)
         out.append(refused_at[0] - set_at)
         await setter.unblock(agent="target")
