@@ -119,10 +119,12 @@ async def test_a_stream_that_trickles_forever_ends_at_its_timeout(sim: Simulator
 
 async def test_a_stream_stalling_before_any_text_is_retried(sim: Simulator) -> None:
     r = make_router([backend(sim, "anthropic", "stall-early-a"), backend(sim, "anthropic", "stall-early-b")],
-                    timeout=30, stream_idle_timeout=0.5, retries=1)
-    sim.script("stall-early-a", [Fault.timeout(60)])   # headers never come
+                    timeout=60, stream_idle_timeout=0.5, retries=1)
+    sim.script("stall-early-a", [Fault.timeout(120)])   # headers never come
+    started = time.monotonic()
     async with r.stream("claude-sonnet-4-5", MESSAGES) as s:
         text = "".join([d async for d in s])
+    assert time.monotonic() - started < 30       # cut by the idle timeout, not the 60 s timeout
     assert s.response is not None and s.response.backend == "stall-early-b" and text
     assert r.gate("stall-early-a").in_flight == 0
 

@@ -215,7 +215,7 @@ class Try:
         opened = time.monotonic()
         try:
             async with asyncio.timeout(self.timeout) as bound:
-                wrapper = await self._send({"stream": True, "stream_options": options})
+                wrapper = await self._first_byte({"stream": True, "stream_options": options})
                 try:
                     first, ended = await first_chunks(wrapper, self.idle_timeout)
                 except BaseException:
@@ -228,6 +228,16 @@ class Try:
         self.waited = time.monotonic() - opened
         self._held = True
         return OpenStream(self, wrapper, first, ended)
+
+    async def _first_byte(self, extra: dict[str, Any]) -> Any:
+        """Send a streaming request: its answer must begin within the idle timeout too."""
+        try:
+            async with asyncio.timeout(self.idle_timeout) as idle:
+                return await self._send(extra)
+        except TimeoutError:
+            if not idle.expired():
+                raise
+            raise TryTimedOut(f"no answer for {self.idle_timeout:g}s (stream_idle_timeout)") from None
 
     @property
     def idle_timeout(self) -> float:
