@@ -489,7 +489,7 @@ class Guards:
         if not (self.checks or self.blocks or refresh is not None):
             return model, None
         who = (model, agent, thread, metadata)
-        if self.blocks:
+        if self.blocks and refresh is None:       # (a list being re-read is matched once it is read: passed)
             found = self.blocks.match(agent, thread, metadata)
             if found is not None:
                 await self._refuse_blocked(found, who)
