@@ -20,7 +20,7 @@ the request loop (``router._request`` calls ``Guards.admit``):
   and ``LoopDetectedError``.  A request is the same as another when its model
   (as asked for), messages, tools and every provider parameter are: their JSON
   with sorted keys, hashed with SHA-256.  In memory under one lock; with
-  ``shared_state`` one Lua script per request (``GUARD``) on the thread's keys,
+  ``shared_state`` one Lua script per request (``shared/guards.py``) on the thread's keys,
   issued when the request starts so that it goes to Redis in the same pipeline
   as the admission (``Try``) and is awaited before anything is sent;
 * degrade: a budget with ``degrade: {at: P, to: M}`` whose settled spend has
@@ -43,7 +43,6 @@ import re
 import sqlite3
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -59,7 +58,7 @@ if TYPE_CHECKING:
     from .budgets import Budgets, BudgetStatus
     from .config import BudgetConfig, ResolvedBackend, RouterConfig
     from .request import Request
-    from .shared.connection import Conn
+    from .shared.guards import FleetCounter
     from .usage import UsageLedger
 
 log = logging.getLogger("xml_pipeline_llm")
@@ -645,139 +644,6 @@ def _done(verdict: Verdict) -> asyncio.Future[Verdict]:
     return fut
 
 
-# ---------------------------------------------------------------- with shared_state: Redis
-
-class FleetCounter:
-    """Call counts and loop windows per thread in Redis: one script per request, exact across processes.
-
-    Keys of a thread (one hash tag, so the script never crosses cluster slots):
-    ``<p>:{<p>:g:<thread>}:calls`` (its call count; forgotten a week after its last
-    call), ``...:log`` (a sorted set of the requests within the window: member
-    ``<digest><id>``, scored by Redis server time) and ``...:seen`` (a hash: digest ->
-    how many of them are in the window).
-    """
-
-    def __init__(self, conn: Conn, prefix: str, cfg: GuardsConfig) -> None:
-        self.conn = conn
-        self.prefix = prefix
-        self.max_calls = -1 if cfg.max_calls_per_thread is None else cfg.max_calls_per_thread
-        self.limit = -1 if cfg.repeat_limit is None else cfg.repeat_limit
-        self.window_ms = int(cfg.window_seconds * 1000)
-
-    def keys(self, thread: str) -> list[str]:
-        base = f"{self.prefix}:{{{self.prefix}:g:{thread}}}"
-        return [f"{base}:calls", f"{base}:log", f"{base}:seen"]
-
-    def check(self, thread: str, digest: str, local: Counter) -> asyncio.Future[Verdict]:
-        """Issue the check now (it goes to Redis with this loop's next batch: the admission's)."""
-        return asyncio.ensure_future(self._check(thread, digest, local))
-
-    async def _check(self, thread: str, digest: str, local: Counter) -> Verdict:
-        from .shared.connection import RedisDown
-        from .shared.guards import GUARD
-
-        member = uuid.uuid4().hex[:16]
-        keys = self.keys(thread)
-        args = [self.max_calls, self.limit if digest else -1, self.window_ms, digest, member,
-                THREAD_IDLE_TTL * 1000]
-
-        def undo(res: Any) -> None:            # cancelled, and it went through all the same: take it back
-            if int(res[0]) == 0:
-                self.undo(thread, Verdict("", 0, digest + member))
-
-        try:
-            res = await self.conn.eval(GUARD, keys, args, undo)
-        except RedisDown:
-            return local.check(thread, digest)
-        kind = {0: "", 1: "loop", 2: "call_limit"}[int(res[0])]
-        return Verdict(kind, int(res[1]), digest + member if not kind else "")
-
-    def undo(self, thread: str, verdict: Verdict) -> None:
-        from .shared.guards import UNDO
-
-        token = verdict.token
-        args = [token[:64], token, 1 if self.max_calls >= 0 else 0]
-        self.conn.worker.submit(_job(UNDO, self.keys(thread), args))
-
-    def forget(self, thread: str) -> None:
-        from .shared.connection import RedisDown
-
-        try:
-            self.conn.sync_call(lambda c: c.delete(*self.keys(thread)))
-        except RedisDown:
-            log.warning("guards: Redis does not answer; thread %r's call count and loop window stay there", thread)
-
-
-def _job(script: Any, keys: list[str], args: list[Any]) -> Any:
-    from .shared.worker import Job
-
-    return Job(script, keys, args, "release", time.monotonic() + 60.0)
-
-
-class RedisBlocks(BlockList):
-    """Blocks in Redis: a hash (``<p>:{<p>:guards}:blocks``, target -> block) and a version counter
-    (``...:version``) bumped at each change.  A process re-reads the version at most every half second,
-    in a script riding along a request's admission, and the blocks only when it changed."""
-
-    def __init__(self, conn: Conn, prefix: str) -> None:
-        super().__init__()
-        self.conn = conn
-        base = f"{prefix}:{{{prefix}:guards}}"
-        self.keys = [f"{base}:blocks", f"{base}:version"]
-        self.version = ""
-        self._fresh_until = 0.0
-        self._reading: asyncio.Future[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def refresh(self) -> Awaitable[None] | None:
-        reading = self._reading
-        if reading is not None and not reading.done() and self._loop is asyncio.get_running_loop():
-            return reading
-        if time.monotonic() < self._fresh_until:
-            return None
-        self._loop = asyncio.get_running_loop()
-        self._reading = asyncio.ensure_future(self._read())
-        return self._reading
-
-    async def _read(self) -> None:
-        from .shared.connection import RedisDown
-        from .shared.guards import READ
-
-        try:
-            res = await self.conn.eval(READ, self.keys, [self.version])
-        except RedisDown:
-            self._fresh_until = time.monotonic() + REFRESH_EVERY
-            return
-        self._apply(res)
-
-    def _apply(self, res: list[Any]) -> None:
-        self._fresh_until = time.monotonic() + REFRESH_EVERY
-        version = str(res[0])
-        if version == self.version and len(res) == 1:
-            return
-        pairs = res[1:]
-        self.entries = {str(pairs[i]): Block.from_json(str(pairs[i + 1])) for i in range(0, len(pairs) - 1, 2)}
-        self.version = version
-
-    async def add(self, block: Block) -> None:
-        from .shared.guards import SET
-
-        self._apply((await self.conn.eval(SET, self.keys, ["add", block.target, block.to_json()]))[1:])
-
-    async def remove(self, target: str) -> bool:
-        from .shared.guards import SET
-
-        res = await self.conn.eval(SET, self.keys, ["remove", target, ""])
-        self._apply(res[1:])
-        return int(res[0]) == 1
-
-    async def list(self) -> list[Block]:
-        from .shared.guards import READ
-
-        self._apply(await self.conn.eval(READ, self.keys, [""]))
-        return await super().list()
-
-
 def make_guards(config: RouterConfig, state: Any, ledger: UsageLedger, budgets: Budgets) -> Guards:
     """The guards of a router: with ``shared_state``, in Redis; else with a SQLite ledger, its blocks there."""
     cfg: GuardsConfig = getattr(config.raw, "guards", None) or GuardsConfig()
@@ -785,6 +651,8 @@ def make_guards(config: RouterConfig, state: Any, ledger: UsageLedger, budgets: 
     blocks: BlockList
     fleet = None
     if conn is not None:
+        from .shared.guards import FleetCounter, RedisBlocks
+
         prefix = getattr(state, "prefix", config.redis_prefix)
         blocks = RedisBlocks(conn, prefix)
         if cfg.active:
@@ -807,6 +675,7 @@ def open_blocks(config: RouterConfig) -> BlockList:
 
     if config.shared_state:
         from .shared.connection import Conn
+        from .shared.guards import RedisBlocks
 
         conn = Conn(config.shared_state)
         conn.check()

@@ -6,7 +6,19 @@ keys another (``{<p>:guards}``), so no script crosses Redis Cluster slots.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable
+from typing import Any
+
+from ..guards import REFRESH_EVERY, THREAD_IDLE_TTL, Block, BlockList, Counter, GuardsConfig, Verdict
+from .connection import Conn, RedisDown
 from .scripts import Script
+from .worker import Job
+
+log = logging.getLogger("xml_pipeline_llm")
 
 # KEYS: the thread's call count, its loop log (zset: member <digest><id>, score server ms), its counts per
 # digest (hash).  ARGV: max calls (-1: none), repeat limit (-1: none), window ms, digest, id, idle ttl ms.
@@ -79,3 +91,116 @@ local out = {changed, v}
 for _, x in ipairs(redis.call('HGETALL', KEYS[1])) do out[#out + 1] = x end
 return out
 """)
+
+
+class FleetCounter:
+    """Call counts and loop windows per thread in Redis: one script per request, exact across processes.
+
+    Keys of a thread (one hash tag, so the script never crosses cluster slots):
+    ``<p>:{<p>:g:<thread>}:calls`` (its call count; forgotten a week after its last
+    call), ``...:log`` (a sorted set of the requests within the window: member
+    ``<digest><id>``, scored by Redis server time) and ``...:seen`` (a hash: digest ->
+    how many of them are in the window).
+    """
+
+    def __init__(self, conn: Conn, prefix: str, cfg: GuardsConfig) -> None:
+        self.conn = conn
+        self.prefix = prefix
+        self.max_calls = -1 if cfg.max_calls_per_thread is None else cfg.max_calls_per_thread
+        self.limit = -1 if cfg.repeat_limit is None else cfg.repeat_limit
+        self.window_ms = int(cfg.window_seconds * 1000)
+
+    def keys(self, thread: str) -> list[str]:
+        base = f"{self.prefix}:{{{self.prefix}:g:{thread}}}"
+        return [f"{base}:calls", f"{base}:log", f"{base}:seen"]
+
+    def check(self, thread: str, digest: str, local: Counter) -> asyncio.Future[Verdict]:
+        """Issue the check now (it goes to Redis with this loop's next batch: the admission's)."""
+        return asyncio.ensure_future(self._check(thread, digest, local))
+
+    async def _check(self, thread: str, digest: str, local: Counter) -> Verdict:
+        member = uuid.uuid4().hex[:16]
+        keys = self.keys(thread)
+        args = [self.max_calls, self.limit if digest else -1, self.window_ms, digest, member,
+                THREAD_IDLE_TTL * 1000]
+
+        def undo(res: Any) -> None:            # cancelled, and it went through all the same: take it back
+            if int(res[0]) == 0:
+                self.undo(thread, Verdict("", 0, digest + member))
+
+        try:
+            res = await self.conn.eval(GUARD, keys, args, undo)
+        except RedisDown:
+            return local.check(thread, digest)
+        kind = {0: "", 1: "loop", 2: "call_limit"}[int(res[0])]
+        return Verdict(kind, int(res[1]), digest + member if not kind else "")
+
+    def undo(self, thread: str, verdict: Verdict) -> None:
+        token = verdict.token
+        args = [token[:64], token, 1 if self.max_calls >= 0 else 0]
+        self.conn.worker.submit(_job(UNDO, self.keys(thread), args))
+
+    def forget(self, thread: str) -> None:
+        try:
+            self.conn.sync_call(lambda c: c.delete(*self.keys(thread)))
+        except RedisDown:
+            log.warning("guards: Redis does not answer; thread %r's call count and loop window stay there", thread)
+
+
+def _job(script: Script, keys: list[str], args: list[Any]) -> Job:
+    return Job(script, keys, args, "release", time.monotonic() + 60.0)
+
+
+class RedisBlocks(BlockList):
+    """Blocks in Redis: a hash (``<p>:{<p>:guards}:blocks``, target -> block) and a version counter
+    (``...:version``) bumped at each change.  A process re-reads the version at most every half second,
+    in a script riding along a request's admission, and the blocks only when it changed."""
+
+    def __init__(self, conn: Conn, prefix: str) -> None:
+        super().__init__()
+        self.conn = conn
+        base = f"{prefix}:{{{prefix}:guards}}"
+        self.keys = [f"{base}:blocks", f"{base}:version"]
+        self.version = ""
+        self._fresh_until = 0.0
+        self._reading: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def refresh(self) -> Awaitable[None] | None:
+        reading = self._reading
+        if reading is not None and not reading.done() and self._loop is asyncio.get_running_loop():
+            return reading
+        if time.monotonic() < self._fresh_until:
+            return None
+        self._loop = asyncio.get_running_loop()
+        self._reading = asyncio.ensure_future(self._read())
+        return self._reading
+
+    async def _read(self) -> None:
+        try:
+            res = await self.conn.eval(READ, self.keys, [self.version])
+        except RedisDown:
+            self._fresh_until = time.monotonic() + REFRESH_EVERY
+            return
+        self._apply(res)
+
+    def _apply(self, res: list[Any]) -> None:
+        self._fresh_until = time.monotonic() + REFRESH_EVERY
+        version = str(res[0])
+        if version == self.version and len(res) == 1:
+            return
+        pairs = res[1:]
+        self.entries = {str(pairs[i]): Block.from_json(str(pairs[i + 1])) for i in range(0, len(pairs) - 1, 2)}
+        self.version = version
+
+    async def add(self, block: Block) -> None:
+        self._apply((await self.conn.eval(SET, self.keys, ["add", block.target, block.to_json()]))[1:])
+
+    async def remove(self, target: str) -> bool:
+        res = await self.conn.eval(SET, self.keys, ["remove", target, ""])
+        self._apply(res[1:])
+        return int(res[0]) == 1
+
+    async def list(self) -> list[Block]:
+        self._apply(await self.conn.eval(READ, self.keys, [""]))
+        return await super().list()
