@@ -407,10 +407,6 @@ class Counter:
         with self._lock:
             self._threads.pop(thread, None)
 
-    def calls(self, thread: str) -> int:
-        t = self._threads.get(thread)
-        return t.calls if t is not None else 0
-
 
 def request_digest(model: str, messages: list[dict[str, Any]], kwargs: Mapping[str, Any]) -> str:
     """SHA-256 of the request as the provider would get it: the model asked for, the messages and every
@@ -441,7 +437,6 @@ def _jsonable(value: Any) -> Any:
 class Pending:
     """A request's checks still on their way (Redis): awaited before anything is sent (``Guards.passed``)."""
 
-    guards: Guards
     who: tuple[str, str | None, str | None, dict[str, Any]]     # model asked, agent, thread, metadata
     refresh: Awaitable[None] | None = None
     counting: asyncio.Future[Verdict] | None = None
@@ -492,11 +487,11 @@ class Guards:
             found = self.blocks.match(agent, thread, metadata)
             if found is not None:
                 await self._refuse_blocked(found, who)
-        pending = Pending(self, who, refresh) if refresh is not None else None
+        pending = Pending(who, refresh) if refresh is not None else None
         if self.counter is not None and thread:
             digest = request_digest(model, messages, kwargs) if self._digest else ""
             if self.fleet is not None:
-                pending = pending or Pending(self, who)
+                pending = pending or Pending(who)
                 pending.counting = self.fleet.check(thread, digest, self.counter)
             else:
                 verdict = self.counter.check(thread, digest)
