@@ -86,7 +86,7 @@ def write_config(path: Path, backends: list[dict], **llm) -> Path:
 
 # ---------------------------------------------------------------- help, version
 
-@pytest.mark.parametrize("command", ["", "init", "check", "complete", "usage", "budgets", "simulate", "demo"])
+@pytest.mark.parametrize("command", ["", "init", "check", "complete", "usage", "budgets", "simulate", "demo", "top"])
 def test_help_answers_fast_with_an_example(tmp_path, command):
     start = time.perf_counter()
     p = run(tmp_path, *([command] if command else []), "--help")

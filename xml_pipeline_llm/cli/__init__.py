@@ -6,6 +6,7 @@
     xml-pipeline-llm complete -m grok-4.1 "Say hello"
     xml-pipeline-llm usage --store sqlite:///usage.db --by model
     xml-pipeline-llm simulate --port 8099      # provider simulator in the foreground
+    xml-pipeline-llm top --url http://127.0.0.1:4000   # the swarm live (or -c FILE: Redis, SQLite)
 
 One module per command (init, check, complete, usage, simulate, demo); output.py
 holds how they all print.  ``--help`` must answer at once, so nothing here
@@ -180,6 +181,18 @@ Without keys the gateway listens on loopback only. --workers N > 1 needs
 llm.shared_state. SIGTERM/SIGINT: stop accepting, let calls in flight finish
 for up to --grace seconds, flush the ledger, exit 0. See docs/gateway.md.
 """,
+    "top": """\
+examples:
+  xml-pipeline-llm top                                  # ./organism.yaml: its Redis or SQLite ledger
+  xml-pipeline-llm top --url http://127.0.0.1:4000      # a gateway (admin key: --key or $XML_PIPELINE_LLM_KEY)
+
+Refreshed every second: per agent (by spend) requests, tokens and dollars of
+the last minute, total spend, budget used; per backend calls in flight,
+queued, cooling down, circuit; the budgets; the last errors. q or Ctrl-C
+leaves. From llm.shared_state (Redis) it is the whole fleet; from a SQLite
+ledger there is no backend load; the default in-memory store cannot be
+watched from another process. See docs/live.md.
+""",
     "simulate": """\
 examples:
   xml-pipeline-llm simulate --port 8099
@@ -303,6 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM/SIGINT, seconds the calls in flight may take to finish (default 30)")
     p.set_defaults(func=cmd_serve)
 
+    p = command("top", "watch the swarm live: spend, tokens, backends, budgets, errors")
+    p.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP + "; its llm.shared_state or usage_store is read")
+    p.add_argument("--url", metavar="GATEWAY", help="a gateway to watch instead, e.g. http://127.0.0.1:4000")
+    p.add_argument("--key", metavar="KEY", default=None,
+                   help="the gateway's admin key (default: $XML_PIPELINE_LLM_KEY; the variable keeps it out of ps)")
+    p.add_argument("--interval", type=_number(float, 0.1, 3600, "seconds between 0.1 and 3600"), default=1.0,
+                   metavar="S", help="seconds between refreshes (default 1)")
+    p.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    p.set_defaults(func=_top)
+
     p = command("simulate", "run the provider simulator in the foreground")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=_port, default=8099, help="port to bind (default 8099; 0: any free port)")
@@ -327,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     parser.set_defaults(commands=commands)
     return parser
+
+
+def _top(args: argparse.Namespace) -> int:
+    from .top import cmd_top  # rich's Live and the sources only when top runs
+
+    return cmd_top(args)
 
 
 def main(argv: list[str] | None = None) -> int:

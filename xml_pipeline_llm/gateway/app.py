@@ -84,7 +84,11 @@ class Gateway:
             ("GET", "/metrics"): self._metrics,
             ("GET", "/v1/usage"): self._usage,
             ("GET", "/v1/budgets"): self._budgets,
+            ("GET", "/v1/snapshot"): self._snapshot,
         }
+        from .ui import UI
+
+        self.ui = UI(self.keys, router)       # GET /ui: the live page (ui.py)
 
     @property
     def max_body(self) -> int:
@@ -98,6 +102,8 @@ class Gateway:
         rid = uuid.uuid4().hex
         try:
             handler = self._routes.get((method, path))
+            if path == "/ui" or path.startswith("/ui/"):
+                handler = functools.partial(self._ui, method, path)
             if handler is None and method == "GET" and path.startswith(("/v1/models/", "/models/")):
                 handler = functools.partial(self._model, path.split("/models/", 1)[1])
             if handler is None:
@@ -118,7 +124,7 @@ class Gateway:
                                          headers={"Allow": allowed}), rid)
         return error_reply(HTTPError(404, f"{method} {path}: no such endpoint; the gateway serves "
                                           f"POST /v1/chat/completions, GET /v1/models, /v1/usage, /v1/budgets, "
-                                          f"/healthz, /readyz and /metrics", "invalid_request_error",
+                                          f"/v1/snapshot, /ui, /healthz, /readyz and /metrics", "invalid_request_error",
                                      "unknown_url"), rid)
 
     def _identify(self, headers: Mapping[str, str], identity: Identity | None) -> Identity:
@@ -231,6 +237,19 @@ class Gateway:
                        identity: Identity | None) -> Reply:
         self._admin(headers, identity)
         return json_reply(200, {"budgets": [asdict(b) for b in self.router().budgets()]}, {})
+
+    async def _snapshot(self, rid: str, query: Mapping[str, str], headers: Mapping[str, str], raw: bytes,
+                        identity: Identity | None) -> Reply:
+        """``GET /v1/snapshot``: the router now (``snapshot.py``), for ``top --url`` and the page."""
+        from ..snapshot import snapshot
+
+        self._admin(headers, identity)
+        snap = await snapshot(self.router(), source="gateway")
+        return Reply(200, {**JSON, "Cache-Control": "no-store"}, snap.to_json().encode())
+
+    async def _ui(self, method: str, path: str, rid: str, query: Mapping[str, str], headers: Mapping[str, str],
+                  raw: bytes, identity: Identity | None) -> Reply:
+        return await self.ui.handle(method, path, headers, raw, identity)
 
 
 def too_large(limit: int) -> HTTPError:
