@@ -249,6 +249,8 @@ def assemble(*, agents: Mapping[str, AgentUsage], backends: Mapping[str, AgentUs
     rate: dict[str, dict[str, list[float]]] = {"agent": {}, "backend": {}}
     for e in recent:                       # [requests, tokens, usd, errors, tries]
         for group, key in (("agent", e.agent_id or NO_AGENT), ("backend", e.backend)):
+            if not key:                    # a request the guards refused reached no backend
+                continue
             r = rate[group].setdefault(key, [0, 0, 0.0, 0, 0])
             r[0] += e.succeeded or e.ended_in_error
             r[1] += e.total_tokens
