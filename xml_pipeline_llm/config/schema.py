@@ -8,6 +8,8 @@ import re
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from ..strategies import STRATEGY_NAMES
+from .guards import EXPECTED as GUARDS_EXPECTED
+from .guards import DegradeConfig, GuardsConfig
 
 log = logging.getLogger("xml_pipeline_llm")
 
@@ -71,6 +73,7 @@ class BudgetConfig(BaseModel):
     max_usd: float | None = Field(default=None, gt=0)
     window: str = "none"
     warn_at: list[int] = Field(default_factory=lambda: [75, 90, 95])
+    degrade: DegradeConfig | None = None      # from at% of the limit, its calls go to model `to` (guards/)
 
 
 class TelemetryConfig(BaseModel):
@@ -136,6 +139,7 @@ class LLMConfig(BaseModel):
     models: dict[str, list[str]] = Field(default_factory=dict)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    guards: GuardsConfig = Field(default_factory=GuardsConfig)     # loops, call caps per thread (guards/)
     backends: list[BackendConfig] = Field(min_length=1)
 
 
@@ -205,5 +209,6 @@ EXPECTED = {
     "gateway.metadata": "a mapping of metadata keys to strings, numbers or true/false, such as {org_id: acme}",
     "gateway.models": 'a list of model names, aliases or patterns, such as ["grok-*", smart]',
     "gateway.admin": "true or false (true: may read /v1/usage, /v1/budgets and /metrics)",
+    **GUARDS_EXPECTED,
 }
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import SecretStr, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
 from ..backends import ResolvedBackend
 from ..env import REDIS_SCHEMES
@@ -22,6 +22,7 @@ from ..providers import BUILTIN, LITELLM_PROVIDERS, Provider, lookup, matches
 from ..redact import redact_mapping, redact_url
 from ..routing import Routes
 from ..strategies import is_strategy
+from .guards import DegradeConfig, GuardsConfig, guard_problems
 from .resolved import RouterConfig
 from .schema import (
     _ENV_NAME,
@@ -61,6 +62,8 @@ def validate_block(block: Mapping[str, Any], source: str, base: Path | None) -> 
     problems += _check_block(raw)
     if backends and not problems:
         problems += _check_models(raw.models, backends, [(n, f"{v} not set") for _, n, v in skipped])
+        problems += guard_problems(raw.guards, raw.budgets, raw.models, backends,
+                                   [(n, f"{v} not set") for _, n, v in skipped])
     if skipped and not backends and not problems:
         missing = ", ".join(f"{var} for {name}" for _, name, var in skipped)
         problems.append(f"llm.missing_keys: skip left no backend, none has its key set ({missing}); "
@@ -363,11 +366,15 @@ def _place(loc: list[Any]) -> tuple[str, str]:
 
 
 def _unknown_key(path: str, key: str, loc: list[Any]) -> str:
-    model = (ModelPrice if loc[:1] == ["pricing"] else BackendConfig if loc[:1] == ["backends"]
-             else BudgetConfig if loc[:1] == ["budgets"] else AgentConfig if loc[:1] == ["agents"]
-             else TelemetryConfig if loc[:1] == ["telemetry"]
-             else GatewayKeyConfig if loc[:2] == ["gateway", "keys"]
-             else GatewayConfig if loc[:1] == ["gateway"] else LLMConfig)
+    model: type[BaseModel] = (
+        ModelPrice if loc[:1] == ["pricing"] else BackendConfig if loc[:1] == ["backends"]
+        else BudgetConfig if loc[:1] == ["budgets"] else AgentConfig if loc[:1] == ["agents"]
+        else TelemetryConfig if loc[:1] == ["telemetry"]
+        else GatewayKeyConfig if loc[:2] == ["gateway", "keys"]
+        else GatewayConfig if loc[:1] == ["gateway"] else GuardsConfig if loc[:1] == ["guards"]
+        else LLMConfig)
+    if loc[:1] == ["budgets"] and "degrade" in loc[:-1]:
+        model = DegradeConfig
     valid = list(model.model_fields)
     hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     did = f'did you mean "{hint[0]}"? ' if hint else ""

@@ -94,7 +94,8 @@ OK = "ok"   # the outcome of a try that served its request; a failed one is retr
 
 @dataclass(frozen=True)
 class UsageEvent:
-    """One provider call.  ``outcome`` is ``ok``, ``retried:<kind>`` or ``error:<kind>``.
+    """One provider call.  ``outcome`` is ``ok``, ``retried:<kind>`` or ``error:<kind>``; a request the
+    guards refused before sending is one event ``refused:<why>`` (no backend, no tokens).
 
     ``model`` is the model sent; ``requested_model`` the name the caller asked
     for (an alias of ``llm.models``, or the first model of a ``fallbacks=``
@@ -129,8 +130,9 @@ class UsageEvent:
 
     @property
     def ended_in_error(self) -> bool:
-        """The try was the last of a request that failed (counted in ``error_count``)."""
-        return self.outcome.startswith("error:")
+        """The try was the last of a request that failed, or the request was refused by a guard
+        (``refused:loop``, ``refused:call_limit``, ``refused:blocked``): counted in ``error_count``."""
+        return self.outcome.startswith(("error:", "refused:"))
 
 
 def make_event(*, agent_id: str | None, thread_id: str | None, model: str, backend: str, provider: str,
