@@ -28,6 +28,7 @@ from .config import RouterConfig
 from .deadline import Deadline
 from .errors import BadRequestError, Saturated, TryTimedOut
 from .fallback import build_chain, none_fits, too_small
+from .guards import GuardMethods, Guards, make_guards
 from .lifecycle import OpenStream, Services, Try
 from .options import CallOptions, checked
 from .pricing import Pricing
@@ -47,7 +48,7 @@ from .usage import Listener, UsageLedger, UsageMethods
 log = logging.getLogger("xml_pipeline_llm")
 
 
-class LLMRouter(UsageMethods, BudgetMethods):
+class LLMRouter(UsageMethods, BudgetMethods, GuardMethods):
     """Routes ``complete()`` and ``stream()`` calls over the configured backends.
 
     ``state`` replaces the shared state the config names (``MemoryState`` or
@@ -70,6 +71,8 @@ class LLMRouter(UsageMethods, BudgetMethods):
                                    group_by_metadata=config.telemetry.group_by_metadata)
         self._budgets: Budgets = self._state.budgets(config.budgets, clock, getattr(store, "spend", None))
         self._routes = Routes(self.backends, config.skipped)
+        #: loops, call caps per thread, the kill switch, degrade (``guards.py``)
+        self._guards: Guards = make_guards(config, self._state, self._ledger, self._budgets)
         self._llm: _litellm.Deployments | None = None
         self._secrets = [b.api_key.get_secret_value() for b in self.backends if b.api_key is not None]
         self.id = uuid.uuid4().hex
@@ -158,11 +161,12 @@ class LLMRouter(UsageMethods, BudgetMethods):
     async def _request(self, model: str, messages: list[dict[str, Any]], agent_id: str | None,
                        thread_id: str | None, metadata: dict[str, Any] | None,
                        kwargs: dict[str, Any], options: CallOptions) -> Request:
+        model, guard = await self._guards.admit(model, messages, kwargs, agent_id, thread_id, metadata or {})
         chain = build_chain(self._routes, self.config.models, model, options.fallbacks)
         retries = self.config.retries if options.retries is None else options.retries
         call = Call(model, messages, kwargs, agent_id, thread_id, dict(metadata or {}), options)
         req = Request(call, chain, retries + 1, Deadline(options.deadline or self.config.deadline),
-                      self.config.max_queue_wait)
+                      self.config.max_queue_wait, guard=guard)
         for place, why in too_small(req):
             req.skip(why, place)
         live = req.live()
@@ -204,6 +208,7 @@ class LLMRouter(UsageMethods, BudgetMethods):
             req.use(place)
         try:
             async with Try(self._services, req, backend) as t:
+                await self._guards.passed(req)      # guards.py: checks sent alongside the admission, before sending
                 try:
                     return await (t.open_stream() if stream else t.complete())
                 except Exception as exc:
@@ -285,6 +290,7 @@ class LLMRouter(UsageMethods, BudgetMethods):
     async def aclose(self) -> None:
         """Flush and close the usage store and the shared-state connection."""
         self.telemetry.close()
+        await self._guards.close()
         if self.cache is not None:
             await self.cache.close()
         await self._ledger.close()

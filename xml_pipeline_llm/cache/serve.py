@@ -1,6 +1,7 @@
 """The response cache at work: which calls it answers, single flight, hits, stored answers.
 
-What it does is described in ``cache/__init__.py``; streams are in ``replay.py``, the stores in ``stores.py``; the ``llm.cache`` block is validated in ``config/``.
+What it does is described in ``cache/__init__.py``; streams are in ``replay.py``, the stores in
+``stores.py``; the ``llm.cache`` block is validated in ``config/``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..config.schema import CacheConfig, duration
+from ..config.cache import CacheConfig, duration
 from ..errors import ConfigError
 from ..limits import wake
 from ..response import LLMResponse

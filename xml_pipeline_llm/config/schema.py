@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from ..strategies import STRATEGY_NAMES
+from .cache import EXPECTED as CACHE_EXPECTED
+from .cache import CacheConfig
+from .guards import EXPECTED as GUARDS_EXPECTED
+from .guards import DegradeConfig, GuardsConfig
 
 log = logging.getLogger("xml_pipeline_llm")
 
@@ -72,6 +75,7 @@ class BudgetConfig(BaseModel):
     max_usd: float | None = Field(default=None, gt=0)
     window: str = "none"
     warn_at: list[int] = Field(default_factory=lambda: [75, 90, 95])
+    degrade: DegradeConfig | None = None      # from at% of the limit, its calls go to model `to` (guards/)
 
 
 class TelemetryConfig(BaseModel):
@@ -110,34 +114,6 @@ class GatewayConfig(BaseModel):
     max_body_mb: float = Field(default=32, gt=0)
 
 
-class CacheConfig(BaseModel):
-    """``llm.cache``: present means on."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    store: str = "memory"
-    ttl: str | int | float = "1h"
-    max_entries: int = Field(default=10_000, gt=0)
-    scope: str = "agent"
-
-
-CACHE_SCOPES = ("global", "agent", "thread")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def duration(value: Any) -> float | None:
-    """``90s``, ``10m``, ``1h``, ``1d`` or a number of seconds, as seconds (None when it is none of these)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value) if value > 0 else None
-    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", str(value))
-    if not found:
-        return None
-    seconds = float(found.group(1)) * _UNITS[found.group(2)]
-    return seconds if seconds > 0 else None
-
-
 class LLMConfig(BaseModel):
     """The whole ``llm:`` block."""
 
@@ -165,6 +141,7 @@ class LLMConfig(BaseModel):
     models: dict[str, list[str]] = Field(default_factory=dict)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    guards: GuardsConfig = Field(default_factory=GuardsConfig)     # loops, call caps per thread (guards/)
     cache: CacheConfig | None = None        # the response cache (cache/); off unless configured
     backends: list[BackendConfig] = Field(min_length=1)
 
@@ -235,10 +212,7 @@ EXPECTED = {
     "gateway.metadata": "a mapping of metadata keys to strings, numbers or true/false, such as {org_id: acme}",
     "gateway.models": 'a list of model names, aliases or patterns, such as ["grok-*", smart]',
     "gateway.admin": "true or false (true: may read /v1/usage, /v1/budgets and /metrics)",
-    "cache": "a mapping with store, ttl, max_entries, scope, such as {store: memory, ttl: 1h}",
-    "cache.store": "memory, sqlite:///path/cache.db or redis (the shared_state server)",
-    "cache.ttl": "a duration such as 90s, 10m, 1h or 1d (or a number of seconds)",
-    "cache.max_entries": "a positive integer (the entries kept in memory; default 10000)",
-    "cache.scope": "global, agent, thread or metadata.<key> (such as metadata.org_id)",
+    **GUARDS_EXPECTED,
+    **CACHE_EXPECTED,
 }
 

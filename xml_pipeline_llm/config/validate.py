@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import SecretStr, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
 from ..backends import ResolvedBackend
 from ..env import REDIS_ENV, REDIS_SCHEMES
@@ -22,12 +22,13 @@ from ..providers import BUILTIN, LITELLM_PROVIDERS, Provider, lookup, matches
 from ..redact import redact_mapping, redact_url
 from ..routing import Routes
 from ..strategies import is_strategy
+from .cache import CacheConfig, cache_place, cache_problems
+from .guards import DegradeConfig, GuardsConfig, guard_problems
 from .resolved import RouterConfig
 from .schema import (
     _ENV_NAME,
     BUDGET_SCOPES,
     BUDGET_WINDOWS,
-    CACHE_SCOPES,
     EXPECTED,
     MISSING_KEYS,
     REDIS_EXPECTED,
@@ -35,13 +36,11 @@ from .schema import (
     AgentConfig,
     BackendConfig,
     BudgetConfig,
-    CacheConfig,
     GatewayConfig,
     GatewayKeyConfig,
     LLMConfig,
     ModelPrice,
     TelemetryConfig,
-    duration,
 )
 
 log = logging.getLogger("xml_pipeline_llm")
@@ -64,6 +63,8 @@ def validate_block(block: Mapping[str, Any], source: str, base: Path | None) -> 
     problems += _check_block(raw)
     if backends and not problems:
         problems += _check_models(raw.models, backends, [(n, f"{v} not set") for _, n, v in skipped])
+        problems += guard_problems(raw.guards, raw.budgets, raw.models, backends,
+                                   [(n, f"{v} not set") for _, n, v in skipped])
     if skipped and not backends and not problems:
         missing = ", ".join(f"{var} for {name}" for _, name, var in skipped)
         problems.append(f"llm.missing_keys: skip left no backend, none has its key set ({missing}); "
@@ -114,7 +115,7 @@ def _check_block(raw: LLMConfig) -> list[str]:
     problems += _budget_problems(raw.budgets)
     problems += _check_telemetry(raw.telemetry)
     problems += _check_gateway(raw.gateway)
-    problems += _cache_problems(raw.cache, raw.shared_state or os.environ.get(REDIS_ENV))
+    problems += cache_problems(raw.cache, raw.shared_state or os.environ.get(REDIS_ENV))
     for key in raw.pricing:
         if not key.strip():
             problems.append('llm.pricing: an empty model name; use a model name such as "grok-4.1" '
@@ -336,7 +337,7 @@ def _unknown_provider(where: str, name: str) -> str:
 def _describe(err: Mapping[str, Any], block: Mapping[str, Any]) -> str:
     """One pydantic error as ``llm.backends[1].rate_limit_tpm: expected ..., got ...``."""
     loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list[")))]
-    path, field = _place(loc) if loc[:1] != ["cache"] else _cache_place(loc)
+    path, field = _place(loc) if loc[:1] != ["cache"] else cache_place(loc)
     if err["type"] == "extra_forbidden":
         return _unknown_key(path, str(loc[-1]), loc)
     if err["type"] == "missing":
@@ -367,11 +368,15 @@ def _place(loc: list[Any]) -> tuple[str, str]:
 
 
 def _unknown_key(path: str, key: str, loc: list[Any]) -> str:
-    model = (ModelPrice if loc[:1] == ["pricing"] else BackendConfig if loc[:1] == ["backends"]
-             else BudgetConfig if loc[:1] == ["budgets"] else AgentConfig if loc[:1] == ["agents"]
-             else TelemetryConfig if loc[:1] == ["telemetry"]
-             else GatewayKeyConfig if loc[:2] == ["gateway", "keys"]
-             else GatewayConfig if loc[:1] == ["gateway"] else CacheConfig if loc[:1] == ["cache"] else LLMConfig)
+    model: type[BaseModel] = (
+        ModelPrice if loc[:1] == ["pricing"] else BackendConfig if loc[:1] == ["backends"]
+        else BudgetConfig if loc[:1] == ["budgets"] else AgentConfig if loc[:1] == ["agents"]
+        else TelemetryConfig if loc[:1] == ["telemetry"]
+        else GatewayKeyConfig if loc[:2] == ["gateway", "keys"]
+        else GatewayConfig if loc[:1] == ["gateway"] else GuardsConfig if loc[:1] == ["guards"]
+        else CacheConfig if loc[:1] == ["cache"] else LLMConfig)
+    if loc[:1] == ["budgets"] and "degrade" in loc[:-1]:
+        model = DegradeConfig
     valid = list(model.model_fields)
     hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     did = f'did you mean "{hint[0]}"? ' if hint else ""
@@ -388,25 +393,3 @@ def show(value: Any) -> str:
     except (TypeError, ValueError):
         text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _cache_place(loc: list[Any]) -> tuple[str, str]:
-    """``llm.cache.ttl`` and its EXPECTED entry (``cache.ttl``)."""
-    return "llm" + "".join(f".{p}" for p in loc), "cache" if len(loc) == 1 else f"cache.{loc[-1]}"
-
-
-def _cache_problems(c: CacheConfig | None, shared_state: str | None) -> list[str]:
-    """What is wrong with ``llm.cache``, each with its fix."""
-    if c is None:
-        return []
-    problems = []
-    if not (c.store in ("memory", "redis") or (c.store.startswith("sqlite:///") and len(c.store) > 10)):
-        problems.append(f'llm.cache.store: expected {EXPECTED["cache.store"]}, got "{c.store}"')
-    if c.store == "redis" and not shared_state:
-        problems.append("llm.cache.store: redis keeps the cache on the shared_state server, and none is "
-                        "configured; set llm.shared_state: redis://host:port/db, or use store: memory")
-    if duration(c.ttl) is None:
-        problems.append(f"llm.cache.ttl: expected {EXPECTED['cache.ttl']}, got {json.dumps(c.ttl)}")
-    if c.scope not in CACHE_SCOPES and not (c.scope.startswith("metadata.") and c.scope[9:].strip()):
-        problems.append(f'llm.cache.scope: expected {EXPECTED["cache.scope"]}, got "{c.scope}"')
-    return problems

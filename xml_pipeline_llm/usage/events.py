@@ -104,8 +104,9 @@ CACHE_HIT = "cache_hit"   # a request the response cache answered (cache/): no p
 
 @dataclass(frozen=True)
 class UsageEvent:
-    """One provider call.  ``outcome`` is ``ok``, ``retried:<kind>`` or ``error:<kind>``; or
-    ``cache_hit``: a request the response cache answered (zero tokens, ``cost_usd`` 0.0,
+    """One provider call.  ``outcome`` is ``ok``, ``retried:<kind>`` or ``error:<kind>``; a request the
+    guards refused before sending is one event ``refused:<why>`` (no backend, no tokens).
+    ``cache_hit`` is a request the response cache answered (zero tokens, ``cost_usd`` 0.0,
     ``saved_usd`` what the original answer cost, None when unpriced).
 
     ``model`` is the model sent; ``requested_model`` the name the caller asked
@@ -142,8 +143,9 @@ class UsageEvent:
 
     @property
     def ended_in_error(self) -> bool:
-        """The try was the last of a request that failed (counted in ``error_count``)."""
-        return self.outcome.startswith("error:")
+        """The try was the last of a request that failed, or the request was refused by a guard
+        (``refused:loop``, ``refused:call_limit``, ``refused:blocked``): counted in ``error_count``."""
+        return self.outcome.startswith(("error:", "refused:"))
 
 
 def make_event(*, agent_id: str | None, thread_id: str | None, model: str, backend: str, provider: str,
