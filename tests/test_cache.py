@@ -467,3 +467,26 @@ async def test_calls_wait_for_an_identical_stream_and_go_alone_when_it_is_closed
         assert all(o.content for o in out) and sim.stats("ca-sflight").requests >= 2 + 1
     finally:
         sim.set_latency("ca-sflight", 0.0)
+
+
+async def test_the_guards_check_a_call_before_the_cache_answers_it(sim: Any) -> None:
+    from xml_pipeline_llm import BlockedError, LoopDetectedError
+
+    r = cached_router(sim, "ca-guards", guards={"repeat_limit": 2, "repeat_window": "10m"})
+    first = await r.complete("grok-4.1", MESSAGES, agent_id="a", thread_id="t", temperature=0)
+    second = await r.complete("grok-4.1", MESSAGES, agent_id="a", thread_id="t", temperature=0)
+    assert not first.cache_hit and second.cache_hit
+    with pytest.raises(LoopDetectedError):          # a loop answered from the cache is still a loop
+        await r.complete("grok-4.1", MESSAGES, agent_id="a", thread_id="t", temperature=0)
+    await r.block(agent="a", reason="runaway")
+    with pytest.raises(BlockedError):               # a blocked agent gets no cached answer either
+        await r.complete("grok-4.1", MESSAGES, agent_id="a", thread_id="other", temperature=0)
+    with pytest.raises(BlockedError):
+        async with r.stream("grok-4.1", MESSAGES, agent_id="a", thread_id="other", temperature=0) as s:
+            async for _ in s:
+                pass
+    await r.unblock(agent="a")
+    s = r.stream("grok-4.1", MESSAGES, agent_id="a", thread_id="again", temperature=0)
+    assert "".join([d async for d in s]) == first.content and s.response is not None and s.response.cache_hit
+    assert sim.stats("ca-guards").requests == 1
+    assert [e.outcome for e in r.usage_events()].count("refused:blocked") == 2

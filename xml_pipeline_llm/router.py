@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 from . import _litellm
 from .backends import ResolvedBackend
 from .budgets import BudgetMethods, Budgets
-from .cache.serve import ResponseCache
+from .cache.serve import Plan, ResponseCache
 from .config import RouterConfig
 from .deadline import Deadline
 from .errors import BadRequestError, Saturated, TryTimedOut
@@ -127,15 +127,31 @@ class LLMRouter(UsageMethods, BudgetMethods, GuardMethods):
         """One chat completion, retried and failed over by the configured rules."""
         options, kwargs, metadata = checked(model, messages, agent_id, thread_id, metadata, kwargs, streaming=False)
         plan = self.cache and self.cache.plan(model, messages, kwargs, agent_id, thread_id, metadata, options)
-        if plan:        # the response cache: a hit, or this call through it (cache/)
+        if plan:        # the response cache: a hit, or this call through it (cache/); the guards first
+            admitted = self._guarded(plan, model, messages, kwargs, agent_id, thread_id, metadata)
             return await plan.complete(lambda: self._complete(model, messages, agent_id, thread_id, metadata,
-                                                              kwargs, options))
+                                                              kwargs, options, admitted[0]))
         return await self._complete(model, messages, agent_id, thread_id, metadata, kwargs, options)
+
+    def _guarded(self, plan: Plan, model: str, messages: list[dict[str, Any]], kwargs: dict[str, Any],
+                 agent_id: str | None, thread_id: str | None, metadata: dict[str, Any]) -> list[str]:
+        """Have the guards check a call through the cache before the cache answers it (a hit is a
+        request too: a blocked agent, a loop or a spent call cap is refused); the model they send
+        it to, once they passed it, in the list returned."""
+        admitted: list[str] = []
+
+        async def check() -> None:
+            sent, pending = await self._guards.admit(model, messages, kwargs, agent_id, thread_id, metadata)
+            await self._guards.passed(pending)
+            admitted.append(sent)
+
+        plan.before = check
+        return admitted
 
     async def _complete(self, model: str, messages: list[dict[str, Any]], agent_id: str | None,
                         thread_id: str | None, metadata: dict[str, Any], kwargs: dict[str, Any],
-                        options: CallOptions) -> LLMResponse:
-        req = await self._request(model, messages, agent_id, thread_id, metadata, kwargs, options)
+                        options: CallOptions, admitted: str | None = None) -> LLMResponse:
+        req = await self._request(model, messages, agent_id, thread_id, metadata, kwargs, options, admitted)
         resp = await self._serve(req, stream=False)
         assert isinstance(resp, LLMResponse)
         resp.attempts = len(req.attempts) + 1
@@ -147,21 +163,30 @@ class LLMRouter(UsageMethods, BudgetMethods, GuardMethods):
         """An async iterator of text deltas; ``.response`` holds the LLMResponse once it ends."""
         options, kwargs, metadata = checked(model, messages, agent_id, thread_id, metadata, kwargs, streaming=True)
 
+        admitted: list[str] = []
+
         async def open_stream() -> OpenStream:
-            req = await self._request(model, messages, agent_id, thread_id, metadata, kwargs, options)
+            req = await self._request(model, messages, agent_id, thread_id, metadata, kwargs, options,
+                                      admitted[0] if admitted else None)
             opened = await self._serve(req, stream=True)
             assert isinstance(opened, OpenStream)
             return opened
 
         plan = self.cache and self.cache.plan(model, messages, kwargs, agent_id, thread_id, metadata, options)
-        if plan:        # the response cache: a hit replayed, or this stream through it (cache/)
+        if plan:        # the response cache: a hit replayed, or this stream through it (cache/); the guards first
+            admitted = self._guarded(plan, model, messages, kwargs, agent_id, thread_id, metadata)
             return plan.stream(lambda: LLMStream(open_stream))
         return LLMStream(open_stream)
 
     async def _request(self, model: str, messages: list[dict[str, Any]], agent_id: str | None,
                        thread_id: str | None, metadata: dict[str, Any] | None,
-                       kwargs: dict[str, Any], options: CallOptions) -> Request:
-        model, guard = await self._guards.admit(model, messages, kwargs, agent_id, thread_id, metadata or {})
+                       kwargs: dict[str, Any], options: CallOptions, admitted: str | None = None) -> Request:
+        """The request for a checked call (``admitted``: the model the guards already passed it for)."""
+        guard = None
+        if admitted is None:
+            model, guard = await self._guards.admit(model, messages, kwargs, agent_id, thread_id, metadata or {})
+        else:
+            model = admitted
         chain = build_chain(self._routes, self.config.models, model, options.fallbacks)
         retries = self.config.retries if options.retries is None else options.retries
         call = Call(model, messages, kwargs, agent_id, thread_id, dict(metadata or {}), options)
@@ -208,7 +233,7 @@ class LLMRouter(UsageMethods, BudgetMethods, GuardMethods):
             req.use(place)
         try:
             async with Try(self._services, req, backend) as t:
-                await self._guards.passed(req)      # guards.py: checks sent alongside the admission, before sending
+                await self._guards.passed(req.guard)    # guards/: checks sent alongside the admission, before sending
                 try:
                     return await (t.open_stream() if stream else t.complete())
                 except Exception as exc:

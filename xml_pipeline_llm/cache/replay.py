@@ -33,6 +33,8 @@ class CachedStream(LLMStream):
             if self._over:
                 raise StopAsyncIteration
             started = time.monotonic()
+            if self._plan.before is not None:
+                await self._plan.before()
             got = await self._plan.cache.obtain(self._plan)
             if isinstance(got, bool):
                 self._leads, self._inner = got, self._make()

@@ -349,6 +349,7 @@ class Plan:
     flight: Flight | None = None
     token: str | None = None        # the Redis lock this call holds
     renewing: asyncio.Future[None] | None = field(default=None, repr=False)
+    before: Callable[[], Awaitable[None]] | None = field(default=None, repr=False)   # the guards' check, first
 
     def fresh(self, entry: Entry, now: float) -> bool:
         return self.max_age is None or now - entry.stored_at <= self.max_age
@@ -357,6 +358,8 @@ class Plan:
         """``complete()`` through the cache: a hit, the answer of an identical call in flight, or
         ``produce()`` (the provider), stored when it is a complete answer."""
         started = time.monotonic()
+        if self.before is not None:
+            await self.before()
         got = await self.cache.obtain(self)
         if not isinstance(got, bool):
             return await self.cache.hit(self, got, started)

@@ -51,7 +51,6 @@ from ..usage import make_event
 if TYPE_CHECKING:
     from ..budgets import Budgets, BudgetStatus
     from ..config import BudgetConfig, RouterConfig
-    from ..request import Request
     from ..shared.guards import FleetCounter
     from ..usage import UsageLedger
 
@@ -139,9 +138,8 @@ class Guards:
             model = await self.degrade(model, agent, thread, metadata)
         return model, pending
 
-    async def passed(self, req: Request) -> None:
+    async def passed(self, pending: Pending | None) -> None:
         """Wait for the checks a request issued alongside its admission (nothing to wait for: at once)."""
-        pending = req.guard
         if pending is None or pending.done:
             return
         pending.done = True
