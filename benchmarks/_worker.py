@@ -12,8 +12,8 @@ several variants of one kind may share a process.  A variant spec has:
 * ``backends``: how many backends serve the model
   (router kinds); ``strategy``; ``agents``: distinct agent ids (the usage
   totals are pre-filled with that many agents); ``sqlite``: ledger path or
-  null; ``stub_accounting``: make the ledger's record a no-op (the "without
-  accounting" baseline); ``limits``: backend limit keys; ``prefix``: backend
+  null; ``budgets``, ``guards``: ``llm.budgets`` and ``llm.guards``; ``stub_accounting``: make
+  the ledger's record a no-op (the "without accounting" baseline); ``limits``: backend limit keys; ``prefix``: backend
   names are ``<prefix>-0``, ``<prefix>-1``, ... (default ``sim``); ``warmup``: calls;
   ``telemetry`` (issue 14; per process, so one variant per worker): ``missing`` (OpenTelemetry
   made unimportable before the package loads), ``off`` (``llm.telemetry.otel: false``), ``api``
@@ -130,6 +130,8 @@ class Variant:
             llm["usage_store"] = f"sqlite:///{self.spec['sqlite']}"
         if self.spec.get("budgets"):
             llm["budgets"] = self.spec["budgets"]
+        if self.spec.get("guards"):
+            llm["guards"] = self.spec["guards"]
         if self.spec.get("telemetry") == "off":
             llm["telemetry"] = {"otel": False}
         return common.make_router(backends, **llm)

@@ -331,3 +331,16 @@ async def test_the_try_span_is_the_current_span_while_the_provider_is_called(sim
     assert trace.get_current_span().get_span_context().span_id not in seen    # not left current after
     assert tries[0].status.status_code is StatusCode.ERROR and not tries[0].events[1:]
     await r.aclose()
+
+
+async def test_response_cache_hits_are_counted_apart_from_provider_calls(sim, otel):
+    r = make_router([backend(sim, "xai", "ot-cache-hit")], cache={},
+                    pricing={"grok-4.1": {"input_per_mtok": 3.0, "output_per_mtok": 15.0}})
+    first = await r.complete("grok-4.1", MESSAGES, agent_id="a", temperature=0)
+    for _ in range(3):
+        assert (await r.complete("grok-4.1", MESSAGES, agent_id="a", temperature=0)).cache_hit
+    assert sum(p.value for p in otel.points("xpl.cache.hits", {"ot-cache-hit"})) == 3
+    assert sum(p.value for p in otel.points("xpl.cache.saved", {"ot-cache-hit"})) == pytest.approx(3 * first.cost_usd)
+    assert sum(p.value for p in otel.points("xpl.requests", {"ot-cache-hit"})) == 1
+    assert sum(p.value for p in otel.points("xpl.cost", {"ot-cache-hit"})) == pytest.approx(first.cost_usd)
+    await r.aclose()

@@ -181,7 +181,8 @@ async def test_csv_exports_parse_back(sim, tmp_path):
         rows = list(csv.DictReader(path.open()))
         assert list(rows[0]) == [key, "prompt_tokens", "completion_tokens", "total_tokens",
                                  "request_count", "error_count", "cost_usd", "unpriced_requests",
-                                 "cached_tokens", "cache_write_tokens", "reasoning_tokens"]
+                                 "cached_tokens", "cache_write_tokens", "reasoning_tokens", "cache_hits",
+                                 "saved_usd"]
         assert sum(int(x["request_count"]) for x in rows) == 3
         totals = r.get_all_usage(by)
         for row in rows:
@@ -196,7 +197,7 @@ async def test_csv_exports_parse_back(sim, tmp_path):
     assert list(events[0]) == ["timestamp", "agent_id", "thread_id", "model", "backend", "provider",
                                "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd",
                                "latency_ms", "outcome", "requested_model",
-                               "cached_tokens", "cache_write_tokens", "reasoning_tokens", "metadata"]
+                               "cached_tokens", "cache_write_tokens", "reasoning_tokens", "saved_usd", "metadata"]
     assert [e["agent_id"] for e in events] == ["alice", "bob", "alice"]
     assert all(e["requested_model"] == e["model"] for e in events)     # plain calls: the model asked for
     assert events[0]["timestamp"].endswith("Z") and events[1]["cost_usd"] == ""

@@ -112,6 +112,42 @@ class DeadlineExceededError(BackendError, TimeoutError):
         self.waiting_for = waiting_for
 
 
+class LoopDetectedError(BackendError):
+    """A thread sent the same request more than ``llm.guards.repeat_limit`` times within ``repeat_window``.
+
+    Nothing was sent; never retried, never failed over.  ``count`` is how many
+    identical requests the thread made in the window, this one included;
+    ``window`` is the window in seconds.
+    """
+
+    def __init__(self, message: str, thread_id: str, agent_id: str | None, count: int, window: float) -> None:
+        super().__init__(message)
+        self.thread_id, self.agent_id, self.count, self.window = thread_id, agent_id, count, window
+
+
+class CallLimitError(BackendError):
+    """A thread made ``llm.guards.max_calls_per_thread`` requests (``limit``); nothing was sent.
+
+    ``end_thread(thread_id)`` forgets the count.  Never retried, never failed over.
+    """
+
+    def __init__(self, message: str, thread_id: str, limit: int) -> None:
+        super().__init__(message)
+        self.thread_id, self.limit = thread_id, limit
+
+
+class BlockedError(BackendError):
+    """The caller is blocked (``router.block`` or ``xml-pipeline-llm block``); nothing was sent.
+
+    ``reason`` is the operator's reason; ``block`` the entry that matched
+    (agent, thread, metadata, reason, since).  Never retried, never failed over.
+    """
+
+    def __init__(self, message: str, reason: str, block: object = None) -> None:
+        super().__init__(message)
+        self.reason, self.block = reason, block
+
+
 # ---------------------------------------------------------------- raised and caught inside the package
 
 

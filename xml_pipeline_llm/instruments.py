@@ -50,6 +50,10 @@ class Instruments:
         self.requests = meter.create_counter(
             "xpl.requests", unit="{request}", description="Provider calls (tries), by xpl.outcome")
         self.cost = meter.create_counter("xpl.cost", unit="USD", description="Cost of the priced provider calls")
+        self.cache_hits = meter.create_counter(
+            "xpl.cache.hits", unit="{request}", description="Requests the response cache answered")
+        self.saved = meter.create_counter(
+            "xpl.cache.saved", unit="USD", description="What cached answers cost originally")
         for name, what in (("in_flight", "Calls in flight per backend"),
                            ("queued", "Calls waiting for a backend's limits"),
                            ("cooling_down", "1 while a backend cools down after a failure, else 0"),

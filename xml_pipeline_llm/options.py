@@ -10,6 +10,9 @@ beside the provider parameters that go to LiteLLM in OpenAI form:
     drop_params=True    let LiteLLM drop parameters a provider does not support
     priority="high"     high, normal (default) or low: the order among waiters (fairness.py)
     fallbacks=[...]     models (or aliases) to try, in order, once the model's backends are out
+    cache=False         skip the response cache (llm.cache) for this call: neither read nor write;
+                        cache=True uses it for a call it would not cache (not deterministic)
+    cache_ttl=60        seconds: keep this answer that long, and take no cached answer older
 
 These are never handed to LiteLLM as LiteLLM options, and LiteLLM's and the
 OpenAI SDK's own retries are always switched off on the call itself
@@ -55,6 +58,8 @@ class CallOptions:
     drop_params: bool | None = None
     priority: Priority = "normal"
     fallbacks: tuple[str, ...] = ()
+    cache: bool | None = None          # the response cache for this call (None: by the rule)
+    cache_ttl: float | None = None     # seconds (None: llm.cache.ttl)
 
 
 def split_options(kwargs: dict[str, Any], *, streaming: bool) -> tuple[CallOptions, dict[str, Any]]:
@@ -80,12 +85,15 @@ def split_options(kwargs: dict[str, Any], *, streaming: bool) -> tuple[CallOptio
                        retries=_retries(rest),
                        drop_params=_flag("drop_params", rest.pop("drop_params", None)),
                        priority=_priority(rest.pop("priority", "normal")),
-                       fallbacks=_fallbacks(rest.pop("fallbacks", None))), rest
+                       fallbacks=_fallbacks(rest.pop("fallbacks", None)),
+                       cache=_flag("cache", rest.pop("cache", None)),
+                       cache_ttl=_seconds("cache_ttl", rest.pop("cache_ttl", None),
+                                          "to keep this answer in the response cache")), rest
 
 
 _NONE = CallOptions()
 _OWN = frozenset({"timeout", "stream_idle_timeout", "deadline", "drop_params", "stream", "priority", "fallbacks",
-                  *RETRY_SYNONYMS})
+                  "cache", "cache_ttl", *RETRY_SYNONYMS})
 
 
 def _seconds(name: str, value: Any, what: str) -> float | None:

@@ -87,6 +87,7 @@ class Request:
     last_exc: BaseException | None = None
     _estimate: int | None = None
     span: Any = None                  # the request's telemetry span (telemetry.py), None when off
+    guard: Any = None                 # the guards' checks riding along the first admission (guards.Pending)
 
     # ---- what the caller asked for
     @property

@@ -31,3 +31,6 @@ class LLMResponse:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     #: provider calls this request made, the one that answered included (retries and failovers add one each)
     attempts: int = 1
+    #: answered from the response cache (``llm.cache``): no provider call, ``cost_usd`` 0.0, ``attempts`` 0,
+    #: ``usage`` the original answer's
+    cache_hit: bool = False

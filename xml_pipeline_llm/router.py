@@ -23,10 +23,12 @@ from typing import Any, NoReturn
 from . import _litellm
 from .backends import ResolvedBackend
 from .budgets import BudgetMethods, Budgets
+from .cache.serve import Plan, ResponseCache
 from .config import RouterConfig
 from .deadline import Deadline
 from .errors import BadRequestError, Saturated, TryTimedOut
 from .fallback import build_chain, none_fits, too_small
+from .guards import GuardMethods, Guards, make_guards
 from .health import Health
 from .lifecycle import OpenStream, Services, Try
 from .options import CallOptions, checked
@@ -47,7 +49,7 @@ from .usage import Listener, UsageLedger, UsageMethods
 log = logging.getLogger("xml_pipeline_llm")
 
 
-class LLMRouter(UsageMethods, BudgetMethods):
+class LLMRouter(UsageMethods, BudgetMethods, GuardMethods):
     """Routes ``complete()`` and ``stream()`` calls over the configured backends.
 
     ``state`` replaces the shared state the config names (``MemoryState`` or
@@ -70,11 +72,17 @@ class LLMRouter(UsageMethods, BudgetMethods):
                                    group_by_metadata=config.telemetry.group_by_metadata)
         self._budgets: Budgets = self._state.budgets(config.budgets, clock, getattr(store, "spend", None))
         self._routes = Routes(self.backends, config.skipped)
+        #: loops, call caps per thread, the kill switch, degrade (``guards.py``)
+        self._guards: Guards = make_guards(config, self._state, self._ledger, self._budgets)
         self._llm: _litellm.Deployments | None = None
         self._secrets = [b.api_key.get_secret_value() for b in self.backends if b.api_key is not None]
         self.id = uuid.uuid4().hex
         #: spans and metrics (``telemetry.py``): ``NOOP`` when off or not installed; ``.metrics_url``
         self.telemetry = make_telemetry(config, self, self._ledger, self._secrets)
+        #: the response cache (``llm.cache``, ``cache/``); None when off
+        self.cache = None if config.cache is None else ResponseCache(
+            config.cache, self._ledger, conn=getattr(self._state, "conn", None), prefix=config.redis_prefix,
+            providers={b.name: b.provider.name for b in self.backends})
         #: provider-reported quotas, circuit breakers, latencies (``health.py``)
         self.health = Health(self._gates, make_breakers(config, self._state), self._strategy)
         self._services = Services(self.id, {b.name: b for b in self.backends}, self._gates, self._ledger,
@@ -130,7 +138,32 @@ class LLMRouter(UsageMethods, BudgetMethods):
                        metadata: dict[str, Any] | None = None, **kwargs: Any) -> LLMResponse:
         """One chat completion, retried and failed over by the configured rules."""
         options, kwargs, metadata = checked(model, messages, agent_id, thread_id, metadata, kwargs, streaming=False)
-        req = await self._request(model, messages, agent_id, thread_id, metadata, kwargs, options)
+        plan = self.cache and self.cache.plan(model, messages, kwargs, agent_id, thread_id, metadata, options)
+        if plan:        # the response cache: a hit, or this call through it (cache/); the guards first
+            admitted = self._guarded(plan, model, messages, kwargs, agent_id, thread_id, metadata)
+            return await plan.complete(lambda: self._complete(model, messages, agent_id, thread_id, metadata,
+                                                              kwargs, options, admitted[0]))
+        return await self._complete(model, messages, agent_id, thread_id, metadata, kwargs, options)
+
+    def _guarded(self, plan: Plan, model: str, messages: list[dict[str, Any]], kwargs: dict[str, Any],
+                 agent_id: str | None, thread_id: str | None, metadata: dict[str, Any]) -> list[str]:
+        """Have the guards check a call through the cache before the cache answers it (a hit is a
+        request too: a blocked agent, a loop or a spent call cap is refused); the model they send
+        it to, once they passed it, in the list returned."""
+        admitted: list[str] = []
+
+        async def check() -> None:
+            sent, pending = await self._guards.admit(model, messages, kwargs, agent_id, thread_id, metadata)
+            await self._guards.passed(pending)
+            admitted.append(sent)
+
+        plan.before = check
+        return admitted
+
+    async def _complete(self, model: str, messages: list[dict[str, Any]], agent_id: str | None,
+                        thread_id: str | None, metadata: dict[str, Any], kwargs: dict[str, Any],
+                        options: CallOptions, admitted: str | None = None) -> LLMResponse:
+        req = await self._request(model, messages, agent_id, thread_id, metadata, kwargs, options, admitted)
         resp = await self._serve(req, stream=False)
         assert isinstance(resp, LLMResponse)
         resp.attempts = len(req.attempts) + 1
@@ -142,22 +175,35 @@ class LLMRouter(UsageMethods, BudgetMethods):
         """An async iterator of text deltas; ``.response`` holds the LLMResponse once it ends."""
         options, kwargs, metadata = checked(model, messages, agent_id, thread_id, metadata, kwargs, streaming=True)
 
+        admitted: list[str] = []
+
         async def open_stream() -> OpenStream:
-            req = await self._request(model, messages, agent_id, thread_id, metadata, kwargs, options)
+            req = await self._request(model, messages, agent_id, thread_id, metadata, kwargs, options,
+                                      admitted[0] if admitted else None)
             opened = await self._serve(req, stream=True)
             assert isinstance(opened, OpenStream)
             return opened
 
+        plan = self.cache and self.cache.plan(model, messages, kwargs, agent_id, thread_id, metadata, options)
+        if plan:        # the response cache: a hit replayed, or this stream through it (cache/); the guards first
+            admitted = self._guarded(plan, model, messages, kwargs, agent_id, thread_id, metadata)
+            return plan.stream(lambda: LLMStream(open_stream))
         return LLMStream(open_stream)
 
     async def _request(self, model: str, messages: list[dict[str, Any]], agent_id: str | None,
                        thread_id: str | None, metadata: dict[str, Any] | None,
-                       kwargs: dict[str, Any], options: CallOptions) -> Request:
+                       kwargs: dict[str, Any], options: CallOptions, admitted: str | None = None) -> Request:
+        """The request for a checked call (``admitted``: the model the guards already passed it for)."""
+        guard = None
+        if admitted is None:
+            model, guard = await self._guards.admit(model, messages, kwargs, agent_id, thread_id, metadata or {})
+        else:
+            model = admitted
         chain = build_chain(self._routes, self.config.models, model, options.fallbacks)
         retries = self.config.retries if options.retries is None else options.retries
         call = Call(model, messages, kwargs, agent_id, thread_id, dict(metadata or {}), options)
         req = Request(call, chain, retries + 1, Deadline(options.deadline or self.config.deadline),
-                      self.config.max_queue_wait)
+                      self.config.max_queue_wait, guard=guard)
         for place, why in too_small(req):
             req.skip(why, place)
         live = req.live()
@@ -201,6 +247,7 @@ class LLMRouter(UsageMethods, BudgetMethods):
             req.use(place)
         try:
             async with Try(self._services, req, backend) as t:
+                await self._guards.passed(req.guard)    # guards/: checks sent alongside the admission, before sending
                 try:
                     return await (t.open_stream() if stream else t.complete())
                 except Exception as exc:
@@ -283,6 +330,9 @@ class LLMRouter(UsageMethods, BudgetMethods):
     async def aclose(self) -> None:
         """Flush and close the usage store and the shared-state connection."""
         self.telemetry.close()
+        await self._guards.close()
+        if self.cache is not None:
+            await self.cache.close()
         await self._ledger.close()
         await self._state.close()
 

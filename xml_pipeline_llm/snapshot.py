@@ -27,6 +27,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+#: outcomes that are not failures: a provider answer, and a response-cache hit
+SERVED = ("ok", "cache_hit")
+
 if TYPE_CHECKING:
     from .budgets import BudgetStatus
     from .router import LLMRouter
@@ -157,9 +160,11 @@ class Recent:
         self._lock = threading.Lock()
 
     def add(self, event: UsageEvent) -> None:
+        if event.outcome == "cache_hit":      # answered by the response cache: no provider try to show
+            return
         with self._lock:
             self._events.append(event)
-            if event.outcome != "ok":
+            if event.outcome not in SERVED:
                 self._errors.append(event)
             self._prune(time.time())
 
@@ -203,7 +208,7 @@ def recent_of(router: LLMRouter) -> Recent:
         router.on_usage(listen)
         horizon = time.time() - WINDOW
         past = [e for e in router.usage_events()[-100_000:] if id(e) not in seen]
-        window.extend(e for e in past if e.timestamp >= horizon or e.outcome != "ok")
+        window.extend(e for e in past if e.timestamp >= horizon or e.outcome not in SERVED)
         seeding = False
         return window
 
@@ -246,46 +251,66 @@ def assemble(*, agents: Mapping[str, AgentUsage], backends: Mapping[str, AgentUs
     """A ``Snapshot`` from totals per agent and backend, the last window's events, the last errors,
     backend states and budget statuses (wherever they were read)."""
     now = time.time() if now is None else now
+    rate = _rates(recent)
+    rows = sorted((budget_row(s) for s in budgets), key=lambda b: (-b.percent, b.scope, b.key or ""))
+    error_rows = tuple(ErrorRow(time=e.timestamp, agent=e.agent_id or NO_AGENT, backend=e.backend, model=e.model,
+                                outcome=e.outcome) for e in sorted(errors, key=lambda e: -e.timestamp))
+    return Snapshot(taken_at=now, source=source, window=window, agents=_agent_rows(agents, rate["agent"], rows),
+                    backends=_backend_rows(backends, rate["backend"], states), budgets=tuple(rows),
+                    errors=error_rows, notes=tuple(notes))
+
+
+_NO_RATE = (0, 0, 0.0, 0, 0)
+
+
+def _rates(recent: Sequence[UsageEvent]) -> dict[str, dict[str, list[float]]]:
+    """Per agent and per backend over the window: [requests, tokens, usd, errors, tries]."""
     rate: dict[str, dict[str, list[float]]] = {"agent": {}, "backend": {}}
-    for e in recent:                       # [requests, tokens, usd, errors, tries]
+    for e in recent:
         for group, key in (("agent", e.agent_id or NO_AGENT), ("backend", e.backend)):
+            if not key:                    # a request the guards refused reached no backend
+                continue
             r = rate[group].setdefault(key, [0, 0, 0.0, 0, 0])
             r[0] += e.succeeded or e.ended_in_error
             r[1] += e.total_tokens
             r[2] += e.cost_usd or 0.0
             r[3] += e.outcome != "ok"
             r[4] += 1
-    rows = [budget_row(s) for s in budgets]
+    return rate
+
+
+def _agent_rows(agents: Mapping[str, AgentUsage], rate: Mapping[str, Sequence[float]],
+                budgets: Sequence[BudgetRow]) -> tuple[AgentRow, ...]:
     fullest: dict[str, float] = {}
-    for b in rows:
+    for b in budgets:
         if b.scope == "agent" and b.key is not None:
             fullest[b.key] = max(fullest.get(b.key, 0.0), b.percent)
-    agent_rows = []
-    for name in set(agents) | set(rate["agent"]):
-        t = agents.get(name)
-        r = rate["agent"].get(name, [0, 0, 0.0, 0, 0])
-        agent_rows.append(AgentRow(
+    out = []
+    for name in set(agents) | set(rate):
+        t = agents.get(name) or AgentUsage()
+        r = rate.get(name, _NO_RATE)
+        out.append(AgentRow(
             agent=name, requests_per_min=int(r[0]), tokens_per_min=int(r[1]), usd_per_min=round(r[2], 10),
-            errors_per_min=int(r[3]), spend_usd=None if t is None else t.cost_usd,
-            total_tokens=0 if t is None else t.total_tokens, requests=0 if t is None else t.request_count,
-            errors=0 if t is None else t.error_count, budget_percent=fullest.get(name)))
-    agent_rows.sort(key=lambda a: (-(a.spend_usd or 0.0), -a.usd_per_min, -a.tokens_per_min, a.agent))
-    backend_rows = []
+            errors_per_min=int(r[3]), spend_usd=t.cost_usd, total_tokens=t.total_tokens,
+            requests=t.request_count, errors=t.error_count, budget_percent=fullest.get(name)))
+    out.sort(key=lambda a: (-(a.spend_usd or 0.0), -a.usd_per_min, -a.tokens_per_min, a.agent))
+    return tuple(out)
+
+
+def _backend_rows(backends: Mapping[str, AgentUsage], rate: Mapping[str, Sequence[float]],
+                  states: Sequence[BackendState]) -> tuple[BackendRow, ...]:
     known = {s.name for s in states}
-    extra = [BackendState(name) for name in sorted(set(backends) | set(rate["backend"])) if name not in known]
+    extra = [BackendState(name) for name in sorted(set(backends) | set(rate)) if name not in known]
+    out = []
     for s in [*states, *extra]:
-        r = rate["backend"].get(s.name, [0, 0, 0.0, 0, 0])
+        r = rate.get(s.name, _NO_RATE)
         t = backends.get(s.name)
-        backend_rows.append(BackendRow(
+        out.append(BackendRow(
             backend=s.name, provider=s.provider, max_concurrent=s.max_concurrent, in_flight=s.in_flight,
             queued=s.queued, cooling_down=round(max(0.0, s.cooling_down), 3), circuit=s.circuit,
             requests_per_min=int(r[4]), tokens_per_min=int(r[1]), errors_per_min=int(r[3]),
             spend_usd=None if t is None else t.cost_usd))
-    error_rows = tuple(ErrorRow(time=e.timestamp, agent=e.agent_id or NO_AGENT, backend=e.backend, model=e.model,
-                                outcome=e.outcome) for e in sorted(errors, key=lambda e: -e.timestamp))
-    rows.sort(key=lambda b: (-b.percent, b.scope, b.key or ""))
-    return Snapshot(taken_at=now, source=source, window=window, agents=tuple(agent_rows),
-                    backends=tuple(backend_rows), budgets=tuple(rows), errors=error_rows, notes=tuple(notes))
+    return tuple(out)
 
 
 def circuit_of(router: Any, backend: str) -> str:

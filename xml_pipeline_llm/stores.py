@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS usage_events (
     timestamp REAL NOT NULL, agent_id TEXT, thread_id TEXT, model TEXT, backend TEXT,
     provider TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, total_tokens INTEGER,
     cost_usd REAL, latency_ms REAL, outcome TEXT, call_id TEXT, requested_model TEXT, metadata TEXT,
-    cached_tokens INTEGER DEFAULT 0, cache_write_tokens INTEGER DEFAULT 0, reasoning_tokens INTEGER DEFAULT 0
+    cached_tokens INTEGER DEFAULT 0, cache_write_tokens INTEGER DEFAULT 0, reasoning_tokens INTEGER DEFAULT 0,
+    saved_usd REAL
 );
 CREATE INDEX IF NOT EXISTS usage_events_ts ON usage_events(timestamp);
 """
@@ -50,7 +51,7 @@ CREATE INDEX IF NOT EXISTS usage_events_ts ON usage_events(timestamp);
 # so an old ledger opens, keeps its rows (which read back with the default) and gains the column.
 _DETAIL_COLUMNS = ("cached_tokens", "cache_write_tokens", "reasoning_tokens")   # 0 in older rows
 _SQL_TYPES = {"prompt_tokens": "INTEGER", "completion_tokens": "INTEGER", "total_tokens": "INTEGER",
-              "timestamp": "REAL", "cost_usd": "REAL", "latency_ms": "REAL",
+              "timestamp": "REAL", "cost_usd": "REAL", "latency_ms": "REAL", "saved_usd": "REAL",
               **{c: "INTEGER DEFAULT 0" for c in _DETAIL_COLUMNS}}
 _JSON_COLUMNS = ("metadata",)   # stored as JSON text (NULL when empty)
 _INSERT = f"INSERT INTO usage_events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"

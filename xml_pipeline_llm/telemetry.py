@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 from .instruments import LIVE, SCOPE, instruments, prometheus
 from .redact import mask
+from .usage import CACHE_HIT
 
 if TYPE_CHECKING:
     from .config import RouterConfig
@@ -276,6 +277,12 @@ class OTelTelemetry(NoTelemetry):
                                  "gen_ai.provider.name": provider_name(event.provider),
                                  "gen_ai.request.model": event.model, "xpl.backend": event.backend,
                                  "xpl.agent_id": event.agent_id or "(none)"}
+        if event.outcome == CACHE_HIT:      # the response cache answered: no provider call to measure
+            for ins in self._instruments:
+                ins.cache_hits.add(1, attrs)
+                if event.saved_usd:
+                    ins.saved.add(event.saved_usd, attrs)
+            return
         timed = attrs if event.succeeded else {**attrs, "error.type": event.outcome.partition(":")[2]}
         counted = {**attrs, "xpl.outcome": event.outcome}
         for ins in self._instruments:

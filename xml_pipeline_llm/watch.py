@@ -157,7 +157,7 @@ class RedisSource:
         if agents is None or backends is None:
             raise WatchError(f"Redis at {self.where} does not answer")
         for e in recent:
-            if e.outcome != "ok":
+            if e.outcome not in ("ok", "cache_hit"):
                 mark = (e.timestamp, e.call_id, e.backend, e.outcome)
                 if mark not in self._seen:
                     self._seen.append(mark)
@@ -224,11 +224,13 @@ class SqliteSource:
         return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5.0)
 
     def _totals(self, conn: sqlite3.Connection, column: str) -> dict[str, AgentUsage]:
-        sql = (f"SELECT COALESCE({column}, ''), COALESCE(SUM(total_tokens), 0), SUM(cost_usd), "
-               f"SUM(outcome = 'ok'), SUM(outcome LIKE 'error:%') FROM usage_events GROUP BY 1")
+        sql = (f"SELECT COALESCE({column}, ''), COALESCE(SUM(total_tokens), 0), "
+               f"SUM(CASE WHEN outcome = 'cache_hit' THEN NULL ELSE cost_usd END), "    # hits: not provider cost
+               f"SUM(outcome = 'ok'), SUM(outcome LIKE 'error:%'), SUM(outcome = 'cache_hit') "
+               f"FROM usage_events GROUP BY 1")
         return {name or "(none)": AgentUsage(total_tokens=int(tokens), cost_usd=usd, request_count=int(ok or 0),
-                                             error_count=int(err or 0))
-                for name, tokens, usd, ok, err in conn.execute(sql)}
+                                             error_count=int(err or 0), cache_hits=int(hits or 0))
+                for name, tokens, usd, ok, err, hits in conn.execute(sql)}
 
     def read(self) -> Snapshot:
 
@@ -243,7 +245,7 @@ class SqliteSource:
                                      total_tokens=0, cost_usd=None, latency_ms=0.0, outcome=outcome)
                           for ts, agent, backend, model, outcome in conn.execute(
                               "SELECT timestamp, agent_id, backend, model, outcome FROM usage_events "
-                              "WHERE outcome != 'ok' ORDER BY id DESC LIMIT ?", (ERRORS,))]
+                              "WHERE outcome NOT IN ('ok', 'cache_hit') ORDER BY id DESC LIMIT ?", (ERRORS,))]
             finally:
                 conn.close()
             recent = list(read_events(self.path, now - WINDOW))

@@ -36,7 +36,8 @@ class Budgets:
 
     def __init__(self, rules: Iterable[BudgetConfig], clock: Callable[[], float] = time.time,
                  restore: Restore | None = None) -> None:
-        self._rules = [(r.scope, r.match, Limit(r.max_tokens, r.max_usd, r.window, tuple(sorted(r.warn_at))))
+        self._rules = [(r.scope, r.match, Limit(r.max_tokens, r.max_usd, r.window, tuple(sorted(r.warn_at)),
+                                                r.degrade.at if r.degrade is not None else None))
                        for r in rules]
         self._set: dict[BudgetKey, Limit] = {}
         self._accounts: dict[BudgetKey, Account] = {}

@@ -35,7 +35,11 @@ class BudgetMethods:
         self._budgets.reset(*_checked_key(scope, key))
 
     def end_thread(self, thread_id: str) -> BudgetStatus | None:
-        """Forget a finished thread's budget; its final state (None: it had none)."""
+        """Forget a finished thread's budget (and its call count and loop window: ``guards/``); its
+        final budget state (None: it had none)."""
+        guards = getattr(self, "_guards", None)
+        if guards is not None:
+            guards.forget_thread(thread_id)
         return self._budgets.forget("thread", thread_id)
 
     def on_budget(self, callback: Callable[[BudgetEvent], Any]) -> Callable[[], None]:

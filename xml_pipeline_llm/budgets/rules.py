@@ -21,7 +21,7 @@ WINDOW_SECONDS: dict[str, int | None] = {"none": None, "1h": 3600, "1d": 86400, 
                                          "30d": 30 * 86400}
 MONDAY = 4 * 86400          # 1970-01-01 was a Thursday: weeks start four days later
 Unit = Literal["tokens", "usd"]
-Severity = Literal["warning", "critical", "final", "exhausted"]
+Severity = Literal["warning", "critical", "final", "exhausted", "degraded"]   # degraded: a budget's degrade.at
 BudgetKey = tuple[str, "str | None"]      # (scope, key): ("agent", "researcher"), ("global", None)
 
 
@@ -101,6 +101,7 @@ class Limit:
     max_usd: float | None = None
     window: str = "none"
     warn_at: tuple[int, ...] = (75, 90, 95)
+    degrade_at: int | None = None        # degrade: {at: P}: a ``degraded`` event when the spend reaches P%
 
 
 @dataclass
@@ -214,6 +215,10 @@ def crossings(acct: Account) -> list[BudgetEvent]:
         if not limit:
             continue
         for percent in (*acct.limit.warn_at, 100):
+            at = acct.limit.degrade_at      # degrade: {at: P}, once, before the warn_at of the same percent
+            if at is not None and at <= percent and used * 100 >= at * limit and (unit, -at) not in acct.crossed:
+                acct.crossed.add((unit, -at))
+                out.append(BudgetEvent(acct.scope, acct.key, at, used, limit, unit, "degraded"))
             if used * 100 >= percent * limit and (unit, percent) not in acct.crossed:
                 acct.crossed.add((unit, percent))
                 out.append(BudgetEvent(acct.scope, acct.key, percent, used, limit, unit, severity(percent)))

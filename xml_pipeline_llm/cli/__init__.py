@@ -38,11 +38,11 @@ __all__ = ["build_parser", "main"]
 PROG = "xml-pipeline-llm"
 
 
-def _command(name: str) -> Callable[[argparse.Namespace], int]:
-    """The subcommand ``cmd_<name>`` of ``cli/<name>.py``, its module imported when it runs
-    (so ``--help`` imports none of them)."""
+def _command(name: str, module_name: str | None = None) -> Callable[[argparse.Namespace], int]:
+    """The subcommand ``cmd_<name>`` of ``cli/<name>.py`` (or ``cli/<module_name>.py``), its module
+    imported when it runs (so ``--help`` imports none of them)."""
     def run(args: argparse.Namespace) -> int:
-        module = importlib.import_module(f"{__name__}.{name}")
+        module = importlib.import_module(f"{__name__}.{module_name or name}")
         return int(getattr(module, f"cmd_{name}")(args) or 0)
 
     return run
@@ -158,6 +158,25 @@ Every budget of llm.budgets (and max_tokens_per_thread) that a recorded call
 falls under: the global one, and those of the agents and threads the usage
 store (llm.usage_store, or the fleet's Redis) has seen, with what is spent in
 the current window, what calls in flight hold (Redis), and when it resets.
+""",
+    "block": """\
+examples:
+  xml-pipeline-llm block --agent researcher --reason "loops on the search tool"
+  xml-pipeline-llm block --thread t-42 --metadata org_id=acme -c organism.yaml
+
+Every new request of the matching caller (all the options given must match)
+raises BlockedError before anything is sent; calls in flight finish. Kept in
+llm.shared_state (Redis: every process sees it within a second) or else the
+SQLite ledger of llm.usage_store (every process using it, within a second);
+survives restarts. Lift it with unblock and the same options.
+""",
+    "unblock": """\
+examples:
+  xml-pipeline-llm unblock --agent researcher
+""",
+    "blocked": """\
+examples:
+  xml-pipeline-llm blocked -c organism.yaml
 """,
     "serve": """\
 examples:
@@ -275,6 +294,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", metavar="FILE", help="write CSV to FILE ('-' for stdout) instead of a table")
     p.set_defaults(func=_command("budgets"))
 
+    for name, help_text in (
+            ("block", "stop an agent, thread or tenant across the fleet (kill switch)"),
+            ("unblock", "lift a block set with the same options")):
+        p = command(name, help_text)
+        p.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
+        p.add_argument("--agent", metavar="A", help="the agent id")
+        p.add_argument("--thread", metavar="T", help="the thread id")
+        p.add_argument("--metadata", metavar="KEY=VALUE", action="append",
+                       help="a metadata value the calls carry (repeatable)")
+        if name == "block":
+            p.add_argument("--reason", metavar="TEXT", default="", help="why (shown in the BlockedError)")
+        p.set_defaults(func=_command(name, "guards"))
+
+    p = command("blocked", "list what is blocked, with the reasons")
+    p.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
+    p.set_defaults(func=_command("blocked", "guards"))
+
     p = command("serve", "serve the router as an OpenAI-compatible HTTP API")
     p.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
     p.add_argument("--host", default=None, help="address to bind (default: llm.gateway.host, else 127.0.0.1)")
@@ -323,9 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _top(args: argparse.Namespace) -> int:
-    from .top import cmd_top  # rich's Live and the sources only when top runs
-
-    return cmd_top(args)
+    return _command("top")(args)      # rich's Live and the sources only when top runs
 
 
 def main(argv: list[str] | None = None) -> int:

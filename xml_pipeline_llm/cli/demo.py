@@ -40,7 +40,7 @@ from ..strategies import STRATEGY_NAMES as STRATEGY_NAMES
 from ..telemetry import available
 from ..usage import AgentUsage, write_csv
 from .complete import SIM_KEY_ENV, SIM_KEY_VALUE
-from .demo_acts import report_budget, run_budget, run_cached, run_greedy
+from .demo_acts import report_budget, run_budget, run_cached, run_greedy, run_loop
 from .demo_fallback import report_fallback, run_fallback
 from .output import CLIError, cost_text, make_console, make_table, show
 
@@ -159,11 +159,13 @@ def run_demo(requests: int = 60, concurrency: int = 8, strategy: str = "all",
         with console.status("fallback across models ..."):
             fallback = asyncio.run(run_fallback(sim, llm_block(sim, "failover")))
         budgets = asyncio.run(run_budget(llm_block(sim, "failover")))
+        loop = asyncio.run(run_loop(llm_block(sim, "failover")))
         fair = asyncio.run(run_greedy(llm_block(sim, "failover")))
         cached = asyncio.run(run_cached(sim, llm_block(sim, "failover")))
     _report(results, console)
     report_fallback(fallback, console)
     report_budget(budgets, console)
+    console.print(loop)
     console.print(fair)
     console.print(cached)
     agents = _sum_agents(results)

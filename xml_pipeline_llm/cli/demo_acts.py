@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..budgets import BudgetExceededError
 from ..config import load_config
+from ..errors import LoopDetectedError
 from ..router import LLMRouter
 from ..strategies import STRATEGY_NAMES as STRATEGY_NAMES
 from .output import make_table, show, when_text
@@ -60,6 +61,25 @@ def report_budget(outcome: tuple[int, str, list[Any]], console: Console) -> None
         table.add_row(b.scope, b.key or "-", f"{b.used_tokens:,} / {b.limit_tokens:,} tokens",
                       f"{b.reserved_tokens:,}", when_text(b.resets_at) if b.resets_at else "never")
     show(console, table)
+
+
+async def run_loop(failover: dict[str, Any]) -> str:
+    """An agent stuck in a loop (the same request again and again) is stopped by llm.guards."""
+    router = LLMRouter(load_config({"llm": {**failover, "guards": {"repeat_limit": 3, "repeat_window": "10m"}}}))
+    sent, stopped = 0, ""
+    try:
+        for _ in range(20):
+            try:
+                await router.complete("grok-4.3", [{"role": "user", "content": "call the search tool again"}],
+                                      agent_id="stuck", thread_id="task-1", max_tokens=16)
+                sent += 1
+            except LoopDetectedError as exc:
+                stopped = f"LoopDetectedError after {exc.count - 1} identical requests in {exc.window:g}s"
+                break
+    finally:
+        await router.aclose()
+    return (f"Guards: agent 'stuck' sent the same request in thread task-1 {sent} times, then the next one "
+            f"was refused before sending ({stopped}); llm.guards.repeat_limit: 3.")
 
 
 async def run_greedy(failover: dict[str, Any]) -> str:

@@ -14,11 +14,12 @@ import os
 import select
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from ..watch import WatchError, open_source
 from .output import CLIError, make_console, make_table
 
 if TYPE_CHECKING:
@@ -30,8 +31,6 @@ SHOWN_BUDGETS = 8
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    from ..watch import WatchError, open_source
-
     source = open_source(args.config, args.url, args.key)
     try:
         try:
@@ -54,7 +53,6 @@ def cmd_top(args: argparse.Namespace) -> int:
 def _live(source: Source, snap: Snapshot | None, problem: str, interval: float) -> int:
     from rich.live import Live
 
-    from ..watch import WatchError
 
     console = make_console()
     try:
@@ -143,19 +141,39 @@ def render(snap: Snapshot | None, where: str, problem: str) -> Any:
         return Group(*parts)
     if snap.empty:
         parts.append(Text(f"No calls recorded yet in {where}: waiting for the first ones.", style="yellow"))
-    agents = make_table(title="Agents (by spend; per minute: the last 60 s)")
-    for name, justify in (("agent", "left"), ("req/min", "right"), ("tok/min", "right"), ("$/min", "right"),
-                          ("spend $", "right"), ("requests", "right"), ("errors", "right"), ("budget", "left")):
-        agents.add_column(name, justify=justify)
+    parts += [_agents(snap), _backends(snap)]
+    if snap.budgets:
+        parts.append(_budgets(snap))
+    if snap.errors:
+        parts.append(_errors(snap))
+    parts += [Text(note, style="dim") for note in snap.notes]
+    return Group(*parts)
+
+
+def _table(title: str, columns: Iterable[tuple[str, str]]) -> Any:
+    table = make_table(title=title)
+    for name, justify in columns:
+        table.add_column(name, justify=justify)
+    return table
+
+
+def _agents(snap: Snapshot) -> Any:
+    agents = _table("Agents (by spend; per minute: the last 60 s)", (
+        ("agent", "left"), ("req/min", "right"), ("tok/min", "right"), ("$/min", "right"),
+        ("spend $", "right"), ("requests", "right"), ("errors", "right"), ("budget", "left")))
     for a in snap.agents:
         agents.add_row(a.agent, f"{a.requests_per_min:,}", f"{a.tokens_per_min:,}", _usd(a.usd_per_min),
                        _usd(a.spend_usd), f"{a.requests:,}", f"{a.errors:,}", _bar(a.budget_percent))
-    parts.append(agents)
-    backends = make_table(title="Backends")
-    for name, justify in (("backend", "left"), ("provider", "left"), ("in flight", "right"), ("queued", "right"),
-                          ("cooling", "right"), ("circuit", "left"), ("tries/min", "right"),
-                          ("err/min", "right"), ("tok/min", "right"), ("spend $", "right")):
-        backends.add_column(name, justify=justify)
+    return agents
+
+
+def _backends(snap: Snapshot) -> Any:
+    from rich.text import Text
+
+    backends = _table("Backends", (
+        ("backend", "left"), ("provider", "left"), ("in flight", "right"), ("queued", "right"),
+        ("cooling", "right"), ("circuit", "left"), ("tries/min", "right"), ("err/min", "right"),
+        ("tok/min", "right"), ("spend $", "right")))
     for b in snap.backends:
         flight = "-" if b.in_flight is None else f"{b.in_flight}" + (f"/{b.max_concurrent}" if b.max_concurrent else "")
         cooling = Text(f"{b.cooling_down:.1f}s", style="bold red") if b.cooling_down > 0 else Text("-")
@@ -163,27 +181,26 @@ def render(snap: Snapshot | None, where: str, problem: str) -> Any:
         backends.add_row(b.backend, b.provider, flight, "-" if b.queued is None else str(b.queued), cooling, circuit,
                          f"{b.requests_per_min:,}", Text(f"{b.errors_per_min:,}", style="red" if b.errors_per_min
                                                          else ""), f"{b.tokens_per_min:,}", _usd(b.spend_usd))
-    parts.append(backends)
-    if snap.budgets:
-        budgets = make_table(title="Budgets")
-        for name in ("scope", "key", "used", "tokens", "dollars", "window"):
-            budgets.add_column(name)
-        for s in snap.budgets[:SHOWN_BUDGETS]:
-            budgets.add_row(s.scope, s.key or "-", _bar(s.percent),
-                            "-" if s.limit_tokens is None else f"{s.used_tokens:,} / {s.limit_tokens:,}",
-                            "-" if s.limit_usd is None else f"${s.used_usd:.4f} / ${s.limit_usd:g}", s.window)
-        parts.append(budgets)
-    if snap.errors:
-        errors = make_table(title="Last errors")
-        for name in ("time", "agent", "backend", "model", "outcome"):
-            errors.add_column(name)
-        for e in snap.errors[:SHOWN_ERRORS]:
-            errors.add_row(datetime.fromtimestamp(e.time).strftime("%H:%M:%S"), e.agent, e.backend, e.model,
-                           Text(e.outcome, style="red" if e.outcome.startswith("error:") else "yellow"))
-        parts.append(errors)
-    for note in snap.notes:
-        parts.append(Text(note, style="dim"))
-    return Group(*parts)
+    return backends
+
+
+def _budgets(snap: Snapshot) -> Any:
+    budgets = _table("Budgets", ((name, "left") for name in ("scope", "key", "used", "tokens", "dollars", "window")))
+    for s in snap.budgets[:SHOWN_BUDGETS]:
+        budgets.add_row(s.scope, s.key or "-", _bar(s.percent),
+                        "-" if s.limit_tokens is None else f"{s.used_tokens:,} / {s.limit_tokens:,}",
+                        "-" if s.limit_usd is None else f"${s.used_usd:.4f} / ${s.limit_usd:g}", s.window)
+    return budgets
+
+
+def _errors(snap: Snapshot) -> Any:
+    from rich.text import Text
+
+    errors = _table("Last errors", ((name, "left") for name in ("time", "agent", "backend", "model", "outcome")))
+    for e in snap.errors[:SHOWN_ERRORS]:
+        errors.add_row(datetime.fromtimestamp(e.time).strftime("%H:%M:%S"), e.agent, e.backend, e.model,
+                       Text(e.outcome, style="red" if e.outcome.startswith("error:") else "yellow"))
+    return errors
 
 
 __all__ = ["cmd_top", "render", "CLIError"]

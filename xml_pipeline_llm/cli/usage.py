@@ -158,10 +158,11 @@ def _totals_table(by: str, groups: dict[str, Any]) -> Any:
         total.merge(u)
     table = make_table(footer=True)
     table.add_column(by if by.startswith("metadata.") else by.capitalize(), overflow="fold", footer="total")
-    for column, foot in zip(MAIN_COLUMNS, usage_cells(total)):
+    columns = MAIN_COLUMNS if total.cache_hits else [c for c in MAIN_COLUMNS if c not in CACHE_COLUMNS]
+    for column, foot in zip(columns, usage_cells(total, columns)):
         table.add_column(HEADINGS[column], justify="right", footer=foot)
     for key in sorted(groups):
-        table.add_row(Text(key), *usage_cells(groups[key]))
+        table.add_row(Text(key), *usage_cells(groups[key], columns))
     return table
 
 
@@ -188,13 +189,14 @@ def _details_table(by: str, groups: dict[str, Any]) -> Any | None:
 HEADINGS = {"prompt_tokens": "Prompt", "completion_tokens": "Completion", "total_tokens": "Total",
             "request_count": "Requests", "error_count": "Errors", "cost_usd": "Cost USD",
             "unpriced_requests": "Unpriced", "cached_tokens": "Cached", "cache_write_tokens": "Cache write",
-            "reasoning_tokens": "Reasoning"}
+            "reasoning_tokens": "Reasoning", "cache_hits": "Cache hits", "saved_usd": "Saved USD"}
 DETAIL_COLUMNS = ("cached_tokens", "cache_write_tokens", "reasoning_tokens")   # in a table of their own
+CACHE_COLUMNS = ("cache_hits", "saved_usd")    # the response cache's: shown when it answered any request
 MAIN_COLUMNS = [c for c in TOTAL_COLUMNS if c not in DETAIL_COLUMNS]
 
 
 def usage_cells(u: Any, columns: list[str] = MAIN_COLUMNS) -> list[str]:
-    return [cost_text(u.cost_usd) if c == "cost_usd" else f"{getattr(u, c):,}" for c in columns]
+    return [cost_text(getattr(u, c)) if c in ("cost_usd", "saved_usd") else f"{getattr(u, c):,}" for c in columns]
 
 
 def _cache_line(events: list[Any]) -> str | None:

@@ -57,6 +57,9 @@ class RouterConfig:
         self.telemetry = raw.telemetry
         #: ``llm.gateway``: the HTTP gateway's address, virtual keys and body limit (``gateway/``)
         self.gateway = raw.gateway
+        #: ``llm.cache``: the response cache (``cache/``; None: off), its sqlite path resolved like usage_store's
+        self.cache = raw.cache if raw.cache is None else raw.cache.model_copy(
+            update={"store": resolve_store(raw.cache.store, base)})
 
     def __repr__(self) -> str:
         return f"RouterConfig(strategy={self.strategy!r}, backends={self.backends!r})"

@@ -11,6 +11,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
 from ..circuit import EXPECTED as CIRCUIT_EXPECTED
 from ..circuit import CircuitConfig, circuit_block
 from ..strategies import STRATEGY_NAMES
+from .cache import EXPECTED as CACHE_EXPECTED
+from .cache import CacheConfig
+from .guards import EXPECTED as GUARDS_EXPECTED
+from .guards import DegradeConfig, GuardsConfig
 
 log = logging.getLogger("xml_pipeline_llm")
 
@@ -75,6 +79,7 @@ class BudgetConfig(BaseModel):
     max_usd: float | None = Field(default=None, gt=0)
     window: str = "none"
     warn_at: list[int] = Field(default_factory=lambda: [75, 90, 95])
+    degrade: DegradeConfig | None = None      # from at% of the limit, its calls go to model `to` (guards/)
 
 
 class TelemetryConfig(BaseModel):
@@ -140,6 +145,8 @@ class LLMConfig(BaseModel):
     models: dict[str, list[str]] = Field(default_factory=dict)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    guards: GuardsConfig = Field(default_factory=GuardsConfig)     # loops, call caps per thread (guards/)
+    cache: CacheConfig | None = None        # the response cache (cache/); off unless configured
     circuit: Annotated[CircuitConfig, BeforeValidator(circuit_block)] = Field(default_factory=CircuitConfig)
     backends: list[BackendConfig] = Field(min_length=1)
 
@@ -210,6 +217,8 @@ EXPECTED = {
     "gateway.metadata": "a mapping of metadata keys to strings, numbers or true/false, such as {org_id: acme}",
     "gateway.models": 'a list of model names, aliases or patterns, such as ["grok-*", smart]',
     "gateway.admin": "true or false (true: may read /v1/usage, /v1/budgets and /metrics)",
+    **GUARDS_EXPECTED,
+    **CACHE_EXPECTED,
     **CIRCUIT_EXPECTED,
 }
 

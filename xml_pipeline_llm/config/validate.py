@@ -13,16 +13,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import SecretStr, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
 from ..backends import ResolvedBackend
 from ..circuit import CircuitConfig
-from ..env import REDIS_SCHEMES
+from ..env import REDIS_ENV, REDIS_SCHEMES
 from ..errors import ConfigError, ModelNotFoundError
 from ..providers import BUILTIN, LITELLM_PROVIDERS, Provider, lookup, matches
 from ..redact import redact_mapping, redact_url
 from ..routing import Routes
 from ..strategies import is_strategy
+from .cache import CacheConfig, cache_place, cache_problems
+from .guards import DegradeConfig, GuardsConfig, guard_problems
 from .resolved import RouterConfig
 from .schema import (
     _ENV_NAME,
@@ -62,6 +64,8 @@ def validate_block(block: Mapping[str, Any], source: str, base: Path | None) -> 
     problems += _check_block(raw)
     if backends and not problems:
         problems += _check_models(raw.models, backends, [(n, f"{v} not set") for _, n, v in skipped])
+        problems += guard_problems(raw.guards, raw.budgets, raw.models, backends,
+                                   [(n, f"{v} not set") for _, n, v in skipped])
     if skipped and not backends and not problems:
         missing = ", ".join(f"{var} for {name}" for _, name, var in skipped)
         problems.append(f"llm.missing_keys: skip left no backend, none has its key set ({missing}); "
@@ -112,6 +116,7 @@ def _check_block(raw: LLMConfig) -> list[str]:
     problems += _budget_problems(raw.budgets)
     problems += _check_telemetry(raw.telemetry)
     problems += _check_gateway(raw.gateway)
+    problems += cache_problems(raw.cache, raw.shared_state or os.environ.get(REDIS_ENV))
     for key in raw.pricing:
         if not key.strip():
             problems.append('llm.pricing: an empty model name; use a model name such as "grok-4.1" '
@@ -333,7 +338,8 @@ def _unknown_provider(where: str, name: str) -> str:
 def _describe(err: Mapping[str, Any], block: Mapping[str, Any]) -> str:
     """One pydantic error as ``llm.backends[1].rate_limit_tpm: expected ..., got ...``."""
     loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list[")))]
-    path, field = _circuit_place(loc) if "circuit" in loc else _place(loc)   # llm.circuit, a backend's
+    path, field = (_place(loc) if loc[:1] != ["cache"] else cache_place(loc)) if "circuit" not in loc \
+        else _circuit_place(loc)     # llm.circuit, a backend's
     if err["type"] == "extra_forbidden":
         return _unknown_key(path, str(loc[-1]), loc)
     if err["type"] == "missing":
@@ -371,12 +377,17 @@ def _circuit_place(loc: list[Any]) -> tuple[str, str]:
 
 
 def _unknown_key(path: str, key: str, loc: list[Any]) -> str:
-    model = (CircuitConfig if "circuit" in loc[:-1]
-             else ModelPrice if loc[:1] == ["pricing"] else BackendConfig if loc[:1] == ["backends"]
-             else BudgetConfig if loc[:1] == ["budgets"] else AgentConfig if loc[:1] == ["agents"]
-             else TelemetryConfig if loc[:1] == ["telemetry"]
-             else GatewayKeyConfig if loc[:2] == ["gateway", "keys"]
-             else GatewayConfig if loc[:1] == ["gateway"] else LLMConfig)
+    model: type[BaseModel] = (
+        ModelPrice if loc[:1] == ["pricing"] else BackendConfig if loc[:1] == ["backends"]
+        else BudgetConfig if loc[:1] == ["budgets"] else AgentConfig if loc[:1] == ["agents"]
+        else TelemetryConfig if loc[:1] == ["telemetry"]
+        else GatewayKeyConfig if loc[:2] == ["gateway", "keys"]
+        else GatewayConfig if loc[:1] == ["gateway"] else GuardsConfig if loc[:1] == ["guards"]
+        else CacheConfig if loc[:1] == ["cache"] else LLMConfig)
+    if loc[:1] == ["budgets"] and "degrade" in loc[:-1]:
+        model = DegradeConfig
+    if "circuit" in loc[:-1]:
+        model = CircuitConfig
     valid = list(model.model_fields)
     hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     did = f'did you mean "{hint[0]}"? ' if hint else ""

@@ -134,6 +134,8 @@ class Gateway:
         out = {**JSON, "x-xpl-backend": resp.backend, "x-xpl-attempts": str(resp.attempts)}
         if resp.cost_usd is not None:
             out["x-xpl-cost-usd"] = f"{resp.cost_usd:.10g}"
+        if resp.cache_hit:              # answered by the response cache (llm.cache)
+            out["x-xpl-cache"] = "hit"
         return Reply(200, out, json.dumps(completion(resp, rid)).encode())
 
     async def _http_error(self, exc: BackendError, rid: str, router: LLMRouter, call: Call) -> HTTPError:
@@ -155,6 +157,8 @@ class Gateway:
             await stream.aclose()
             raise
         headers = {**SSE, "x-xpl-backend": stream.backend, "x-xpl-attempts": str(stream.attempts)}
+        if stream.response is not None and stream.response.cache_hit:     # a replayed cached answer
+            headers["x-xpl-cache"] = "hit"
         return Reply(200, headers, stream=_events(stream, first, ChunkWriter(rid, call.model), call, rid))
 
     # ------------------------------------------------------------ the rest

@@ -20,7 +20,10 @@ from ..budgets import BudgetExceededError
 from ..errors import (
     BackendError,
     BadRequestError,
+    BlockedError,
+    CallLimitError,
     ConfigError,
+    LoopDetectedError,
     ModelNotFoundError,
     NoBackendError,
     ProviderError,
@@ -81,6 +84,12 @@ def from_exception(exc: BaseException, request_id: str, cooldown: float | None =
     if isinstance(exc, BudgetExceededError):
         wait = None if exc.resets_at is None or now is None else exc.resets_at - now
         return HTTPError(429, str(exc), "budget_exceeded", "budget_exceeded", headers=retry_after(wait))
+    if isinstance(exc, LoopDetectedError):
+        return HTTPError(429, str(exc), "loop_detected", "loop_detected")
+    if isinstance(exc, CallLimitError):
+        return HTTPError(429, str(exc), "call_limit_exceeded", "call_limit_exceeded")
+    if isinstance(exc, BlockedError):
+        return forbidden(str(exc), "blocked")
     if isinstance(exc, TimeoutError) or (isinstance(exc, ProviderError) and _last_kind(exc) == "timeout"):
         return HTTPError(504, str(exc), "timeout", "timeout")
     if isinstance(exc, RateLimitError):

@@ -2,7 +2,8 @@
 
 A request body is split into what the router takes as its own (agent,
 thread, metadata and the per-call options ``timeout``, ``retries``,
-``fallbacks``, ``priority``, ``drop_params``, ``deadline``, ``stream_idle_timeout``) and the provider
+``fallbacks``, ``priority``, ``drop_params``, ``deadline``, ``stream_idle_timeout``, ``cache``,
+``cache_ttl``) and the provider
 parameters that pass through in OpenAI form (temperature, max_tokens, tools,
 ...).  Headers add ``X-Agent-Id``, ``X-Thread-Id``, ``X-Priority`` and
 ``X-Metadata-<key>``; the key's own metadata wins over the caller's.
@@ -25,7 +26,7 @@ from .errors import bad_request, forbidden
 OWN_FIELDS = ("model", "messages", "stream", "stream_options", "user", "metadata", "thread_id", "agent_id")
 #: the package's per-call options, accepted as extra body fields
 OPTIONS = ("timeout", "retries", "num_retries", "max_retries", "fallbacks", "priority", "drop_params",
-           "deadline", "stream_idle_timeout")
+           "deadline", "stream_idle_timeout", "cache", "cache_ttl")
 METADATA_HEADER = "x-metadata-"
 
 

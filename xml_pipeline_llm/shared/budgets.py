@@ -288,8 +288,11 @@ def _crossed(bkey: BudgetKey, limit: Limit, unit: Unit, before: float, after: fl
     cap = limit.max_tokens if unit == "tokens" else limit.max_usd
     if not cap:
         return []
-    out = [BudgetEvent(bkey[0], bkey[1], p, after, cap, unit, severity(p))
-           for p in sorted(set(limit.warn_at) - {100}) if before * 100 < p * cap <= after * 100]
+    marks = [(p, severity(p)) for p in sorted(set(limit.warn_at) - {100})]
+    if limit.degrade_at is not None:      # degrade: {at: P}: fired by the one charge that reaches it
+        marks = sorted([*marks, (limit.degrade_at, "degraded")], key=lambda m: (m[0], m[1] != "degraded"))
+    out = [BudgetEvent(bkey[0], bkey[1], p, after, cap, unit, sev)
+           for p, sev in marks if before * 100 < p * cap <= after * 100]
     if exhausted:
         out.append(BudgetEvent(bkey[0], bkey[1], 100, after, cap, unit, "exhausted"))
     return out

@@ -4,9 +4,10 @@ Keys (``<p>`` is ``redis_prefix``):
 
 * ``<p>:usage:{<p>}:<group>:<key>`` - a hash of ``prompt_tokens``, ``completion_tokens``,
   ``total_tokens``, ``request_count``, ``error_count``, ``unpriced_requests``,
-  ``cached_tokens``, ``cache_write_tokens``, ``reasoning_tokens`` (HINCRBY; a
+  ``cached_tokens``, ``cache_write_tokens``, ``reasoning_tokens``, ``cache_hits`` (HINCRBY; a
   field never added reads back as 0) and ``cost_usd`` (HINCRBYFLOAT, only by priced calls: a key with no
-  priced call has no ``cost_usd`` field and reads back as None, never 0), for
+  priced call has no ``cost_usd`` field and reads back as None, never 0) and ``saved_usd``
+  (HINCRBYFLOAT, by response-cache hits of priced answers), for
   group ``agent``, ``model``, ``backend`` and ``thread``;
 * ``<p>:usage:{<p>}:<group>`` - the set of keys seen in that group;
 * ``<p>:usage:{<p>}:events`` - a stream of the newest events (about 100,000), one
@@ -33,6 +34,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from ..usage import (
+    CACHE_HIT,
     COUNT_COLUMNS,
     EVENT_FIELDS,
     GROUPS,
@@ -54,7 +56,8 @@ _INT_FIELDS = COUNT_COLUMNS
 
 # KEYS: n total hashes, n index sets, the event stream (n = 4 groups + the declared metadata
 # keys).  ARGV: the n group keys, prompt, completion, total, requests, errors, unpriced, cost
-# ('' when unknown), cached, cache write, reasoning, stream length, event field pairs.
+# ('' when unknown), cached, cache write, reasoning, cache hits, saved ('' when none), stream length,
+# event field pairs.
 ADD = Script("""
 local n = (#KEYS - 1) / 2
 local function add(h, field, v) if v ~= '0' then redis.call('HINCRBY', h, field, v) end end
@@ -70,10 +73,12 @@ for i = 1, n do
   add(h, 'cached_tokens', ARGV[n + 8])
   add(h, 'cache_write_tokens', ARGV[n + 9])
   add(h, 'reasoning_tokens', ARGV[n + 10])
+  add(h, 'cache_hits', ARGV[n + 11])
+  if ARGV[n + 12] ~= '' then redis.call('HINCRBYFLOAT', h, 'saved_usd', ARGV[n + 12]) end
   redis.call('SADD', KEYS[i + n], ARGV[i])
 end
-if tonumber(ARGV[n + 11]) > 0 then
-  redis.call('XADD', KEYS[2 * n + 1], 'MAXLEN', '~', ARGV[n + 11], '*', unpack(ARGV, n + 12))
+if tonumber(ARGV[n + 13]) > 0 then
+  redis.call('XADD', KEYS[2 * n + 1], 'MAXLEN', '~', ARGV[n + 13], '*', unpack(ARGV, n + 14))
 end
 return 1
 """)
@@ -167,9 +172,12 @@ class RedisUsageStore:
         ok = event.succeeded
         err = event.ended_in_error
         unpriced = ok and event.cost_usd is None
+        hit = event.outcome == CACHE_HIT          # a response-cache hit: counted in cache_hits and saved_usd only
+        cost = "" if event.cost_usd is None or hit else repr(event.cost_usd)
+        saved = repr(event.saved_usd) if hit and event.saved_usd else ""
         args = [*names, event.prompt_tokens, event.completion_tokens, event.total_tokens, int(ok), int(err),
-                int(unpriced), "" if event.cost_usd is None else repr(event.cost_usd), event.cached_tokens,
-                event.cache_write_tokens, event.reasoning_tokens, self.max_events, "e", _event_json(event)]
+                int(unpriced), cost, event.cached_tokens, event.cache_write_tokens, event.reasoning_tokens,
+                int(hit), saved, self.max_events, "e", _event_json(event)]
         return Job(ADD, keys, args, "usage")
 
     # ---------------------------------------------------------- writes
@@ -262,7 +270,8 @@ def _usage(h: dict[str, str]) -> AgentUsage:
     """A totals hash as AgentUsage; no ``cost_usd`` field (no priced call) is None, not 0."""
     cost = h.get("cost_usd")
     return AgentUsage(**{k: int(h.get(k) or 0) for k in _INT_FIELDS},
-                      cost_usd=None if cost in (None, "") else float(cost))
+                      cost_usd=None if cost in (None, "") else float(cost),
+                      saved_usd=float(h.get("saved_usd") or 0.0))
 
 
 def _event_json(event: UsageEvent) -> str:

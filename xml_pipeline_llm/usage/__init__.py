@@ -12,6 +12,7 @@ One module per job: ``events.py`` (the event, its builder, totals),
 """
 
 from .events import (
+    CACHE_HIT,
     COUNT_COLUMNS,
     EVENT_COLUMNS,
     EVENT_FIELDS,
@@ -53,6 +54,7 @@ from .methods import (
 
 __all__ = [
     "AgentUsage",
+    "CACHE_HIT",
     "COUNT_COLUMNS",
     "EVENT_COLUMNS",
     "EVENT_FIELDS",

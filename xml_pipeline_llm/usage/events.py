@@ -48,6 +48,9 @@ class AgentUsage:
     ``cached_tokens``, ``cache_write_tokens`` (parts of ``prompt_tokens``: read
     from and written to the provider's prompt cache) and ``reasoning_tokens``
     (part of ``completion_tokens``) sum what the providers reported.
+    ``cache_hits`` counts the requests the response cache answered and
+    ``saved_usd`` what their original answers cost (priced ones); hits add
+    nothing else, so tokens, ``request_count`` and ``cost_usd`` are provider calls.
     """
 
     prompt_tokens: int = 0
@@ -60,6 +63,8 @@ class AgentUsage:
     cached_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_hits: int = 0
+    saved_usd: float = 0.0
 
     def merge(self, other: AgentUsage) -> None:
         """Add another key's totals (a footer row, totals across runs)."""
@@ -67,6 +72,10 @@ class AgentUsage:
             setattr(self, f.name, plus(getattr(self, f.name), getattr(other, f.name)))
 
     def add(self, event: UsageEvent) -> None:
+        if event.outcome == CACHE_HIT:      # answered by the response cache: no provider call
+            self.cache_hits += 1
+            self.saved_usd += event.saved_usd or 0.0
+            return
         self.prompt_tokens += event.prompt_tokens
         self.completion_tokens += event.completion_tokens
         self.total_tokens += event.total_tokens
@@ -90,11 +99,15 @@ def plus(a: Any, b: Any) -> Any:
 
 
 OK = "ok"   # the outcome of a try that served its request; a failed one is retry.outcome()
+CACHE_HIT = "cache_hit"   # a request the response cache answered (cache/): no provider call
 
 
 @dataclass(frozen=True)
 class UsageEvent:
-    """One provider call.  ``outcome`` is ``ok``, ``retried:<kind>`` or ``error:<kind>``.
+    """One provider call.  ``outcome`` is ``ok``, ``retried:<kind>`` or ``error:<kind>``; a request the
+    guards refused before sending is one event ``refused:<why>`` (no backend, no tokens).
+    ``cache_hit`` is a request the response cache answered (zero tokens, ``cost_usd`` 0.0,
+    ``saved_usd`` what the original answer cost, None when unpriced).
 
     ``model`` is the model sent; ``requested_model`` the name the caller asked
     for (an alias of ``llm.models``, or the first model of a ``fallbacks=``
@@ -117,6 +130,7 @@ class UsageEvent:
     cached_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    saved_usd: float | None = None
     call_id: str = field(default="", compare=False)
     #: ``metadata=`` of the call (str keys; str/int/float/bool values), {} when none.  The last field:
     #: the ``metadata`` column of an event CSV is the last one.
@@ -129,14 +143,16 @@ class UsageEvent:
 
     @property
     def ended_in_error(self) -> bool:
-        """The try was the last of a request that failed (counted in ``error_count``)."""
-        return self.outcome.startswith("error:")
+        """The try was the last of a request that failed, or the request was refused by a guard
+        (``refused:loop``, ``refused:call_limit``, ``refused:blocked``): counted in ``error_count``."""
+        return self.outcome.startswith(("error:", "refused:"))
 
 
 def make_event(*, agent_id: str | None, thread_id: str | None, model: str, backend: str, provider: str,
                usage: Mapping[str, int] | None, cost_usd: float | None, latency_ms: float, outcome: str,
                call_id: str = "", requested_model: str | None = None,
-               metadata: Mapping[str, MetadataValue] | None = None) -> UsageEvent:
+               metadata: Mapping[str, MetadataValue] | None = None,
+               saved_usd: float | None = None) -> UsageEvent:
     """The one way a usage event is made (by a try, and by LiteLLM's success callback)."""
     usage = usage or {}
     return UsageEvent(timestamp=time.time(), agent_id=agent_id or "", thread_id=thread_id or "",
@@ -149,7 +165,7 @@ def make_event(*, agent_id: str | None, thread_id: str | None, model: str, backe
                       call_id=call_id, metadata=dict(metadata) if metadata else {},
                       cached_tokens=usage.get("cached_tokens", 0),
                       cache_write_tokens=usage.get("cache_write_tokens", 0),
-                      reasoning_tokens=usage.get("reasoning_tokens", 0))
+                      reasoning_tokens=usage.get("reasoning_tokens", 0), saved_usd=saved_usd)
 
 
 def metadata_json(metadata: Mapping[str, Any]) -> str:
@@ -171,7 +187,7 @@ def metadata_from(text: Any) -> dict[str, Any]:
 EVENT_FIELDS = tuple(f.name for f in fields(UsageEvent))       # what the stores keep
 EVENT_COLUMNS = [name for name in EVENT_FIELDS if name != "call_id"]   # what an event CSV shows
 TOTAL_COLUMNS = [f.name for f in fields(AgentUsage)]
-COUNT_COLUMNS = [c for c in TOTAL_COLUMNS if c != "cost_usd"]   # the whole numbers among them
+COUNT_COLUMNS = [c for c in TOTAL_COLUMNS if c not in ("cost_usd", "saved_usd")]   # the whole numbers among them
 
 
 def group_events(events: Iterable[UsageEvent], by: str) -> dict[str, AgentUsage]:
