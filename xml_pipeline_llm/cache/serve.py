@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..config.cache import CacheConfig, duration
 from ..errors import ConfigError
-from ..limits import wake
 from ..response import LLMResponse
 from ..streaming import LLMStream
 from ..usage import CACHE_HIT, make_event
+from ..waiters import wake
 from .replay import CachedStream
 from .stores import Entry, MemoryStore, RedisStore, SqliteStore
 

@@ -11,8 +11,9 @@ import yaml
 
 from ..env import CONFIG_ENV
 from ..errors import ConfigError
+from .messages import show
 from .resolved import RouterConfig
-from .validate import show, validate_block
+from .validate import validate_block
 
 # ---------------------------------------------------------------- loading
 

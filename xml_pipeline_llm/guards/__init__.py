@@ -20,7 +20,7 @@ the request loop (``router._request`` calls ``Guards.admit``):
   and ``LoopDetectedError``.  A request is the same as another when its model
   (as asked for), messages, tools and every provider parameter are: their JSON
   with sorted keys, hashed with SHA-256.  In memory under one lock; with
-  ``shared_state`` one Lua script per request (``shared/guards.py``) on the thread's keys,
+  ``shared_state`` one Lua script per request (``guards/fleet.py``) on the thread's keys,
   issued when the request starts so that it goes to Redis in the same pipeline
   as the admission (``Try``) and is awaited before anything is sent;
 * degrade: a budget with ``degrade: {at: P, to: M}`` whose settled spend has
@@ -51,8 +51,8 @@ from ..usage import make_event
 if TYPE_CHECKING:
     from ..budgets import Budgets, BudgetStatus
     from ..config import BudgetConfig, RouterConfig
-    from ..shared.guards import FleetCounter
     from ..usage import UsageLedger
+    from .fleet import FleetCounter
 
 from ..config.guards import EXPECTED, DegradeConfig, GuardsConfig, duration, guard_problems
 from .blocks import REFRESH_EVERY, Block, BlockList, SqliteBlocks, checked_target, target_key
@@ -278,7 +278,7 @@ def make_guards(config: RouterConfig, state: Any, ledger: UsageLedger, budgets: 
     blocks: BlockList
     fleet = None
     if conn is not None:
-        from ..shared.guards import FleetCounter, RedisBlocks
+        from .fleet import FleetCounter, RedisBlocks
 
         prefix = getattr(state, "prefix", config.redis_prefix)
         blocks = RedisBlocks(conn, prefix)
@@ -299,7 +299,7 @@ def open_blocks(config: RouterConfig) -> BlockList:
     """The kill switch's store of an organism, for the CLI (``block``, ``unblock``, ``blocked``)."""
     if config.shared_state:
         from ..shared.connection import Conn
-        from ..shared.guards import RedisBlocks
+        from .fleet import RedisBlocks
 
         conn = Conn(config.shared_state)
         conn.check()

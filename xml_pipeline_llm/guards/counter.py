@@ -1,4 +1,4 @@
-"""Call caps and loop windows per thread, in memory (``shared/guards.py`` keeps them in Redis)."""
+"""Call caps and loop windows per thread, in memory (``guards/fleet.py`` keeps them in Redis)."""
 
 from __future__ import annotations
 

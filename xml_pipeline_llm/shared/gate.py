@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..fairness import NO_TURN, FairQueue, Turn, Waiter
 from ..limits import Reservation
-from ..limits import wake as _wake
+from ..waiters import wake as _wake
 from .connection import RedisDown
 from .scripts import ENTER, QUOTA
 

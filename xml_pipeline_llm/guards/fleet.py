@@ -13,11 +13,11 @@ import uuid
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
-from ..guards.blocks import REFRESH_EVERY, Block, BlockList
-from ..guards.counter import THREAD_IDLE_TTL, Counter, Verdict
-from .connection import Conn, RedisDown
-from .scripts import Script
-from .worker import Job
+from ..shared.connection import Conn, RedisDown
+from ..shared.scripts import Script
+from ..shared.worker import Job
+from .blocks import REFRESH_EVERY, Block, BlockList
+from .counter import THREAD_IDLE_TTL, Counter, Verdict
 
 if TYPE_CHECKING:
     from ..config.guards import GuardsConfig
