@@ -315,41 +315,11 @@ async def test_the_gateway_answers_a_hit_with_its_header(sim: Any) -> None:
 
 # ------------------------------------------------------------------ Redis
 
-class _Redis:
-    def __init__(self) -> None:
-        import socket
+def redis_server() -> Any:
+    """A throw-away redis-server (the suite's own, from test_redis)."""
+    from test_redis import RedisServer
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> _Redis:
-        import socket
-
-        assert REDIS_SERVER is not None
-        self.proc = subprocess.Popen([REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.proc = None
+    return RedisServer()
 
 
 def redis_cached(sim: Any, url: str, prefix: str, name: str) -> Any:
@@ -359,7 +329,7 @@ def redis_cached(sim: Any, url: str, prefix: str, name: str) -> Any:
 
 @needs_redis
 async def test_redis_cache_is_shared_and_totals_count_hits(sim: Any) -> None:
-    server = _Redis().start()
+    server = redis_server().start()
     try:
         p = f"c{uuid.uuid4().hex[:8]}"
         one, two = redis_cached(sim, server.url, p, "ca-rshare"), redis_cached(sim, server.url, p, "ca-rshare")
@@ -377,7 +347,7 @@ async def test_redis_cache_is_shared_and_totals_count_hits(sim: Any) -> None:
 
 @needs_redis
 async def test_redis_stopped_mid_run_calls_are_still_answered(sim: Any, caplog: pytest.LogCaptureFixture) -> None:
-    server = _Redis().start()
+    server = redis_server().start()
     try:
         r = redis_cached(sim, server.url, f"c{uuid.uuid4().hex[:8]}", "ca-rdown")
         caplog.set_level(logging.WARNING, logger="xml_pipeline_llm")
@@ -412,7 +382,7 @@ CHILD = textwrap.dedent(r'''
 
 @needs_redis
 def test_single_flight_across_two_processes_on_redis(sim: Any) -> None:
-    server = _Redis().start()
+    server = redis_server().start()
     try:
         llm = {"shared_state": server.url, "redis_prefix": f"c{uuid.uuid4().hex[:8]}", "cache": {"store": "redis"},
                "timeout": 30, "backends": [backend(sim, "xai", "ca-procs")]}
