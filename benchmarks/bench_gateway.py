@@ -100,17 +100,38 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) ->
     raise RuntimeError(f"{url} did not answer in {timeout:g} s")
 
 
-def start_gateway(sim: SimProcess, workdir: Path) -> Target:
+def start_gateway(sim: SimProcess, workdir: Path, workers: int = 1, redis: str | None = None,
+                  name: str = "gateway") -> Target:
     port = free_port()
-    cfg = workdir / "gateway.yaml"
-    cfg.write_text(yaml.safe_dump({"llm": {"backends": [{
+    cfg = workdir / f"{name}.yaml"
+    llm: dict[str, Any] = {"backends": [{
         "provider": "openai", "name": "fake", "base_url": sim.base_url("fake"), "api_key_env": "BENCH_FAKE_KEY",
-        "supported_models": ["gpt-4o"], "max_concurrent": 100_000}]}}))
+        "supported_models": ["gpt-4o"], "max_concurrent": 100_000}]}
+    if redis:
+        llm["shared_state"] = redis
+    cfg.write_text(yaml.safe_dump({"llm": llm}))
     env = {**os.environ, "BENCH_FAKE_KEY": "sk-fake", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "xml_pipeline_llm.cli", "serve", "-c", str(cfg), "--port",
-                             str(port)], env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             str(port), "--workers", str(workers)], env=env, cwd=workdir,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     wait_http(f"http://127.0.0.1:{port}/healthz", proc)
-    return Target("gateway", f"http://127.0.0.1:{port}/v1", proc)
+    return Target(name, f"http://127.0.0.1:{port}/v1", proc)
+
+
+def start_redis() -> tuple[subprocess.Popen[bytes], str]:
+    """A throw-away redis-server on 127.0.0.1 for the workers' shared state."""
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
 
 
 def start_proxy(sim: SimProcess, workdir: Path, venv: Path) -> Target:
@@ -174,7 +195,11 @@ def main() -> int:
     ap.add_argument("--proxy-venv", default="/work/litellm-proxy-venv",
                     help="venv with LiteLLM's proxy (default /work/litellm-proxy-venv)")
     ap.add_argument("--no-proxy", action="store_true", help="measure the gateway alone")
+    ap.add_argument("--workers", action="store_true",
+                    help="instead: one worker vs --workers 2, both on one Redis (shared_state), plain calls")
     args = ap.parse_args()
+    if args.workers:
+        return scaling(args.seconds, [int(c) for c in args.clients.split(",")])
     levels = [int(c) for c in args.clients.split(",")]
     venv = Path(args.proxy_venv)
     proxy_note = ""
@@ -225,6 +250,32 @@ def main() -> int:
             cpu = g["cpu_ms"] / p["cpu_ms"]
             print(f"  {'stream' if stream else 'plain':<7} req/s {rps:.2f}x {'PASS' if rps >= 2 else 'FAIL'}   "
                   f"added p50 {added:.2f}x {'PASS' if added <= 0.5 else 'FAIL'}   CPU per request {cpu:.2f}x")
+    return 0
+
+
+def scaling(seconds: float, levels: list[int]) -> int:
+    """Requests per second of ``serve --workers 2`` over one worker, both with Redis shared state."""
+    redis, url = start_redis()
+    results: dict[tuple[str, int], dict[str, Any]] = {}
+    try:
+        with SimProcess() as sim, tempfile.TemporaryDirectory() as tmp:
+            targets = [start_gateway(sim, Path(tmp), 1, url, "1-worker"),
+                       start_gateway(sim, Path(tmp), 2, url, "2-workers")]
+            try:
+                for clients in levels:
+                    for t in targets:
+                        results[(t.name, clients)] = asyncio.run(run_load(t, clients, seconds, False))
+            finally:
+                for t in targets:
+                    t.stop()
+    finally:
+        redis.kill()
+    print(f"\n{seconds:g} s per figure; plain calls; both on one Redis; the load generator and the fake provider "
+          f"share the machine's cores")
+    for clients in levels:
+        one, two = results[("1-worker", clients)], results[("2-workers", clients)]
+        print(f"  {clients:>3} clients: 1 worker {one['rps']:>6.0f} req/s, 2 workers {two['rps']:>6.0f} req/s: "
+              f"{two['rps'] / one['rps']:.2f}x (target >= 1.6x)  errors {one['errors']}/{two['errors']}")
     return 0
 
 
