@@ -133,7 +133,8 @@ class Try:
                     raise
                 raise Saturated(f"{self.backend.name} could not take it within llm.max_queue_wait "
                                 f"({queue_wait:g}s)") from None
-        req.deadline.waiting_for = f"the answer from {self.backend.name}"
+        if req.deadline.at is not None:
+            req.deadline.waiting_for = f"the answer from {self.backend.name}"
         self.start = time.perf_counter()
         self.services.telemetry.try_started(self)
         return self

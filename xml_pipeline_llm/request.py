@@ -86,7 +86,6 @@ class Request:
     unsupported: dict[str, str] = field(default_factory=dict)   # backend -> parameters its provider refused
     last_exc: BaseException | None = None
     _estimate: int | None = None
-    span: Any = None                  # the request's telemetry span (telemetry.py), None when off
     guard: Any = None                 # the guards' checks riding along the first admission (guards.Pending)
 
     # ---- what the caller asked for

@@ -161,15 +161,9 @@ class Guards:
 
     async def _refuse_blocked(self, block: Block, who: tuple[str, str | None, str | None, dict[str, Any]]) -> None:
         when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(block.since)) if block.since else "earlier"
-        args = []
-        if block.agent is not None:
-            args.append(f"--agent {block.agent}")
-        if block.thread is not None:
-            args.append(f"--thread {block.thread}")
-        args += [f"--metadata {k}={v}" for k, v in sorted(block.metadata.items())]
         reason = block.reason or "no reason given"
         exc = BlockedError(f"{block.describe()} is blocked since {when}: {reason}; nothing was sent. An "
-                           f"operator lifts it with `xml-pipeline-llm unblock {' '.join(args)}` "
+                           f"operator lifts it with `xml-pipeline-llm unblock {block.options()}` "
                            f"(or router.unblock(...))", reason, block)
         await self._record(who, "refused:blocked")
         raise exc

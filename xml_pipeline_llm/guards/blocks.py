@@ -48,13 +48,17 @@ class Block:
         return all(k in metadata and str(metadata[k]) == v for k, v in self.metadata.items())
 
     def describe(self) -> str:
-        parts = []
-        if self.agent is not None:
-            parts.append(f"agent {self.agent!r}")
+        return ", ".join(self._parts("agent {!r}", "thread {!r}", "metadata {}={!r}"))
+
+    def options(self) -> str:
+        """The command-line options naming this block (``--agent A --thread T``)."""
+        return " ".join(self._parts("--agent {}", "--thread {}", "--metadata {}={}"))
+
+    def _parts(self, agent: str, thread: str, meta: str) -> list[str]:
+        parts = [] if self.agent is None else [agent.format(self.agent)]
         if self.thread is not None:
-            parts.append(f"thread {self.thread!r}")
-        parts += [f"metadata {k}={v!r}" for k, v in sorted(self.metadata.items())]
-        return ", ".join(parts)
+            parts.append(thread.format(self.thread))
+        return parts + [meta.format(k, v) for k, v in sorted(self.metadata.items())]
 
     def to_json(self) -> str:
         return json.dumps({"agent": self.agent, "thread": self.thread, "metadata": dict(self.metadata),
