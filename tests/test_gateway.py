@@ -543,6 +543,9 @@ async def test_two_workers_on_one_redis_hold_max_concurrent_and_totals(sim: Any,
             time.sleep(0.2)
         assert status == 200 and b'xpl_worker="0"' in text and b'xpl_worker="1"' in text
         assert text.count(b"# TYPE gen_ai_client_token_usage ") == 1 and requests_counted(text) == 24
+        per_worker = {w: sum(float(m) for m in re.findall(
+            rb'^xpl_requests_total\{[^}]*xpl_worker="' + w + rb'"[^}]*\} (\S+)$', text, re.M)) for w in (b"0", b"1")}
+        assert all(per_worker.values()), per_worker     # the connections were spread over both workers
         assert request(srv.port, "GET", "/readyz")[0] == 200
         redis.stop()                                                         # shared state gone: not ready
         deadline = time.monotonic() + 20

@@ -151,3 +151,35 @@ async def test_openai_agents_sdk_runs_two_agents_booked_to_each(router: Any) -> 
         pass
     assert streamed.final_output == "Hello from ip-x: stream one line"
     assert get_router().get_agent_usage("ip-writer2").request_count == 2
+
+
+async def test_pydantic_ai_runs_two_agents_booked_to_each(router: Any) -> None:
+    pytest.importorskip("pydantic_ai")
+    from pydantic_ai import Agent
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    def make(name: str) -> Any:
+        model = OpenAIChatModel("grok-4.1", provider=OpenAIProvider(openai_client=openai_client(agent_id=name)))
+        return Agent(model, instructions="Be brief.")
+
+    researcher, writer = make("pai-researcher"), make("pai-writer")
+
+    @researcher.tool_plain
+    def lookup(input: str) -> str:
+        """Look something up."""
+        return f"found {input}"
+
+    found, wrote = await asyncio.gather(researcher.run("find the answer"), writer.run("write one line"))
+    assert found.output.startswith("Hello from ip-x")
+    assert wrote.output == "Hello from ip-x: write one line"
+    usage = get_router().get_all_usage()
+    assert usage["pai-researcher"].request_count == 2      # a tool call, then the answer to its result
+    assert usage["pai-writer"].request_count == 1
+    run_usage = wrote.usage() if callable(wrote.usage) else wrote.usage     # a method before PydanticAI 2.x
+    assert run_usage.output_tokens == usage["pai-writer"].completion_tokens     # the router's count, passed on
+
+    async with writer.run_stream("stream one line") as streamed:
+        pieces = [piece async for piece in streamed.stream_text(delta=True, debounce_by=None)]
+    assert "".join(pieces) == "Hello from ip-x: stream one line" and len(pieces) > 1
+    assert get_router().get_agent_usage("pai-writer").request_count == 2

@@ -132,7 +132,12 @@ class _Breaker:
     probe_ttl: float = 60.0
 
     def __post_init__(self) -> None:
-        self.calls: deque[tuple[float, bool]] = deque()
+        self.calls: deque[tuple[float, bool]] = deque()      # (when, failed) of the tries in the window
+        self.bad = 0                                          # how many of them failed
+
+    def forget(self) -> None:
+        self.calls.clear()
+        self.bad = 0
 
 
 class MemoryBreakers:
@@ -195,20 +200,20 @@ class MemoryBreakers:
                                 backend, kind, s.open_for)
                 else:
                     b.state = CLOSED
-                    b.calls.clear()
+                    b.forget()
                     log.warning("circuit of %s closes: the probe succeeded", backend)
                 return
             if b.state != CLOSED:
                 return
             b.calls.append((now, failed))
+            b.bad += failed
             edge = now - s.window
             while b.calls and b.calls[0][0] <= edge:
-                b.calls.popleft()
-            n = len(b.calls)
-            bad = sum(1 for _, f in b.calls if f)
+                b.bad -= b.calls.popleft()[1]
+            n, bad = len(b.calls), b.bad
             if n >= s.min_calls and bad * 100 >= s.failure_rate * n:
                 b.state, b.open_until = OPEN, now + s.open_for
-                b.calls.clear()
+                b.forget()
                 log.warning("circuit of %s opens: %d of the last %d tries in %gs failed on the server's "
                             "side; no calls for %gs", backend, bad, n, s.window, s.open_for)
 

@@ -224,6 +224,7 @@ class Try:
         try:
             async with asyncio.timeout(self.timeout) as bound:
                 wrapper = await self._first_byte({"stream": True, "stream_options": options})
+                _litellm.tap(wrapper)         # the stream's end is read by the router (see _litellm.streams)
                 try:
                     first, ended = await first_chunks(wrapper, self.idle_timeout)
                 except BaseException:

@@ -64,6 +64,7 @@ class LLMStream:
             chunk = await self._next_chunk()
         except StopAsyncIteration:
             await self._finish(OK)
+            await close_quietly(self._opened.wrapper)    # ended by the router (see _litellm.streams): still open
             raise
         except StreamCut as cut:     # no chunk in time: cut, charged what came, slot back at once
             await self._finish("error:deadline" if cut.why == "deadline" else "error:timeout")
@@ -102,6 +103,10 @@ class LLMStream:
         try:
             async with timeout_at(when) as bound:
                 return await self._opened.wrapper.__anext__()
+        except _litellm.ProviderEnded:          # the provider's stream is over: its last chunks
+            self._opened.ended = True
+            self._pending = _litellm.ending(self._opened.wrapper)
+            return self._pending.pop(0)
         except TimeoutError:
             if not bound.expired():
                 raise
@@ -195,7 +200,9 @@ async def first_chunks(wrapper: Any, idle: float) -> tuple[list[Any], bool]:
             if not bound.expired():
                 raise
             raise TryTimedOut(f"no chunk for {idle:g}s (stream_idle_timeout)") from None
-        except StopAsyncIteration:
+        except (StopAsyncIteration, _litellm.ProviderEnded) as end:
+            if isinstance(end, _litellm.ProviderEnded):
+                chunks.extend(_litellm.ending(wrapper))
             if not any(_delta_text(c) or _has_tool_call(c) for c in chunks):
                 raise EmptyStreamError("the stream ended without any content") from None
             return chunks, True

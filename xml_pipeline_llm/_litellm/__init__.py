@@ -7,7 +7,8 @@ otherwise, so nothing leaves the machine except calls to configured backends.
 
 The rest of the package imports LiteLLM's work only from here: ``load.py`` (the import,
 the callback, which tries were sent), ``deployments.py`` (the model list and the call),
-``measure.py`` (tokens, context windows, costs, responses), ``causes.py`` (why a call failed).
+``measure.py`` (tokens, context windows, costs, responses), ``streams.py`` (a stream's end),
+``causes.py`` (why a call failed).
 """
 
 from .causes import (
@@ -39,14 +40,17 @@ from .measure import (
     usage_cost,
     usage_of,
 )
+from .streams import ProviderEnded, ending, tap
 
 __all__ = [
     "Deployments",
+    "ProviderEnded",
     "build_router",
     "call_id",
     "cause",
     "context_window",
     "deployment",
+    "ending",
     "forget",
     "in_cost_map",
     "litellm_usage",
@@ -56,6 +60,7 @@ __all__ = [
     "register",
     "sent",
     "strip_route",
+    "tap",
     "text_tokens",
     "to_response",
     "token_estimate",

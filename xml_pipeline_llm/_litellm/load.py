@@ -131,18 +131,29 @@ def _logging_worker_per_loop() -> None:
             logging_worker.GLOBAL_LOGGING_WORKER, logging_worker.LoggingWorker)
 
 
+def only_ours(litellm: Any) -> bool:
+    """Whether every success callback LiteLLM has is the package's own."""
+    return all(cb is _callback for name in ("callbacks", "success_callback", "_async_success_callback")
+               for cb in getattr(litellm, name, None) or ())
+
+
 def register(router_id: str, services: Any) -> None:
     """Have LiteLLM's success callback hand a router's calls to ``services.record_from_callback``."""
     _ROUTERS[router_id] = services
 
 
 def _make_callback() -> Any:
-    """The CustomLogger that records successful calls for the router that made them.
+    """The CustomLogger that tells which tries LiteLLM sent, and records successes it is given.
 
+    ``log_pre_api_call`` runs just before LiteLLM sends a try (see ``sent``).
     The router records each answer itself as soon as LiteLLM returns it
-    (read-your-writes); this callback, which LiteLLM may run later, then finds
-    the call id already counted and adds nothing.  It is the safety net for
-    any path where the router could not see the final response.
+    (read-your-writes), so LiteLLM's success logging (a logging payload, the
+    cost again, a task on its logging worker: about a tenth of a call's CPU)
+    serves only other listeners.  While LiteLLM has no success callback but
+    this one, each try is marked as logged before it is sent, and LiteLLM
+    skips that work.  When a user adds callbacks of their own (``litellm.callbacks``,
+    ``litellm.success_callback``), LiteLLM logs every call for them as usual, and
+    this callback's ``async_log_success_event`` finds each call already counted.
     """
     from litellm.integrations.custom_logger import CustomLogger
 
@@ -152,6 +163,8 @@ def _make_callback() -> Any:
             tag = meta.get("xpl_try")
             if tag:
                 _SENT.add(tag)
+                if only_ours(_module):     # nobody else listens: no success logging to do
+                    kwargs["has_logged_async_success"] = kwargs["has_logged_sync_success"] = True
 
         async def async_log_success_event(self, kwargs: Any, response_obj: Any,
                                           start_time: Any, end_time: Any) -> None:

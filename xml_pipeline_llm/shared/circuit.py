@@ -1,8 +1,9 @@
 """The circuit breakers of a fleet, in Redis (``circuit.py`` says what a breaker does).
 
-One hash per backend (state, when it stays open, the probe's lease) and a log of
-its tries (a ZSET), both under the backend's hash tag; the scripts run on Redis
-time, so one probe is let through for the whole fleet.
+One hash per backend (state, when it stays open, the probe's lease) and logs of
+its tries and of its failed tries (ZSETs scored by time, counted with ZCARD, so a
+try costs the same however many the window holds), all under the backend's hash
+tag; the scripts run on Redis time, so one probe is let through for the whole fleet.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("xml_pipeline_llm")
 
-# KEYS: the breaker's hash, its log of tries (ZSET).  ARGV: what happened (0 ok, 1 server-side
+# KEYS: the breaker's hash, its log of tries, its log of failed tries (ZSETs).  ARGV: what happened (0 ok, 1 server-side
 # failure), a unique member id, window ms, min_calls, failure_rate %, open_for ms.
 # Returns {state (0 closed, 1 open, 2 half open), the change (0 none, 1 opened, 2 closed, 3 reopened),
 # failures, tries}.
@@ -44,22 +45,23 @@ if st == 2 and probe > 0 then
     return {1, 3, 0, 0}
   end
   redis.call('HSET', KEYS[1], 'st', 0, 'probe', 0)
-  redis.call('DEL', KEYS[2])
+  redis.call('DEL', KEYS[2], KEYS[3])
   redis.call('PEXPIRE', KEYS[1], ttl)
   return {0, 2, 0, 0}
 end
 if st ~= 0 then return {st, 0, 0, 0} end
-redis.call('ZADD', KEYS[2], now, ARGV[2] .. ':' .. ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - win)
-redis.call('PEXPIRE', KEYS[2], math.ceil(win) + 1000)
-local all = redis.call('ZRANGE', KEYS[2], 0, -1)
-local bad = 0
-for _, m in ipairs(all) do if string.sub(m, -2) == ':1' then bad = bad + 1 end end
-local n = #all
+redis.call('ZADD', KEYS[2], now, ARGV[2])
+if failed then redis.call('ZADD', KEYS[3], now, ARGV[2]) end
+for i = 2, 3 do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - win)
+  redis.call('PEXPIRE', KEYS[i], math.ceil(win) + 1000)
+end
+local n = redis.call('ZCARD', KEYS[2])
+local bad = redis.call('ZCARD', KEYS[3])
 if n >= minc and bad * 100 >= rate * n then
   redis.call('HSET', KEYS[1], 'st', 1, 'until', string.format('%.17g', now + openms), 'probe', 0)
   redis.call('PEXPIRE', KEYS[1], ttl)
-  redis.call('DEL', KEYS[2])
+  redis.call('DEL', KEYS[2], KEYS[3])
   return {1, 1, bad, n}
 end
 return {0, 0, bad, n}
@@ -107,7 +109,8 @@ class RedisBreakers:
         self._n = 0
 
     def _keys(self, backend: str) -> list[str]:
-        return [self.rs.key("circuit", backend), self.rs.key("circuit-log", backend)]
+        return [self.rs.key("circuit", backend), self.rs.key("circuit-log", backend),
+                self.rs.key("circuit-bad", backend)]
 
     def _note(self, backend: str, code: int, ms: float) -> None:
         self._seen[backend] = (time.monotonic(), _STATES[code], ms / 1000.0)
