@@ -8,6 +8,7 @@ socket, so what it answers is what ``xml-pipeline-llm serve`` answers.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -176,7 +177,7 @@ async def test_pydantic_ai_runs_two_agents_booked_to_each(router: Any) -> None:
     usage = get_router().get_all_usage()
     assert usage["pai-researcher"].request_count == 2      # a tool call, then the answer to its result
     assert usage["pai-writer"].request_count == 1
-    run_usage = wrote.usage() if callable(wrote.usage) else wrote.usage     # a method before PydanticAI 2.x
+    run_usage = wrote.usage() if inspect.ismethod(wrote.usage) else wrote.usage   # a method before PydanticAI 2
     assert run_usage.output_tokens == usage["pai-writer"].completion_tokens     # the router's count, passed on
 
     async with writer.run_stream("stream one line") as streamed:
