@@ -161,6 +161,33 @@ def aclient(srv: Server, key: str = ALICE, **kw: Any) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=srv.url, api_key=key, max_retries=0, **kw)
 
 
+
+async def test_anthropic_and_ollama_backends_answer_and_stream(sim: Any, tmp_path: Path) -> None:
+    """Anthropic's call setup runs on the worker's loop, Ollama's on its thread pool: both answer the same way."""
+    cfg = write_config(tmp_path / "organism.yaml", sim, {},
+                       [backend(sim, "anthropic", "gw-an"), backend(sim, "ollama", "gw-ol")])
+    srv = Server(cfg).wait_ready()
+    try:
+        client = aclient(srv, "none")
+        for model, name in (("claude-sonnet-4-5", "gw-an"), ("llama3", "gw-ol")):
+            reply = await client.chat.completions.create(model=model, messages=MESSAGES,
+                                                         extra_headers={"X-Agent-Id": f"who-{name}"})
+            assert reply.choices[0].message.content == f"Hello from {name}: say hello to the gateway"
+            text, usage = "", None
+            async for chunk in await client.chat.completions.create(
+                    model=model, messages=MESSAGES, stream=True, stream_options={"include_usage": True},
+                    extra_headers={"X-Agent-Id": f"who-{name}"}):
+                text += "".join(c.delta.content or "" for c in chunk.choices)
+                usage = chunk.usage or usage
+            assert text == reply.choices[0].message.content
+            assert usage is not None and usage.total_tokens == reply.usage.total_tokens
+            booked = get_json(srv.port, "/v1/usage", key=None)[1]["usage"][f"who-{name}"]
+            assert booked["request_count"] == 2 and booked["total_tokens"] == 2 * usage.total_tokens
+        assert srv.stop() == 0, "".join(srv.output)
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
 # ------------------------------------------------------------------ the OpenAI SDK
 
 async def test_async_sdk_complete_stream_and_headers(server: Server, sim: Any) -> None:

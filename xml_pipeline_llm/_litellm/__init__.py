@@ -8,6 +8,7 @@ otherwise, so nothing leaves the machine except calls to configured backends.
 The rest of the package imports LiteLLM's work only from here: ``load.py`` (the import,
 the callback, which tries were sent), ``deployments.py`` (the model list and the call),
 ``measure.py`` (tokens, context windows, costs, responses), ``streams.py`` (a stream's end),
+``inline.py`` (the per-call setup on the loop's thread, for the gateway),
 ``causes.py`` (why a call failed).
 """
 
@@ -20,6 +21,7 @@ from .deployments import (
     build_router,
     deployment,
 )
+from .inline import InlineSetup
 from .load import (
     forget,
     load,
@@ -44,6 +46,7 @@ from .streams import ProviderEnded, ending, tap
 
 __all__ = [
     "Deployments",
+    "InlineSetup",
     "ProviderEnded",
     "build_router",
     "call_id",

@@ -177,6 +177,7 @@ async def _worker(config: RouterConfig, keys: Keys, sock: socket.socket, grace: 
     from aiohttp import web
 
     render = install(worker, share_dir)
+    asyncio.get_running_loop().set_default_executor(_litellm.InlineSetup())   # see _litellm/inline.py
     _litellm.load()                          # LiteLLM's import (seconds) before the first caller, not in its call
     router = LLMRouter(config)
     gateway = Gateway(lambda: router, keys, metrics=render)
