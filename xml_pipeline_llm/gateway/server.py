@@ -2,10 +2,10 @@
 
 One worker serves in this process.  ``--workers N`` (N > 1, which needs
 ``llm.shared_state`` so that limits, budgets and usage hold across them)
-reserves the address here, then forks N workers; this process only forwards
-signals and waits.  Where the system has ``SO_REUSEPORT`` (Linux, the BSDs),
-each worker listens on a socket of its own and the kernel spreads new
-connections evenly over them.  On one shared socket, whichever worker wakes
+binds the listening socket(s) here, then forks N workers; this process only
+forwards signals and waits.  Where the system has ``SO_REUSEPORT`` (Linux,
+FreeBSD), each worker listens on a socket of its own, all bound before any
+worker starts, and the kernel spreads new connections evenly over them.  On one shared socket, whichever worker wakes
 first accepts a whole burst of connections, and kept-alive clients then stay
 on it, so a few clients could load one worker while the others idle.
 
@@ -47,9 +47,9 @@ log = logging.getLogger("xml_pipeline_llm.gateway")
 REUSE_PORT = hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith(("linux", "freebsd"))
 
 
-def bind(host: str, port: int, *, reuse_port: bool = False, listen: bool = True) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (IPv6 when the host is one), listening unless told not to;
-    ConfigError naming the fix.  ``reuse_port``: one of several sockets on the address (``SO_REUSEPORT``)."""
+def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (IPv6 when the host is one), or ConfigError naming the fix.
+    ``reuse_port``: one of several sockets on the address (``SO_REUSEPORT``)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -61,8 +61,7 @@ def bind(host: str, port: int, *, reuse_port: bool = False, listen: bool = True)
         sock.close()
         raise ConfigError(f"llm.gateway: cannot listen on {host}:{port} ({exc.strerror or exc}); choose "
                           f"another --port, or stop what holds it") from None
-    if listen:
-        sock.listen(1024)
+    sock.listen(1024)
     sock.setblocking(False)
     return sock
 
@@ -80,7 +79,10 @@ def serve(config: RouterConfig, *, host: str | None = None, port: int | None = N
         raise ConfigError(f"--workers {workers}: several workers need llm.shared_state (redis://host:port/db) so "
                           f"that limits, budgets and usage hold across them; set it, or run one worker")
     per_worker = workers > 1 and REUSE_PORT       # the workers listen on sockets of their own
-    sock = bind(host, port, reuse_port=per_worker, listen=not per_worker)
+    sock = bind(host, port, reuse_port=per_worker)
+    socks = [sock]
+    if per_worker:
+        socks += [bind(host, sock.getsockname()[1], reuse_port=True) for _ in range(workers - 1)]
     shown = f"[{host}]" if ":" in host else host
     auth = f"{len(keys)} key{'s' if len(keys) != 1 else ''}" if keys.enabled else "no keys: loopback only"
     say(f"xml-pipeline-llm gateway listening on http://{shown}:{sock.getsockname()[1]}/v1 "
@@ -89,38 +91,37 @@ def serve(config: RouterConfig, *, host: str | None = None, port: int | None = N
         return run_worker(config, keys, sock, grace, None)
     share_dir = Path(tempfile.mkdtemp(prefix="xpl-gateway-metrics-"))     # mode 0700
     try:
-        return _supervise(config, keys, sock, grace, workers, say, share_dir, per_worker)
+        return _supervise(config, keys, socks, grace, workers, say, share_dir)
     finally:
-        sock.close()
+        for s in socks:
+            s.close()
         shutil.rmtree(share_dir, ignore_errors=True)
 
 
-def _supervise(config: RouterConfig, keys: Keys, sock: socket.socket, grace: float, workers: int,
-               say: Callable[[str], None], share_dir: Path, per_worker: bool) -> int:
+def _supervise(config: RouterConfig, keys: Keys, socks: list[socket.socket], grace: float, workers: int,
+               say: Callable[[str], None], share_dir: Path) -> int:
     """Fork the workers, forward SIGTERM/SIGINT to them, wait for them all.
 
-    ``per_worker``: ``sock`` only holds the address (bound, not listening) and
-    each worker listens on a ``SO_REUSEPORT`` socket of its own; else they all
-    accept on ``sock``.
+    ``socks``: one listening socket for all the workers, or one per worker (``SO_REUSEPORT``).
     """
     children: dict[int, int] = {}
     parent = os.getpid()
-    host, port = sock.getsockname()[:2]
     for i in range(workers):
         pid = os.fork()
         if pid == 0:                                   # the worker
             code = 1
             try:
-                if per_worker:
-                    sock.close()
-                    sock = bind(host, port, reuse_port=True)
-                code = run_worker(config, keys, sock, grace, i, share_dir, parent)
+                mine = socks[i % len(socks)]
+                for other in socks:
+                    if other is not mine:
+                        other.close()
+                code = run_worker(config, keys, mine, grace, i, share_dir, parent)
             except BaseException as exc:               # never return into the parent's code
                 log.error("worker %d: %s", i, exc)
             finally:
                 os._exit(code)
         children[pid] = i
-    if not per_worker:
+    for sock in socks:                                 # the workers hold them now
         sock.close()
     stopping = False
 
